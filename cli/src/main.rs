@@ -1,0 +1,151 @@
+//! `kiln`: the embedded default (`kiln dev`), each role on its own (`kiln gateway`, `kiln worker`),
+//! asset fetching, and client commands.
+
+use std::net::{IpAddr, SocketAddr};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use kiln_cli::client::Client;
+use kiln_cli::system::{self, SystemConfig};
+use kiln_common::config::{BackendArgs, ModelArgs, TelemetryArgs, parse_duration};
+use kiln_common::models::ModelRepository;
+use kiln_common::{Backend, shutdown};
+use kiln_gateway::GatewayConfig;
+use kiln_worker::WorkerConfig;
+use tokio_util::sync::CancellationToken;
+
+/// Kiln: an inference job fleet. HTTP gateway → RabbitMQ → ONNX Runtime workers → Redis.
+#[derive(Parser, Debug)]
+#[command(name = "kiln", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    #[command(flatten)]
+    telemetry: TelemetryArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run gateway and worker in one process on the embedded broker and store (no RabbitMQ or
+    /// Redis needed), fetching ONNX Runtime and the models on first use.
+    Dev {
+        /// Port of the HTTP API.
+        #[arg(long, env = "KILN_PORT", default_value_t = 8080)]
+        port: u16,
+        /// Address of the HTTP API.
+        #[arg(long, env = "KILN_HOST", default_value = "127.0.0.1")]
+        host: IpAddr,
+        /// Use RabbitMQ and Redis (`--amqp-url`, `--redis-url`) instead of the embedded backend.
+        #[arg(long)]
+        external: bool,
+        #[command(flatten)]
+        backend: BackendArgs,
+        #[command(flatten)]
+        worker: WorkerConfig,
+        #[command(flatten)]
+        models: ModelArgs,
+    },
+    /// Fetch the ONNX Runtime library and every model's files into the cache, then exit.
+    Fetch {
+        #[command(flatten)]
+        models: ModelArgs,
+    },
+    /// Submit a job and print the answer. `--wait` polls until it is done.
+    Submit {
+        /// Model name, as in `GET /v1/models`.
+        #[arg(long, default_value = "all-minilm-l6-v2")]
+        model: String,
+        /// The job input as JSON, e.g. '{"text": "hello"}'.
+        input: String,
+        /// Wait for the result, at most this long (`30s`).
+        #[arg(long, value_parser = parse_duration)]
+        wait: Option<Duration>,
+        #[arg(long, env = "KILN_URL", default_value = "http://127.0.0.1:8080")]
+        url: String,
+    },
+    /// Print a job record.
+    Get {
+        id: String,
+        #[arg(long, env = "KILN_URL", default_value = "http://127.0.0.1:8080")]
+        url: String,
+    },
+    /// Wait for a job to finish and print its record.
+    Wait {
+        id: String,
+        #[arg(long, value_parser = parse_duration, default_value = "60s")]
+        timeout: Duration,
+        #[arg(long, env = "KILN_URL", default_value = "http://127.0.0.1:8080")]
+        url: String,
+    },
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    kiln_common::telemetry::init(&cli.telemetry);
+    match run(cli.command).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kiln: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Dev { port, host, external, backend, worker, models } => {
+            let repo = ModelRepository::load(&models.models_dir)?;
+            let backend = if external { Backend::external(&backend)? } else { Backend::embedded(backend.job_retention) };
+            let addr = SocketAddr::new(host, port);
+            let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+            let gateway = GatewayConfig { listen: addr, ..GatewayConfig::default() };
+            let token = CancellationToken::new();
+            shutdown::cancel_on_signal(token.clone());
+            let config = SystemConfig { gateway, worker, backend, models: repo, cache_dir: models.cache_dir() };
+            let running = system::start(config, listener, token)?;
+            eprintln!("kiln dev: API on {} (first start fetches ONNX Runtime and the model; Ctrl-C stops)", running.url(""));
+            eprintln!(
+                "  try: curl -s {} -H 'content-type: application/json' -d '{{\"model\":\"all-minilm-l6-v2\",\"input\":{{\"text\":\"hello\"}}}}'",
+                running.url("/v1/jobs")
+            );
+            running.join().await
+        }
+        Command::Fetch { models } => {
+            let repo = ModelRepository::load(&models.models_dir)?;
+            let cache = models.cache_dir();
+            tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+                let lib = kiln_common::assets::ensure_onnxruntime(&cache)?;
+                println!("onnxruntime: {}", lib.display());
+                for spec in repo.iter() {
+                    if let Some(source) = &spec.source {
+                        kiln_common::assets::ensure(source, &spec.dir(&cache))?;
+                    }
+                    println!("{}: {}", spec.name, spec.dir(&cache).display());
+                }
+                Ok(())
+            })
+            .await?
+        }
+        Command::Submit { model, input, wait, url } => {
+            let input: serde_json::Value = serde_json::from_str(&input).context("the input is not valid JSON")?;
+            let client = Client::new(&url)?;
+            let mut job = client.submit(&serde_json::json!({ "model": model, "input": input })).await?;
+            if let (Some(timeout), Some(id)) = (wait, job["id"].as_str().map(str::to_owned)) {
+                job = client.wait(&id, timeout).await?;
+            }
+            println!("{}", serde_json::to_string_pretty(&job)?);
+            Ok(())
+        }
+        Command::Get { id, url } => {
+            println!("{}", serde_json::to_string_pretty(&Client::new(&url)?.get(&id).await?)?);
+            Ok(())
+        }
+        Command::Wait { id, timeout, url } => {
+            println!("{}", serde_json::to_string_pretty(&Client::new(&url)?.wait(&id, timeout).await?)?);
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,214 @@
+//! The in-process broker of `kiln dev`: per-model FIFO queues with the delivery semantics workers rely
+//! on from RabbitMQ — bounded prefetch per consumer, explicit ack, nack with or without requeue, and
+//! redelivery (flagged `redelivered`) of everything a consumer held when it went away.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, Weak};
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use kiln_proto::ModelName;
+use tokio::sync::Notify;
+
+use super::{Acknowledge, Broker, BrokerError, Deliveries, Delivery};
+
+/// In-memory broker. Messages live as long as the process: it is the embedded default's broker,
+/// not a durable one.
+pub struct EmbeddedBroker {
+    queues: Mutex<HashMap<ModelName, Arc<Queue>>>,
+    max_queue_len: usize,
+}
+
+struct Queue {
+    state: Mutex<QueueState>,
+    notify: Notify,
+}
+
+#[derive(Default)]
+struct QueueState {
+    ready: VecDeque<Message>,
+    unacked: HashMap<u64, (u64, Message)>,
+    in_flight: HashMap<u64, usize>,
+    next_tag: u64,
+    next_consumer: u64,
+}
+
+struct Message {
+    body: Vec<u8>,
+    redelivered: bool,
+}
+
+impl EmbeddedBroker {
+    /// `max_queue_len` bounds each queue; a publish beyond it is rejected.
+    pub fn new(max_queue_len: usize) -> Self {
+        Self { queues: Mutex::new(HashMap::new()), max_queue_len }
+    }
+
+    fn queue(&self, model: &ModelName) -> Arc<Queue> {
+        let mut queues = self.queues.lock().expect("broker lock");
+        queues
+            .entry(model.clone())
+            .or_insert_with(|| Arc::new(Queue { state: Mutex::new(QueueState::default()), notify: Notify::new() }))
+            .clone()
+    }
+
+    /// Messages ready for delivery plus those delivered and not yet acknowledged.
+    pub fn depth(&self, model: &ModelName) -> (usize, usize) {
+        let q = self.queue(model);
+        let s = q.state.lock().expect("queue lock");
+        (s.ready.len(), s.unacked.len())
+    }
+}
+
+impl Default for EmbeddedBroker {
+    fn default() -> Self {
+        Self::new(100_000)
+    }
+}
+
+#[async_trait]
+impl Broker for EmbeddedBroker {
+    async fn declare(&self, models: &[ModelName]) -> Result<(), BrokerError> {
+        for m in models {
+            self.queue(m);
+        }
+        Ok(())
+    }
+
+    async fn publish(&self, model: &ModelName, body: Vec<u8>) -> Result<(), BrokerError> {
+        let q = self.queue(model);
+        {
+            let mut s = q.state.lock().expect("queue lock");
+            if s.ready.len() + s.unacked.len() >= self.max_queue_len {
+                return Err(BrokerError::Rejected(format!("queue for {model} is full ({} messages)", self.max_queue_len)));
+            }
+            s.ready.push_back(Message { body, redelivered: false });
+        }
+        q.notify.notify_waiters();
+        Ok(())
+    }
+
+    async fn consume(&self, model: &ModelName, prefetch: u16) -> Result<Deliveries, BrokerError> {
+        let queue = self.queue(model);
+        let id = {
+            let mut s = queue.state.lock().expect("queue lock");
+            s.next_consumer += 1;
+            let id = s.next_consumer;
+            s.in_flight.insert(id, 0);
+            id
+        };
+        let consumer = ConsumerGuard { queue, id, prefetch: usize::from(prefetch.max(1)) };
+        Ok(futures::stream::unfold(consumer, |consumer| async move {
+            let delivery = consumer.next().await;
+            Some((Ok(delivery), consumer))
+        })
+        .boxed())
+    }
+
+    async fn check(&self) -> Result<(), BrokerError> {
+        Ok(())
+    }
+
+    fn kind(&self) -> &'static str {
+        "embedded"
+    }
+}
+
+/// One consumer's registration; dropping it (the stream was dropped) requeues what it held.
+struct ConsumerGuard {
+    queue: Arc<Queue>,
+    id: u64,
+    prefetch: usize,
+}
+
+impl ConsumerGuard {
+    async fn next(&self) -> Delivery {
+        loop {
+            let notified = self.queue.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(d) = self.try_take() {
+                return d;
+            }
+            notified.await;
+        }
+    }
+
+    fn try_take(&self) -> Option<Delivery> {
+        let mut s = self.queue.state.lock().expect("queue lock");
+        if s.in_flight.get(&self.id).copied().unwrap_or(0) >= self.prefetch {
+            return None;
+        }
+        let msg = s.ready.pop_front()?;
+        s.next_tag += 1;
+        let tag = s.next_tag;
+        *s.in_flight.entry(self.id).or_default() += 1;
+        let (body, redelivered) = (msg.body.clone(), msg.redelivered);
+        s.unacked.insert(tag, (self.id, msg));
+        let acker = EmbeddedAcker { queue: Arc::downgrade(&self.queue), tag };
+        Some(Delivery::new(body, redelivered, Box::new(acker)))
+    }
+}
+
+impl Drop for ConsumerGuard {
+    fn drop(&mut self) {
+        let mut s = self.queue.state.lock().expect("queue lock");
+        s.in_flight.remove(&self.id);
+        let mut held: Vec<(u64, Message)> = Vec::new();
+        s.unacked.retain(|tag, (owner, msg)| {
+            if *owner == self.id {
+                held.push((*tag, std::mem::replace(msg, Message { body: Vec::new(), redelivered: true })));
+                false
+            } else {
+                true
+            }
+        });
+        // Oldest first back at the head of the queue, as RabbitMQ does for requeued messages.
+        held.sort_by_key(|(tag, _)| std::cmp::Reverse(*tag));
+        for (_, mut msg) in held {
+            msg.redelivered = true;
+            s.ready.push_front(msg);
+        }
+        drop(s);
+        self.queue.notify.notify_waiters();
+    }
+}
+
+struct EmbeddedAcker {
+    queue: Weak<Queue>,
+    tag: u64,
+}
+
+impl EmbeddedAcker {
+    fn settle(&self, requeue: bool) -> Result<(), BrokerError> {
+        let queue = self.queue.upgrade().ok_or_else(|| BrokerError::Unavailable("broker is gone".into()))?;
+        let mut s = queue.state.lock().expect("queue lock");
+        // Unknown tag: its consumer went away and the message was already requeued, as an ack on
+        // a closed channel would fail in RabbitMQ.
+        let (owner, mut msg) = s
+            .unacked
+            .remove(&self.tag)
+            .ok_or_else(|| BrokerError::Unavailable("delivery no longer held: its consumer was closed".into()))?;
+        if let Some(n) = s.in_flight.get_mut(&owner) {
+            *n -= 1;
+        }
+        if requeue {
+            msg.redelivered = true;
+            s.ready.push_front(msg);
+        }
+        drop(s);
+        queue.notify.notify_waiters();
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Acknowledge for EmbeddedAcker {
+    async fn ack(&self) -> Result<(), BrokerError> {
+        self.settle(false)
+    }
+
+    async fn nack(&self, requeue: bool) -> Result<(), BrokerError> {
+        self.settle(requeue)
+    }
+}

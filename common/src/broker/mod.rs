@@ -1,0 +1,99 @@
+//! The broker abstraction: durable, confirmed publishing of job envelopes to a per-model queue, and
+//! consuming them with a bounded prefetch and explicit acknowledgement. Implementations: RabbitMQ
+//! ([`amqp`]) and the in-process [`embedded`] broker with the same delivery semantics.
+
+pub mod amqp;
+pub mod embedded;
+
+use async_trait::async_trait;
+use futures::stream::BoxStream;
+use kiln_proto::ModelName;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// The broker cannot be reached or the connection is down; retry later.
+    #[error("broker unavailable: {0}")]
+    Unavailable(String),
+    /// The broker refused the message (negative confirm, unroutable, queue full).
+    #[error("broker rejected the message: {0}")]
+    Rejected(String),
+    /// No confirm arrived in time; the message may or may not be enqueued.
+    #[error("broker did not confirm within {0:?}")]
+    ConfirmTimeout(std::time::Duration),
+    #[error("amqp: {0}")]
+    Amqp(#[from] lapin::Error),
+}
+
+impl BrokerError {
+    /// Whether retrying the same operation later can succeed.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Unavailable(_) | Self::ConfirmTimeout(_) | Self::Amqp(_) => true,
+            Self::Rejected(_) => false,
+        }
+    }
+}
+
+/// A message taken from a queue, to be acknowledged once its effects are stored.
+pub struct Delivery {
+    pub body: Vec<u8>,
+    /// Set when the message was delivered before and not acknowledged.
+    pub redelivered: bool,
+    acker: Box<dyn Acknowledge>,
+}
+
+impl Delivery {
+    pub fn new(body: Vec<u8>, redelivered: bool, acker: Box<dyn Acknowledge>) -> Self {
+        Self { body, redelivered, acker }
+    }
+
+    /// Settles the message as done.
+    pub async fn ack(self) -> Result<(), BrokerError> {
+        self.acker.ack().await
+    }
+
+    /// Hands the message back to the queue for another delivery.
+    pub async fn requeue(self) -> Result<(), BrokerError> {
+        self.acker.nack(true).await
+    }
+
+    /// Drops the message (dead-lettered where the queue has a dead-letter target).
+    pub async fn reject(self) -> Result<(), BrokerError> {
+        self.acker.nack(false).await
+    }
+}
+
+impl std::fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delivery").field("len", &self.body.len()).field("redelivered", &self.redelivered).finish()
+    }
+}
+
+#[async_trait]
+pub trait Acknowledge: Send + Sync {
+    async fn ack(&self) -> Result<(), BrokerError>;
+    async fn nack(&self, requeue: bool) -> Result<(), BrokerError>;
+}
+
+/// A consumer's deliveries. The stream ends when the consumer is cancelled or its channel closes;
+/// dropping it releases the consumer, and the broker redelivers everything it left unacknowledged.
+pub type Deliveries = BoxStream<'static, Result<Delivery, BrokerError>>;
+
+#[async_trait]
+pub trait Broker: Send + Sync + 'static {
+    /// Declares whatever the given models' queues need. Idempotent.
+    async fn declare(&self, models: &[ModelName]) -> Result<(), BrokerError>;
+
+    /// Publishes one persistent message to the model's queue and returns only once the broker has
+    /// confirmed it durably enqueued.
+    async fn publish(&self, model: &ModelName, body: Vec<u8>) -> Result<(), BrokerError>;
+
+    /// Starts consuming the model's queue with at most `prefetch` unacknowledged deliveries.
+    async fn consume(&self, model: &ModelName, prefetch: u16) -> Result<Deliveries, BrokerError>;
+
+    /// Cheap liveness check of the connection, for readiness probes.
+    async fn check(&self) -> Result<(), BrokerError>;
+
+    /// Human-readable kind for logs ("rabbitmq", "embedded").
+    fn kind(&self) -> &'static str;
+}

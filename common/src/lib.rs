@@ -1,0 +1,14 @@
+//! Runtime plumbing shared by the gateway, the worker and the CLI: configuration pieces, telemetry,
+//! shutdown, the broker and store abstractions with their RabbitMQ, Redis and embedded
+//! implementations, the model repository, and fetching of runtime assets.
+
+pub mod assets;
+pub mod backend;
+pub mod broker;
+pub mod config;
+pub mod models;
+pub mod shutdown;
+pub mod store;
+pub mod telemetry;
+
+pub use backend::Backend;

@@ -1,0 +1,247 @@
+//! The model repository: one folder per model, each with a `kiln.toml` saying which task it serves,
+//! where its files are (or which registry package they are fetched from), its batch size and its
+//! execution providers in order of preference.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use kiln_proto::{InputLimits, ModelInfo, ModelName, Task};
+use serde::Deserialize;
+
+use crate::assets::WheelSource;
+
+/// The built-in repository, served when the configured folder does not exist (an installed `kiln`
+/// run outside a checkout).
+const BUILTIN: &[(&str, &str)] = &[("all-minilm-l6-v2", include_str!("../../models/all-minilm-l6-v2/kiln.toml"))];
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelConfigError {
+    #[error("cannot read model repository {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+    #[error("model repository {0} holds no model (no <name>/kiln.toml)")]
+    Empty(PathBuf),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExecutionProvider {
+    Cuda,
+    Cpu,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pooling {
+    Mean,
+    Cls,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbeddingSpec {
+    /// Tokens per text; longer texts are truncated.
+    #[serde(default = "default_max_length")]
+    pub max_length: usize,
+    #[serde(default = "default_pooling")]
+    pub pooling: Pooling,
+    #[serde(default = "yes")]
+    pub normalize: bool,
+}
+
+fn default_max_length() -> usize {
+    256
+}
+fn default_pooling() -> Pooling {
+    Pooling::Mean
+}
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSpec {
+    task: Task,
+    version: String,
+    max_batch: usize,
+    #[serde(default = "default_eps")]
+    execution_providers: Vec<ExecutionProvider>,
+    files: BTreeMap<String, String>,
+    source: Option<WheelSource>,
+    embedding: Option<EmbeddingSpec>,
+    #[serde(default)]
+    limits: InputLimits,
+}
+
+fn default_eps() -> Vec<ExecutionProvider> {
+    vec![ExecutionProvider::Cpu]
+}
+
+/// One model, resolved.
+#[derive(Debug, Clone)]
+pub struct ModelSpec {
+    pub name: ModelName,
+    pub version: String,
+    pub task: Task,
+    pub max_batch: usize,
+    pub execution_providers: Vec<ExecutionProvider>,
+    /// Logical file name (`model`, `tokenizer`) → file name inside [`ModelSpec::dir`].
+    pub files: BTreeMap<String, String>,
+    /// Where the files come from when they are not in the model's folder.
+    pub source: Option<WheelSource>,
+    pub embedding: Option<EmbeddingSpec>,
+    pub limits: InputLimits,
+    /// The model's folder in the repository (None for a built-in model).
+    pub folder: Option<PathBuf>,
+}
+
+impl ModelSpec {
+    fn parse(name: &str, text: &str, path: &Path, folder: Option<PathBuf>) -> Result<Self, ModelConfigError> {
+        let invalid = |message: String| ModelConfigError::Invalid { path: path.to_owned(), message };
+        let raw: RawSpec = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
+        let name = ModelName::new(name).map_err(|e| invalid(e.to_string()))?;
+        if !(1..=1024).contains(&raw.max_batch) {
+            return Err(invalid(format!("max_batch must be 1..=1024, got {}", raw.max_batch)));
+        }
+        if raw.execution_providers.is_empty() {
+            return Err(invalid("execution_providers must name at least one provider".into()));
+        }
+        match raw.task {
+            Task::Embedding => {
+                for f in ["model", "tokenizer"] {
+                    if !raw.files.contains_key(f) {
+                        return Err(invalid(format!("an embedding model needs files.{f}")));
+                    }
+                }
+            }
+        }
+        Ok(Self {
+            name,
+            version: raw.version,
+            task: raw.task,
+            max_batch: raw.max_batch,
+            execution_providers: raw.execution_providers,
+            files: raw.files,
+            source: raw.source,
+            embedding: raw.embedding,
+            limits: raw.limits,
+            folder,
+        })
+    }
+
+    /// The folder holding the model's files: the fetched-assets cache when the model comes from a
+    /// package, else its repository folder.
+    pub fn dir(&self, cache_dir: &Path) -> PathBuf {
+        match (&self.source, &self.folder) {
+            (Some(_), _) | (None, None) => cache_dir.join("models").join(self.name.as_str()).join(&self.version),
+            (None, Some(folder)) => folder.clone(),
+        }
+    }
+
+    pub fn file(&self, cache_dir: &Path, logical: &str) -> Option<PathBuf> {
+        self.files.get(logical).map(|f| self.dir(cache_dir).join(f))
+    }
+
+    pub fn info(&self) -> ModelInfo {
+        ModelInfo {
+            name: self.name.clone(),
+            version: self.version.clone(),
+            task: self.task,
+            max_batch: self.max_batch,
+            input_schema: self.task.input_schema(&self.limits),
+        }
+    }
+}
+
+/// All models of a repository, by name.
+#[derive(Debug, Clone, Default)]
+pub struct ModelRepository {
+    models: BTreeMap<ModelName, ModelSpec>,
+}
+
+impl ModelRepository {
+    /// Loads `dir/*/kiln.toml`, or the built-in repository when `dir` does not exist.
+    pub fn load(dir: &Path) -> Result<Self, ModelConfigError> {
+        if !dir.exists() {
+            return Self::builtin();
+        }
+        let io = |source| ModelConfigError::Io { path: dir.to_owned(), source };
+        let mut models = BTreeMap::new();
+        let mut entries: Vec<_> = std::fs::read_dir(dir).map_err(io)?.collect::<Result<_, _>>().map_err(io)?;
+        entries.sort_by_key(|e| e.file_name());
+        for entry in entries {
+            let path = entry.path().join("kiln.toml");
+            if !path.is_file() {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).map_err(|source| ModelConfigError::Io { path: path.clone(), source })?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let spec = ModelSpec::parse(&name, &text, &path, Some(entry.path()))?;
+            models.insert(spec.name.clone(), spec);
+        }
+        if models.is_empty() {
+            return Err(ModelConfigError::Empty(dir.to_owned()));
+        }
+        Ok(Self { models })
+    }
+
+    pub fn builtin() -> Result<Self, ModelConfigError> {
+        let mut models = BTreeMap::new();
+        for (name, text) in BUILTIN {
+            let spec = ModelSpec::parse(name, text, Path::new(&format!("<built-in>/{name}/kiln.toml")), None)?;
+            models.insert(spec.name.clone(), spec);
+        }
+        Ok(Self { models })
+    }
+
+    pub fn get(&self, name: &str) -> Option<&ModelSpec> {
+        ModelName::new(name).ok().and_then(|n| self.models.get(&n))
+    }
+
+    pub fn names(&self) -> Vec<ModelName> {
+        self.models.keys().cloned().collect()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &ModelSpec> {
+        self.models.values()
+    }
+
+    /// Keeps only the named models; an unknown name is an error.
+    pub fn select(mut self, names: &[String]) -> Result<Self, String> {
+        if names.is_empty() {
+            return Ok(self);
+        }
+        let mut kept = BTreeMap::new();
+        for n in names {
+            let spec = self.get(n).cloned().ok_or_else(|| format!("model {n:?} is not in the repository"))?;
+            kept.insert(spec.name.clone(), spec);
+        }
+        self.models = kept;
+        Ok(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtin_repository_serves_minilm() {
+        let repo = ModelRepository::builtin().unwrap();
+        let m = repo.get("all-minilm-l6-v2").unwrap();
+        assert_eq!(m.task, Task::Embedding);
+        assert!(m.source.is_some());
+        assert_eq!(m.embedding.as_ref().unwrap().max_length, 256);
+    }
+
+    #[test]
+    fn rejects_bad_specs_with_the_path() {
+        let bad = "task = \"embedding\"\nversion = \"1\"\nmax_batch = 0\n[files]\nmodel=\"m\"\ntokenizer=\"t\"\n";
+        let err = ModelSpec::parse("m", bad, Path::new("x/kiln.toml"), None).unwrap_err().to_string();
+        assert!(err.contains("x/kiln.toml") && err.contains("max_batch"), "{err}");
+        let missing = "task = \"embedding\"\nversion = \"1\"\nmax_batch = 4\n[files]\nmodel=\"m\"\n";
+        assert!(ModelSpec::parse("m", missing, Path::new("k"), None).unwrap_err().to_string().contains("files.tokenizer"));
+    }
+}

@@ -1,0 +1,37 @@
+//! Gateway settings. Each field is a flag and a `KILN_*` variable; the doc comments are `--help`.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use kiln_common::config::parse_duration;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct GatewayConfig {
+    /// Address the HTTP API listens on.
+    #[arg(long, env = "KILN_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+    /// Largest accepted request body, in bytes; larger bodies get 413.
+    #[arg(long, env = "KILN_MAX_BODY_BYTES", default_value_t = 1 << 20)]
+    pub max_body_bytes: usize,
+    /// Submissions handled at once; beyond this the gateway answers 503 with `Retry-After`.
+    #[arg(long, env = "KILN_MAX_INFLIGHT_SUBMITS", default_value_t = 1024)]
+    pub max_inflight_submits: usize,
+    /// The `Retry-After` (whole seconds) sent with 503 answers.
+    #[arg(long, env = "KILN_RETRY_AFTER", default_value = "1s", value_parser = parse_duration)]
+    pub retry_after: Duration,
+    /// Bound on each dependency check of `/readyz`.
+    #[arg(long, env = "KILN_READY_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
+    pub ready_timeout: Duration,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:8080".parse().expect("valid address"),
+            max_body_bytes: 1 << 20,
+            max_inflight_submits: 1024,
+            retry_after: Duration::from_secs(1),
+            ready_timeout: Duration::from_secs(1),
+        }
+    }
+}

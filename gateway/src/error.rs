@@ -1,0 +1,84 @@
+//! `ApiError`, every way a request can fail, and the one exhaustive mapping to an HTTP status, a
+//! stable error code and a `Retry-After` where retrying helps. 5xx answers never carry internals.
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use kiln_common::broker::BrokerError;
+use kiln_common::store::StoreError;
+use kiln_proto::{ApiErrorBody, ErrorCode, ErrorDetail, InputError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("request body is not valid JSON: {0}")]
+    MalformedJson(String),
+    #[error("{field}: {message}")]
+    InvalidRequest { field: String, message: String },
+    #[error("{0}")]
+    InvalidInput(InputError),
+    #[error("request body is larger than the limit of {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    #[error("request body must be application/json, got {0}")]
+    UnsupportedMediaType(String),
+    #[error("model {0:?} is not served here; see GET /v1/models")]
+    ModelNotFound(String),
+    #[error("job {0} not found")]
+    JobNotFound(String),
+    #[error("no route for {0}")]
+    NotFound(String),
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    #[error("the job queue is unavailable, retry later")]
+    Broker(#[source] BrokerError, Duration),
+    #[error("the job store is unavailable, retry later")]
+    Store(#[source] StoreError, Duration),
+    #[error("the gateway is at capacity, retry later")]
+    Overloaded(Duration),
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// Status, code and retry hint: the one place that decides them.
+    fn parts(&self) -> (StatusCode, ErrorCode, Option<Duration>) {
+        match self {
+            Self::MalformedJson(_) => (StatusCode::BAD_REQUEST, ErrorCode::MalformedJson, None),
+            Self::InvalidRequest { .. } => (StatusCode::UNPROCESSABLE_ENTITY, ErrorCode::InvalidRequest, None),
+            Self::InvalidInput(_) => (StatusCode::UNPROCESSABLE_ENTITY, ErrorCode::InvalidInput, None),
+            Self::PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::PayloadTooLarge, None),
+            Self::UnsupportedMediaType(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, ErrorCode::UnsupportedMediaType, None),
+            Self::ModelNotFound(_) => (StatusCode::NOT_FOUND, ErrorCode::ModelNotFound, None),
+            Self::JobNotFound(_) => (StatusCode::NOT_FOUND, ErrorCode::JobNotFound, None),
+            Self::NotFound(_) => (StatusCode::NOT_FOUND, ErrorCode::NotFound, None),
+            Self::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, ErrorCode::MethodNotAllowed, None),
+            Self::Broker(e, retry) => match e {
+                BrokerError::Unavailable(_) | BrokerError::ConfirmTimeout(_) | BrokerError::Amqp(_) => {
+                    (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::BrokerUnavailable, Some(*retry))
+                }
+                BrokerError::Rejected(_) => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Overloaded, Some(*retry)),
+            },
+            Self::Store(e, retry) => match e {
+                StoreError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::StoreUnavailable, Some(*retry)),
+                StoreError::Corrupt { .. } | StoreError::Conflict(_) => (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal, None),
+            },
+            Self::Overloaded(retry) => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Overloaded, Some(*retry)),
+            Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal, None),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code, retry) = self.parts();
+        crate::events::request_failed(&self, status, code);
+        let message = if status.is_server_error() && retry.is_none() { "internal error".to_owned() } else { self.to_string() };
+        let mut resp = (status, Json(ApiErrorBody { error: ErrorDetail { code, message } })).into_response();
+        if let Some(retry) = retry {
+            let secs = retry.as_secs().max(1);
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        resp
+    }
+}

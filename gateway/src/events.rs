@@ -1,0 +1,28 @@
+//! The gateway's log events in one place, so handlers hold no logging boilerplate (metrics join
+//! these same functions).
+
+use axum::http::StatusCode;
+use kiln_proto::{ErrorCode, JobId, ModelName};
+
+use crate::error::ApiError;
+
+pub fn job_accepted(id: JobId, model: &ModelName) {
+    tracing::debug!(target: "kiln::gateway", job_id = %id, %model, "job accepted");
+}
+
+pub fn request_failed(err: &ApiError, status: StatusCode, code: ErrorCode) {
+    if status.is_server_error() {
+        let source = std::error::Error::source(err).map(|s| s.to_string());
+        let detail = match err {
+            ApiError::Internal(why) => Some(why.clone()),
+            _ => source,
+        };
+        tracing::warn!(target: "kiln::gateway", status = status.as_u16(), code = code.as_str(), error = %err, detail = detail.as_deref().unwrap_or(""), "request failed");
+    } else {
+        tracing::debug!(target: "kiln::gateway", status = status.as_u16(), code = code.as_str(), error = %err, "request rejected");
+    }
+}
+
+pub fn enqueue_rolled_back(id: JobId, discarded: bool) {
+    tracing::warn!(target: "kiln::gateway", job_id = %id, discarded, "publish failed; job record withdrawn");
+}

@@ -1,0 +1,40 @@
+//! The Kiln HTTP gateway: validates jobs, writes their records, publishes them with confirms and
+//! answers with an id; serves job records, models, health and readiness. Never links ONNX Runtime.
+
+pub mod config;
+mod error;
+mod events;
+mod routes;
+mod state;
+
+use std::sync::Arc;
+
+use axum::Router;
+use kiln_common::Backend;
+use kiln_common::models::ModelRepository;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use config::GatewayConfig;
+pub use error::ApiError;
+pub use state::AppState;
+
+/// The gateway's routes over the given state; tests drive it in-process with `oneshot`.
+pub fn router(state: AppState) -> Router {
+    routes::router(state)
+}
+
+/// Serves the API on `listener` until `shutdown` is cancelled, then stops taking connections,
+/// finishes the requests in flight and returns.
+pub async fn run(
+    config: GatewayConfig,
+    backend: Backend,
+    models: ModelRepository,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let state = AppState::new(config, backend, Arc::new(models), shutdown.clone());
+    state.declare_topology_in_background();
+    tracing::info!(addr = %listener.local_addr()?, broker = state.backend.broker.kind(), store = state.backend.store.kind(), "gateway listening");
+    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown.cancelled_owned()).await
+}

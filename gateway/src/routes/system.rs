@@ -1,0 +1,57 @@
+//! Liveness, readiness (dependency checks, false while draining) and the model list.
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use kiln_proto::ModelInfo;
+use serde_json::json;
+
+use crate::state::AppState;
+
+pub async fn healthz() -> Json<serde_json::Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+pub async fn readyz(State(state): State<AppState>) -> Response {
+    let timeout = state.config.ready_timeout;
+    let broker = async {
+        match tokio::time::timeout(timeout, state.backend.broker.check()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no answer within {timeout:?}")),
+        }
+    };
+    let store = async {
+        match tokio::time::timeout(timeout, state.backend.store.check()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no answer within {timeout:?}")),
+        }
+    };
+    let (broker, store) = tokio::join!(broker, store);
+    let draining = state.shutdown.is_cancelled();
+    let ready = broker.is_ok() && store.is_ok() && !draining;
+    let show = |r: &Result<(), String>| match r {
+        Ok(()) => json!("ok"),
+        Err(e) => json!(e),
+    };
+    let body = json!({
+        "status": if ready { "ready" } else { "not_ready" },
+        "draining": draining,
+        "checks": { "broker": show(&broker), "store": show(&store) },
+    });
+    if ready {
+        (StatusCode::OK, Json(body)).into_response()
+    } else {
+        let mut resp = (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
+        let secs = state.config.retry_after.as_secs().max(1);
+        resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        resp
+    }
+}
+
+pub async fn models(State(state): State<AppState>) -> Json<serde_json::Value> {
+    let models: Vec<ModelInfo> = state.models.iter().map(|m| m.info()).collect();
+    Json(json!({ "models": models }))
+}

@@ -1,0 +1,50 @@
+//! Shared state of the handlers: config, backend, model repository, admission semaphore and the
+//! shutdown token (readiness turns false as soon as draining starts).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kiln_common::Backend;
+use kiln_common::models::ModelRepository;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::GatewayConfig;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<GatewayConfig>,
+    pub backend: Backend,
+    pub models: Arc<ModelRepository>,
+    pub admission: Arc<Semaphore>,
+    pub shutdown: CancellationToken,
+}
+
+impl AppState {
+    pub fn new(config: GatewayConfig, backend: Backend, models: Arc<ModelRepository>, shutdown: CancellationToken) -> Self {
+        let admission = Arc::new(Semaphore::new(config.max_inflight_submits));
+        Self { config: Arc::new(config), backend, models, admission, shutdown }
+    }
+
+    /// Declares the models' queues, retrying with backoff while the broker is down, so the first
+    /// submission after an outage does not pay for it.
+    pub fn declare_topology_in_background(&self) {
+        let broker = self.backend.broker.clone();
+        let names = self.models.names();
+        let shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            let mut delay = Duration::from_millis(200);
+            loop {
+                match broker.declare(&names).await {
+                    Ok(()) => return,
+                    Err(e) => tracing::warn!(error = %e, retry_in = ?delay, "cannot declare queues yet"),
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+        });
+    }
+}

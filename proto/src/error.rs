@@ -1,0 +1,98 @@
+//! The one table of stable, machine-readable error codes, and the JSON error body
+//! `{"error": {"code": "...", "message": "..."}}` every API error uses.
+
+use serde::{Deserialize, Serialize};
+
+/// Stable error codes. Clients match on these strings; never rename one, only add.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The request body is not valid JSON.
+    MalformedJson,
+    /// The body is JSON but a field is missing, unknown or of the wrong type.
+    InvalidRequest,
+    /// The job's `input` does not fit the model's task schema.
+    InvalidInput,
+    /// The request body is larger than the configured limit.
+    PayloadTooLarge,
+    /// The request body is not `application/json`.
+    UnsupportedMediaType,
+    /// No model of that name is served.
+    ModelNotFound,
+    /// No job with that id exists (or it expired).
+    JobNotFound,
+    /// No such route.
+    NotFound,
+    /// The route exists but not for this method.
+    MethodNotAllowed,
+    /// The message broker cannot take the job right now; retry after the `Retry-After` delay.
+    BrokerUnavailable,
+    /// The job store cannot be reached right now; retry after the `Retry-After` delay.
+    StoreUnavailable,
+    /// The server is over capacity; retry after the `Retry-After` delay.
+    Overloaded,
+    /// The model failed while running the job.
+    InferenceFailed,
+    /// An unexpected server error; details are in the server log, never in the response.
+    Internal,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::MalformedJson => "malformed_json",
+            Self::InvalidRequest => "invalid_request",
+            Self::InvalidInput => "invalid_input",
+            Self::PayloadTooLarge => "payload_too_large",
+            Self::UnsupportedMediaType => "unsupported_media_type",
+            Self::ModelNotFound => "model_not_found",
+            Self::JobNotFound => "job_not_found",
+            Self::NotFound => "not_found",
+            Self::MethodNotAllowed => "method_not_allowed",
+            Self::BrokerUnavailable => "broker_unavailable",
+            Self::StoreUnavailable => "store_unavailable",
+            Self::Overloaded => "overloaded",
+            Self::InferenceFailed => "inference_failed",
+            Self::Internal => "internal",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+/// The body of every error response.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ApiErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serde_name_matches_as_str() {
+        for code in [
+            ErrorCode::MalformedJson,
+            ErrorCode::InvalidRequest,
+            ErrorCode::InvalidInput,
+            ErrorCode::PayloadTooLarge,
+            ErrorCode::UnsupportedMediaType,
+            ErrorCode::ModelNotFound,
+            ErrorCode::JobNotFound,
+            ErrorCode::NotFound,
+            ErrorCode::MethodNotAllowed,
+            ErrorCode::BrokerUnavailable,
+            ErrorCode::StoreUnavailable,
+            ErrorCode::Overloaded,
+            ErrorCode::InferenceFailed,
+            ErrorCode::Internal,
+        ] {
+            assert_eq!(serde_json::to_value(code).unwrap(), code.as_str());
+        }
+    }
+}

@@ -1,0 +1,220 @@
+//! Jobs on the wire: the status state machine, the job record the API returns, the envelope that
+//! travels through the queue, and the model description served by `GET /v1/models`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{ErrorCode, JobId, ModelName, Task, UnixMillis};
+
+/// `queued → running → succeeded | failed | canceled`, `queued → canceled | expired`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobStatus {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Canceled,
+    Expired,
+}
+
+impl JobStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Running => "running",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Canceled => "canceled",
+            Self::Expired => "expired",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "queued" => Self::Queued,
+            "running" => Self::Running,
+            "succeeded" => Self::Succeeded,
+            "failed" => Self::Failed,
+            "canceled" => Self::Canceled,
+            "expired" => Self::Expired,
+            _ => return None,
+        })
+    }
+
+    /// Terminal states are final: the first terminal write wins.
+    pub fn is_terminal(self) -> bool {
+        match self {
+            Self::Queued | Self::Running => false,
+            Self::Succeeded | Self::Failed | Self::Canceled | Self::Expired => true,
+        }
+    }
+}
+
+/// Why a job failed, as the client sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct JobMetrics {
+    /// Time from acceptance to the start of the (last) run.
+    pub queue_ms: Option<i64>,
+    /// Time from the start of the (last) run to the terminal state.
+    pub run_ms: Option<i64>,
+}
+
+/// The job record of `GET /v1/jobs/{id}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub id: JobId,
+    pub model: ModelName,
+    pub status: JobStatus,
+    #[serde(with = "rfc3339_millis")]
+    pub created_at: UnixMillis,
+    #[serde(with = "rfc3339_millis::option")]
+    pub started_at: Option<UnixMillis>,
+    #[serde(with = "rfc3339_millis::option")]
+    pub completed_at: Option<UnixMillis>,
+    pub attempts: u32,
+    pub progress: Option<serde_json::Value>,
+    pub output: Option<serde_json::Value>,
+    pub error: Option<JobError>,
+    pub cached: bool,
+    pub metrics: JobMetrics,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<serde_json::Value>,
+}
+
+impl JobRecord {
+    /// A freshly accepted job.
+    pub fn queued(id: JobId, model: ModelName, created_at: UnixMillis, metadata: Option<serde_json::Value>) -> Self {
+        Self {
+            id,
+            model,
+            status: JobStatus::Queued,
+            created_at,
+            started_at: None,
+            completed_at: None,
+            attempts: 0,
+            progress: None,
+            output: None,
+            error: None,
+            cached: false,
+            metrics: JobMetrics::default(),
+            metadata,
+        }
+    }
+
+    /// Fills `metrics` from the timestamps, which are the source of truth.
+    pub fn derive_metrics(&mut self) {
+        self.metrics = JobMetrics {
+            queue_ms: self.started_at.map(|s| s - self.created_at),
+            run_ms: self.started_at.zip(self.completed_at).map(|(s, c)| c - s),
+        };
+    }
+}
+
+pub const ENVELOPE_VERSION: u32 = 1;
+
+/// What travels through the queue: everything a worker needs to run the job without reading the
+/// store first. The input has already been validated and canonicalised by the gateway.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Envelope {
+    pub v: u32,
+    pub id: JobId,
+    pub model: ModelName,
+    pub input: serde_json::Value,
+    pub created_at: UnixMillis,
+}
+
+/// A served model, as listed by `GET /v1/models`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelInfo {
+    pub name: ModelName,
+    pub version: String,
+    pub task: Task,
+    pub max_batch: usize,
+    pub input_schema: serde_json::Value,
+}
+
+mod rfc3339_millis {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use time::format_description::well_known::Rfc3339;
+
+    pub fn to_string(ms: i64) -> String {
+        time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+            .ok()
+            .and_then(|t| t.format(&Rfc3339).ok())
+            .unwrap_or_default()
+    }
+
+    pub fn parse(s: &str) -> Result<i64, String> {
+        time::OffsetDateTime::parse(s, &Rfc3339)
+            .map(|t| (t.unix_timestamp_nanos() / 1_000_000) as i64)
+            .map_err(|e| e.to_string())
+    }
+
+    pub fn serialize<S: Serializer>(ms: &i64, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&to_string(*ms))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+        parse(&String::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+
+    pub mod option {
+        use super::*;
+
+        pub fn serialize<S: Serializer>(ms: &Option<i64>, s: S) -> Result<S::Ok, S::Error> {
+            match ms {
+                Some(ms) => s.serialize_some(&to_string(*ms)),
+                None => s.serialize_none(),
+            }
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+            Option::<String>::deserialize(d)?
+                .map(|s| parse(&s).map_err(serde::de::Error::custom))
+                .transpose()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_serialises_timestamps_as_rfc3339_and_round_trips() {
+        let mut r = JobRecord::queued(JobId::random(), ModelName::new("m").unwrap(), 1_700_000_000_123, None);
+        r.started_at = Some(1_700_000_000_200);
+        r.completed_at = Some(1_700_000_000_250);
+        r.derive_metrics();
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["created_at"], "2023-11-14T22:13:20.123Z");
+        assert_eq!(v["metrics"]["queue_ms"], 77);
+        assert_eq!(v["metrics"]["run_ms"], 50);
+        assert!(v.get("metadata").is_none());
+        let back: JobRecord = serde_json::from_value(v).unwrap();
+        assert_eq!(back, r);
+    }
+
+    #[test]
+    fn status_strings_round_trip() {
+        for s in [
+            JobStatus::Queued,
+            JobStatus::Running,
+            JobStatus::Succeeded,
+            JobStatus::Failed,
+            JobStatus::Canceled,
+            JobStatus::Expired,
+        ] {
+            assert_eq!(JobStatus::parse(s.as_str()), Some(s));
+            assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
+        }
+        assert!(!JobStatus::Running.is_terminal());
+        assert!(JobStatus::Expired.is_terminal());
+    }
+}

@@ -1,0 +1,20 @@
+//! Kiln's wire types, versioned JSON and nothing else: ids, job requests and records, the queue
+//! envelope, task inputs and outputs, and the table of stable error codes. No I/O lives here.
+
+mod error;
+mod id;
+mod job;
+mod task;
+
+pub use error::{ApiErrorBody, ErrorCode, ErrorDetail};
+pub use id::{JobId, ModelName, ModelNameError};
+pub use job::{Envelope, JobError, JobMetrics, JobRecord, JobStatus, ModelInfo, ENVELOPE_VERSION};
+pub use task::{json_type, EmbeddingInput, EmbeddingOutput, InputError, InputLimits, Task};
+
+/// Milliseconds since the Unix epoch, the one time representation stored and queued.
+pub type UnixMillis = i64;
+
+/// The current time in [`UnixMillis`].
+pub fn now_millis() -> UnixMillis {
+    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
+}

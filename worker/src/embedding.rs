@@ -1,0 +1,123 @@
+//! The `embedding` pipeline: tokenize a batch (padding to the batch's longest text, truncating at
+//! the model's limit), run the encoder, mean-pool over the attention mask, L2-normalise.
+
+use std::path::Path;
+
+use kiln_common::models::{EmbeddingSpec, Pooling};
+use ndarray::Array2;
+use ort::session::Session;
+use ort::value::TensorRef;
+use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    /// The input cannot be processed by this model; retrying will not help.
+    #[error("invalid input: {0}")]
+    Input(String),
+    /// ONNX Runtime failed running the batch.
+    #[error("inference failed: {0}")]
+    Inference(String),
+}
+
+pub struct EmbeddingPipeline {
+    tokenizer: Tokenizer,
+    session: Session,
+    spec: EmbeddingSpec,
+    has_type_ids: bool,
+    output: String,
+}
+
+impl EmbeddingPipeline {
+    pub fn new(tokenizer_path: &Path, session: Session, spec: EmbeddingSpec) -> Result<Self, String> {
+        let mut tokenizer = Tokenizer::from_file(tokenizer_path).map_err(|e| format!("{}: {e}", tokenizer_path.display()))?;
+        // Shipped tokenizer configs often force fixed-length padding; pad per batch instead.
+        let padding = PaddingParams { strategy: PaddingStrategy::BatchLongest, ..tokenizer.get_padding().cloned().unwrap_or_default() };
+        tokenizer.with_padding(Some(padding));
+        tokenizer
+            .with_truncation(Some(TruncationParams { max_length: spec.max_length, ..Default::default() }))
+            .map_err(|e| e.to_string())?;
+        let names: Vec<&str> = session.inputs().iter().map(|i| i.name()).collect();
+        for required in ["input_ids", "attention_mask"] {
+            if !names.contains(&required) {
+                return Err(format!("model has no input {required:?} (inputs: {names:?})"));
+            }
+        }
+        let has_type_ids = names.contains(&"token_type_ids");
+        let output = session.outputs().first().map(|o| o.name().to_owned()).ok_or("model has no output")?;
+        Ok(Self { tokenizer, session, spec, has_type_ids, output })
+    }
+
+    /// Embeds `texts` as one batch.
+    pub fn embed(&mut self, texts: &[String]) -> Result<Vec<Vec<f32>>, PipelineError> {
+        if texts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let inputs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let encodings = self.tokenizer.encode_batch(inputs, true).map_err(|e| PipelineError::Input(e.to_string()))?;
+        let batch = encodings.len();
+        let seq = encodings.iter().map(|e| e.len()).max().unwrap_or(0).max(1);
+        let mut ids = Array2::<i64>::zeros((batch, seq));
+        let mut mask = Array2::<i64>::zeros((batch, seq));
+        for (row, enc) in encodings.iter().enumerate() {
+            for (col, (&id, &m)) in enc.get_ids().iter().zip(enc.get_attention_mask()).enumerate() {
+                ids[[row, col]] = i64::from(id);
+                mask[[row, col]] = i64::from(m);
+            }
+        }
+        let type_ids = Array2::<i64>::zeros((batch, seq));
+        let err = |e: ort::Error| PipelineError::Inference(e.to_string());
+        let mut feed = vec![
+            ("input_ids", TensorRef::from_array_view(&ids).map_err(err)?),
+            ("attention_mask", TensorRef::from_array_view(&mask).map_err(err)?),
+        ];
+        if self.has_type_ids {
+            feed.push(("token_type_ids", TensorRef::from_array_view(&type_ids).map_err(err)?));
+        }
+        let outputs = self.session.run(feed).map_err(err)?;
+        let (shape, hidden) = outputs[self.output.as_str()].try_extract_tensor::<f32>().map_err(err)?;
+        if shape.len() != 3 || shape[0] as usize != batch || shape[1] as usize != seq {
+            return Err(PipelineError::Inference(format!("unexpected output shape {shape:?} for batch {batch}×{seq}")));
+        }
+        let dim = shape[2] as usize;
+        Ok((0..batch).map(|row| pool(&hidden[row * seq * dim..(row + 1) * seq * dim], mask.row(row).as_slice().expect("contiguous"), dim, &self.spec)).collect())
+    }
+}
+
+/// Pools one text's token vectors (`seq × dim`, row-major) into one vector.
+fn pool(hidden: &[f32], mask: &[i64], dim: usize, spec: &EmbeddingSpec) -> Vec<f32> {
+    let mut out = vec![0f32; dim];
+    match spec.pooling {
+        Pooling::Cls => out.copy_from_slice(&hidden[..dim]),
+        Pooling::Mean => {
+            let mut count = 0f32;
+            for (tok, &m) in hidden.chunks_exact(dim).zip(mask) {
+                if m != 0 {
+                    count += 1.0;
+                    out.iter_mut().zip(tok).for_each(|(o, t)| *o += t);
+                }
+            }
+            let count = count.max(1e-9);
+            out.iter_mut().for_each(|o| *o /= count);
+        }
+    }
+    if spec.normalize {
+        let norm = out.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+        out.iter_mut().for_each(|x| *x /= norm);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mean_pooling_ignores_padding_and_normalises() {
+        let spec = EmbeddingSpec { max_length: 8, pooling: Pooling::Mean, normalize: true };
+        // two tokens + one padding token with a huge value that must not count
+        let hidden = [3.0, 0.0, 1.0, 4.0, 100.0, 100.0];
+        let v = pool(&hidden, &[1, 1, 0], 2, &spec);
+        let expect = [2.0f32 / (2.0f32 * 2.0 + 2.0 * 2.0).sqrt(), 2.0 / (8.0f32).sqrt()];
+        assert!((v[0] - expect[0]).abs() < 1e-6 && (v[1] - expect[1]).abs() < 1e-6, "{v:?}");
+    }
+}
