@@ -47,6 +47,24 @@ enum Command {
         #[command(flatten)]
         models: ModelArgs,
     },
+    /// Run only the gateway against RabbitMQ and Redis (as `kiln-gateway`).
+    Gateway {
+        #[command(flatten)]
+        gateway: GatewayConfig,
+        #[command(flatten)]
+        backend: BackendArgs,
+        #[command(flatten)]
+        models: ModelArgs,
+    },
+    /// Run only a worker against RabbitMQ and Redis (as `kiln-worker`).
+    Worker {
+        #[command(flatten)]
+        worker: WorkerConfig,
+        #[command(flatten)]
+        backend: BackendArgs,
+        #[command(flatten)]
+        models: ModelArgs,
+    },
     /// Fetch the ONNX Runtime library and every model's files into the cache, then exit.
     Fetch {
         #[command(flatten)]
@@ -112,6 +130,21 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 running.url("/v1/jobs")
             );
             running.join().await
+        }
+        Command::Gateway { gateway, backend, models } => {
+            let repo = ModelRepository::load(&models.models_dir)?;
+            let backend = Backend::external(&backend)?;
+            let listener = tokio::net::TcpListener::bind(gateway.listen).await.with_context(|| format!("cannot listen on {}", gateway.listen))?;
+            let token = CancellationToken::new();
+            shutdown::cancel_on_signal(token.clone());
+            Ok(kiln_gateway::run(gateway, backend, repo, listener, token).await?)
+        }
+        Command::Worker { worker, backend, models } => {
+            let repo = ModelRepository::load(&models.models_dir)?;
+            let backend = Backend::external(&backend)?;
+            let token = CancellationToken::new();
+            shutdown::cancel_on_signal(token.clone());
+            Ok(kiln_worker::run(worker, backend, repo, models.cache_dir(), token).await?)
         }
         Command::Fetch { models } => {
             let repo = ModelRepository::load(&models.models_dir)?;

@@ -10,5 +10,7 @@ pub mod models;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use backend::Backend;

