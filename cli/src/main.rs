@@ -114,32 +114,67 @@ async fn main() -> ExitCode {
 
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Dev { port, host, external, backend, worker, models } => {
+        Command::Dev {
+            port,
+            host,
+            external,
+            backend,
+            worker,
+            models,
+        } => {
             let repo = ModelRepository::load(&models.models_dir)?;
-            let backend = if external { Backend::external(&backend)? } else { Backend::embedded(backend.job_retention) };
+            let backend = if external {
+                Backend::external(&backend)?
+            } else {
+                Backend::embedded(backend.job_retention)
+            };
             let addr = SocketAddr::new(host, port);
-            let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
-            let gateway = GatewayConfig { listen: addr, ..GatewayConfig::default() };
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr}"))?;
+            let gateway = GatewayConfig {
+                listen: addr,
+                ..GatewayConfig::default()
+            };
             let token = CancellationToken::new();
             shutdown::cancel_on_signal(token.clone());
-            let config = SystemConfig { gateway, worker, backend, models: repo, cache_dir: models.cache_dir() };
+            let config = SystemConfig {
+                gateway,
+                worker,
+                backend,
+                models: repo,
+                cache_dir: models.cache_dir(),
+            };
             let running = system::start(config, listener, token)?;
-            eprintln!("kiln dev: API on {} (first start fetches ONNX Runtime and the model; Ctrl-C stops)", running.url(""));
+            eprintln!(
+                "kiln dev: API on {} (first start fetches ONNX Runtime and the model; Ctrl-C stops)",
+                running.url("")
+            );
             eprintln!(
                 "  try: curl -s {} -H 'content-type: application/json' -d '{{\"model\":\"all-minilm-l6-v2\",\"input\":{{\"text\":\"hello\"}}}}'",
                 running.url("/v1/jobs")
             );
             running.join().await
         }
-        Command::Gateway { gateway, backend, models } => {
+        Command::Gateway {
+            gateway,
+            backend,
+            models,
+        } => {
             let repo = ModelRepository::load(&models.models_dir)?;
             let backend = Backend::external(&backend)?;
-            let listener = tokio::net::TcpListener::bind(gateway.listen).await.with_context(|| format!("cannot listen on {}", gateway.listen))?;
+            let listener = tokio::net::TcpListener::bind(gateway.listen)
+                .await
+                .with_context(|| format!("cannot listen on {}", gateway.listen))?;
             let token = CancellationToken::new();
             shutdown::cancel_on_signal(token.clone());
             Ok(kiln_gateway::run(gateway, backend, repo, listener, token).await?)
         }
-        Command::Worker { worker, backend, models } => {
+        Command::Worker {
+            worker,
+            backend,
+            models,
+        } => {
             let repo = ModelRepository::load(&models.models_dir)?;
             let backend = Backend::external(&backend)?;
             let token = CancellationToken::new();
@@ -162,10 +197,18 @@ async fn run(command: Command) -> anyhow::Result<()> {
             })
             .await?
         }
-        Command::Submit { model, input, wait, url } => {
-            let input: serde_json::Value = serde_json::from_str(&input).context("the input is not valid JSON")?;
+        Command::Submit {
+            model,
+            input,
+            wait,
+            url,
+        } => {
+            let input: serde_json::Value =
+                serde_json::from_str(&input).context("the input is not valid JSON")?;
             let client = Client::new(&url)?;
-            let mut job = client.submit(&serde_json::json!({ "model": model, "input": input })).await?;
+            let mut job = client
+                .submit(&serde_json::json!({ "model": model, "input": input }))
+                .await?;
             if let (Some(timeout), Some(id)) = (wait, job["id"].as_str().map(str::to_owned)) {
                 job = client.wait(&id, timeout).await?;
             }
@@ -173,11 +216,17 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Get { id, url } => {
-            println!("{}", serde_json::to_string_pretty(&Client::new(&url)?.get(&id).await?)?);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&Client::new(&url)?.get(&id).await?)?
+            );
             Ok(())
         }
         Command::Wait { id, timeout, url } => {
-            println!("{}", serde_json::to_string_pretty(&Client::new(&url)?.wait(&id, timeout).await?)?);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&Client::new(&url)?.wait(&id, timeout).await?)?
+            );
             Ok(())
         }
     }

@@ -47,7 +47,9 @@ pub enum Kind {
 pub fn backend(kind: Kind, retention: Duration) -> Backend {
     match kind {
         Kind::Embedded => Backend::embedded(retention),
-        Kind::External => Backend::external(&backend_args(retention)).expect("backend for the test servers"),
+        Kind::External => {
+            Backend::external(&backend_args(retention)).expect("backend for the test servers")
+        }
     }
 }
 

@@ -21,9 +21,20 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(config: GatewayConfig, backend: Backend, models: Arc<ModelRepository>, shutdown: CancellationToken) -> Self {
+    pub fn new(
+        config: GatewayConfig,
+        backend: Backend,
+        models: Arc<ModelRepository>,
+        shutdown: CancellationToken,
+    ) -> Self {
         let admission = Arc::new(Semaphore::new(config.max_inflight_submits));
-        Self { config: Arc::new(config), backend, models, admission, shutdown }
+        Self {
+            config: Arc::new(config),
+            backend,
+            models,
+            admission,
+            shutdown,
+        }
     }
 
     /// Declares the models' queues, retrying with backoff while the broker is down, so the first
@@ -37,7 +48,9 @@ impl AppState {
             loop {
                 match broker.declare(&names).await {
                     Ok(()) => return,
-                    Err(e) => tracing::warn!(error = %e, retry_in = ?delay, "cannot declare queues yet"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, retry_in = ?delay, "cannot declare queues yet")
+                    }
                 }
                 tokio::select! {
                     _ = shutdown.cancelled() => return,

@@ -89,7 +89,12 @@ pub struct JobRecord {
 
 impl JobRecord {
     /// A freshly accepted job.
-    pub fn queued(id: JobId, model: ModelName, created_at: UnixMillis, metadata: Option<serde_json::Value>) -> Self {
+    pub fn queued(
+        id: JobId,
+        model: ModelName,
+        created_at: UnixMillis,
+        metadata: Option<serde_json::Value>,
+    ) -> Self {
         Self {
             id,
             model,
@@ -188,7 +193,12 @@ mod tests {
 
     #[test]
     fn record_serialises_timestamps_as_rfc3339_and_round_trips() {
-        let mut r = JobRecord::queued(JobId::random(), ModelName::new("m").unwrap(), 1_700_000_000_123, None);
+        let mut r = JobRecord::queued(
+            JobId::random(),
+            ModelName::new("m").unwrap(),
+            1_700_000_000_123,
+            None,
+        );
         r.started_at = Some(1_700_000_000_200);
         r.completed_at = Some(1_700_000_000_250);
         r.derive_metrics();

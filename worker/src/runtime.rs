@@ -17,7 +17,11 @@ pub enum RuntimeError {
     #[error("cannot load model {path}: {reason}")]
     Session { path: PathBuf, reason: String },
     #[error("no execution provider of {wanted:?} could run {path}: {reasons}")]
-    NoProvider { path: PathBuf, wanted: Vec<ExecutionProvider>, reasons: String },
+    NoProvider {
+        path: PathBuf,
+        wanted: Vec<ExecutionProvider>,
+        reasons: String,
+    },
 }
 
 static ENVIRONMENT: OnceLock<Result<Environment, String>> = OnceLock::new();
@@ -27,7 +31,10 @@ static ENVIRONMENT: OnceLock<Result<Environment, String>> = OnceLock::new();
 pub fn environment(dylib: &Path) -> Result<&'static Environment, RuntimeError> {
     let env = ENVIRONMENT.get_or_init(|| {
         if !dylib.is_absolute() || !dylib.is_file() {
-            return Err(format!("{} is not an absolute path to a file", dylib.display()));
+            return Err(format!(
+                "{} is not an absolute path to a file",
+                dylib.display()
+            ));
         }
         ort::init_from(dylib)
             .map_err(|e| e.to_string())?
@@ -36,7 +43,10 @@ pub fn environment(dylib: &Path) -> Result<&'static Environment, RuntimeError> {
             .build()
             .map_err(|e| e.to_string())
     });
-    env.as_ref().map_err(|reason| RuntimeError::Load { path: dylib.to_owned(), reason: reason.clone() })
+    env.as_ref().map_err(|reason| RuntimeError::Load {
+        path: dylib.to_owned(),
+        reason: reason.clone(),
+    })
 }
 
 /// A session and the provider it runs on.
@@ -46,7 +56,12 @@ pub struct LoadedSession {
 }
 
 /// Builds a session on the first provider of `providers` that registers and loads the model.
-pub fn load_session(env: &Environment, model: &Path, providers: &[ExecutionProvider], intra_threads: usize) -> Result<LoadedSession, RuntimeError> {
+pub fn load_session(
+    env: &Environment,
+    model: &Path,
+    providers: &[ExecutionProvider],
+    intra_threads: usize,
+) -> Result<LoadedSession, RuntimeError> {
     let mut reasons = Vec::new();
     for &provider in providers {
         match try_load(env, model, provider, intra_threads) {
@@ -57,10 +72,19 @@ pub fn load_session(env: &Environment, model: &Path, providers: &[ExecutionProvi
             }
         }
     }
-    Err(RuntimeError::NoProvider { path: model.to_owned(), wanted: providers.to_vec(), reasons: reasons.join("; ") })
+    Err(RuntimeError::NoProvider {
+        path: model.to_owned(),
+        wanted: providers.to_vec(),
+        reasons: reasons.join("; "),
+    })
 }
 
-fn try_load(env: &Environment, model: &Path, provider: ExecutionProvider, intra_threads: usize) -> Result<Session, String> {
+fn try_load(
+    env: &Environment,
+    model: &Path,
+    provider: ExecutionProvider,
+    intra_threads: usize,
+) -> Result<Session, String> {
     let builder = Session::builder(env)
         .map_err(|e| e.to_string())?
         .with_optimization_level(GraphOptimizationLevel::Level3)
@@ -75,18 +99,24 @@ fn try_load(env: &Environment, model: &Path, provider: ExecutionProvider, intra_
 }
 
 #[cfg(feature = "cuda")]
-fn cuda(builder: ort::session::builder::SessionBuilder) -> Result<ort::session::builder::SessionBuilder, String> {
+fn cuda(
+    builder: ort::session::builder::SessionBuilder,
+) -> Result<ort::session::builder::SessionBuilder, String> {
     builder
         .with_execution_providers([ort::ep::CUDA::default().build().error_on_failure()])
         .map_err(|e| e.to_string())
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda(_: ort::session::builder::SessionBuilder) -> Result<ort::session::builder::SessionBuilder, String> {
+fn cuda(
+    _: ort::session::builder::SessionBuilder,
+) -> Result<ort::session::builder::SessionBuilder, String> {
     Err("this worker was built without the `cuda` feature".into())
 }
 
 /// Intra-op threads when not configured: every core this process may use.
 pub fn default_threads() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }

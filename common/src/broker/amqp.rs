@@ -9,11 +9,13 @@ use async_trait::async_trait;
 use futures::StreamExt;
 use kiln_proto::ModelName;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
-    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+};
 use tokio::sync::Mutex;
 
 use super::{Acknowledge, Broker, BrokerError, Deliveries, Delivery};
@@ -27,7 +29,9 @@ pub struct Topology {
 
 impl Topology {
     pub fn new(prefix: impl Into<String>) -> Self {
-        Self { prefix: prefix.into() }
+        Self {
+            prefix: prefix.into(),
+        }
     }
 
     pub fn exchange(&self) -> String {
@@ -39,13 +43,29 @@ impl Topology {
     }
 
     async fn declare(&self, ch: &Channel, models: &[ModelName]) -> Result<(), lapin::Error> {
-        let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
-        ch.exchange_declare(self.exchange().into(), ExchangeKind::Direct, durable, FieldTable::default()).await?;
+        let durable = ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        ch.exchange_declare(
+            self.exchange().into(),
+            ExchangeKind::Direct,
+            durable,
+            FieldTable::default(),
+        )
+        .await?;
         for model in models {
             let mut args = FieldTable::default();
-            args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
-            let opts = QueueDeclareOptions { durable: true, ..Default::default() };
-            ch.queue_declare(self.queue(model).into(), opts, args).await?;
+            args.insert(
+                "x-queue-type".into(),
+                AMQPValue::LongString("quorum".into()),
+            );
+            let opts = QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            };
+            ch.queue_declare(self.queue(model).into(), opts, args)
+                .await?;
             ch.queue_bind(
                 self.queue(model).into(),
                 self.exchange().into(),
@@ -88,7 +108,10 @@ impl AmqpBroker {
     /// Creates the broker without connecting: the first use (or [`Broker::check`]) connects, so a
     /// process can start while RabbitMQ is still down.
     pub fn new(config: AmqpConfig) -> Self {
-        Self { config, link: Mutex::new(Link::default()) }
+        Self {
+            config,
+            link: Mutex::new(Link::default()),
+        }
     }
 
     pub fn topology(&self) -> &Topology {
@@ -116,7 +139,10 @@ impl AmqpBroker {
         let result = match attempt {
             Ok(Ok(conn)) => Ok(Arc::new(conn)),
             Ok(Err(e)) => Err(format!("cannot connect to RabbitMQ: {e}")),
-            Err(_) => Err(format!("cannot connect to RabbitMQ within {:?}", self.config.connect_timeout)),
+            Err(_) => Err(format!(
+                "cannot connect to RabbitMQ within {:?}",
+                self.config.connect_timeout
+            )),
         };
         match result {
             Ok(conn) => {
@@ -178,20 +204,32 @@ impl Broker for AmqpBroker {
         let props = BasicProperties::default()
             .with_delivery_mode(2)
             .with_content_type("application/json".into());
-        let opts = BasicPublishOptions { mandatory: true, ..Default::default() };
+        let opts = BasicPublishOptions {
+            mandatory: true,
+            ..Default::default()
+        };
         let exchange = self.config.topology.exchange();
         let confirm = async {
-            ch.basic_publish(exchange.into(), model.as_str().into(), opts, &body, props).await?.await
+            ch.basic_publish(exchange.into(), model.as_str().into(), opts, &body, props)
+                .await?
+                .await
         };
         let outcome = match tokio::time::timeout(self.config.confirm_timeout, confirm).await {
             Err(_) => Err(BrokerError::ConfirmTimeout(self.config.confirm_timeout)),
             Ok(Err(e)) => Err(BrokerError::Amqp(e)),
             Ok(Ok(Confirmation::Ack(None))) => return Ok(()),
             Ok(Ok(Confirmation::Ack(Some(returned)))) => {
-                return Err(BrokerError::Rejected(format!("unroutable: {}", returned.reply_text)));
+                return Err(BrokerError::Rejected(format!(
+                    "unroutable: {}",
+                    returned.reply_text
+                )));
             }
-            Ok(Ok(Confirmation::Nack(_))) => return Err(BrokerError::Rejected("negative confirm".into())),
-            Ok(Ok(Confirmation::NotRequested)) => Err(BrokerError::Rejected("channel is not in confirm mode".into())),
+            Ok(Ok(Confirmation::Nack(_))) => {
+                return Err(BrokerError::Rejected("negative confirm".into()));
+            }
+            Ok(Ok(Confirmation::NotRequested)) => Err(BrokerError::Rejected(
+                "channel is not in confirm mode".into(),
+            )),
         };
         self.discard_publisher(&ch).await;
         outcome
@@ -203,8 +241,12 @@ impl Broker for AmqpBroker {
             self.connection(&mut link).await?
         };
         let ch = conn.create_channel().await?;
-        self.config.topology.declare(&ch, std::slice::from_ref(model)).await?;
-        ch.basic_qos(prefetch, BasicQosOptions { global: false }).await?;
+        self.config
+            .topology
+            .declare(&ch, std::slice::from_ref(model))
+            .await?;
+        ch.basic_qos(prefetch, BasicQosOptions { global: false })
+            .await?;
         let consumer = ch
             .basic_consume(
                 self.config.topology.queue(model).into(),
@@ -255,10 +297,21 @@ struct AmqpAcker(lapin::Acker);
 #[async_trait]
 impl Acknowledge for AmqpAcker {
     async fn ack(&self) -> Result<(), BrokerError> {
-        self.0.ack(BasicAckOptions::default()).await.map(drop).map_err(Into::into)
+        self.0
+            .ack(BasicAckOptions::default())
+            .await
+            .map(drop)
+            .map_err(Into::into)
     }
 
     async fn nack(&self, requeue: bool) -> Result<(), BrokerError> {
-        self.0.nack(BasicNackOptions { requeue, multiple: false }).await.map(drop).map_err(Into::into)
+        self.0
+            .nack(BasicNackOptions {
+                requeue,
+                multiple: false,
+            })
+            .await
+            .map(drop)
+            .map_err(Into::into)
     }
 }

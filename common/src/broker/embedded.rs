@@ -41,14 +41,22 @@ struct Message {
 impl EmbeddedBroker {
     /// `max_queue_len` bounds each queue; a publish beyond it is rejected.
     pub fn new(max_queue_len: usize) -> Self {
-        Self { queues: Mutex::new(HashMap::new()), max_queue_len }
+        Self {
+            queues: Mutex::new(HashMap::new()),
+            max_queue_len,
+        }
     }
 
     fn queue(&self, model: &ModelName) -> Arc<Queue> {
         let mut queues = self.queues.lock().expect("broker lock");
         queues
             .entry(model.clone())
-            .or_insert_with(|| Arc::new(Queue { state: Mutex::new(QueueState::default()), notify: Notify::new() }))
+            .or_insert_with(|| {
+                Arc::new(Queue {
+                    state: Mutex::new(QueueState::default()),
+                    notify: Notify::new(),
+                })
+            })
             .clone()
     }
 
@@ -80,9 +88,15 @@ impl Broker for EmbeddedBroker {
         {
             let mut s = q.state.lock().expect("queue lock");
             if s.ready.len() + s.unacked.len() >= self.max_queue_len {
-                return Err(BrokerError::Rejected(format!("queue for {model} is full ({} messages)", self.max_queue_len)));
+                return Err(BrokerError::Rejected(format!(
+                    "queue for {model} is full ({} messages)",
+                    self.max_queue_len
+                )));
             }
-            s.ready.push_back(Message { body, redelivered: false });
+            s.ready.push_back(Message {
+                body,
+                redelivered: false,
+            });
         }
         q.notify.notify_waiters();
         Ok(())
@@ -97,7 +111,11 @@ impl Broker for EmbeddedBroker {
             s.in_flight.insert(id, 0);
             id
         };
-        let consumer = ConsumerGuard { queue, id, prefetch: usize::from(prefetch.max(1)) };
+        let consumer = ConsumerGuard {
+            queue,
+            id,
+            prefetch: usize::from(prefetch.max(1)),
+        };
         Ok(futures::stream::unfold(consumer, |consumer| async move {
             let delivery = consumer.next().await;
             Some((Ok(delivery), consumer))
@@ -145,7 +163,10 @@ impl ConsumerGuard {
         *s.in_flight.entry(self.id).or_default() += 1;
         let (body, redelivered) = (msg.body.clone(), msg.redelivered);
         s.unacked.insert(tag, (self.id, msg));
-        let acker = EmbeddedAcker { queue: Arc::downgrade(&self.queue), tag };
+        let acker = EmbeddedAcker {
+            queue: Arc::downgrade(&self.queue),
+            tag,
+        };
         Some(Delivery::new(body, redelivered, Box::new(acker)))
     }
 }
@@ -157,7 +178,16 @@ impl Drop for ConsumerGuard {
         let mut held: Vec<(u64, Message)> = Vec::new();
         s.unacked.retain(|tag, (owner, msg)| {
             if *owner == self.id {
-                held.push((*tag, std::mem::replace(msg, Message { body: Vec::new(), redelivered: true })));
+                held.push((
+                    *tag,
+                    std::mem::replace(
+                        msg,
+                        Message {
+                            body: Vec::new(),
+                            redelivered: true,
+                        },
+                    ),
+                ));
                 false
             } else {
                 true
@@ -181,14 +211,16 @@ struct EmbeddedAcker {
 
 impl EmbeddedAcker {
     fn settle(&self, requeue: bool) -> Result<(), BrokerError> {
-        let queue = self.queue.upgrade().ok_or_else(|| BrokerError::Unavailable("broker is gone".into()))?;
+        let queue = self
+            .queue
+            .upgrade()
+            .ok_or_else(|| BrokerError::Unavailable("broker is gone".into()))?;
         let mut s = queue.state.lock().expect("queue lock");
         // Unknown tag: its consumer went away and the message was already requeued, as an ack on
         // a closed channel would fail in RabbitMQ.
-        let (owner, mut msg) = s
-            .unacked
-            .remove(&self.tag)
-            .ok_or_else(|| BrokerError::Unavailable("delivery no longer held: its consumer was closed".into()))?;
+        let (owner, mut msg) = s.unacked.remove(&self.tag).ok_or_else(|| {
+            BrokerError::Unavailable("delivery no longer held: its consumer was closed".into())
+        })?;
         if let Some(n) = s.in_flight.get_mut(&owner) {
             *n -= 1;
         }

@@ -44,7 +44,11 @@ pub struct Delivery {
 
 impl Delivery {
     pub fn new(body: Vec<u8>, redelivered: bool, acker: Box<dyn Acknowledge>) -> Self {
-        Self { body, redelivered, acker }
+        Self {
+            body,
+            redelivered,
+            acker,
+        }
     }
 
     /// Settles the message as done.
@@ -65,7 +69,10 @@ impl Delivery {
 
 impl std::fmt::Debug for Delivery {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Delivery").field("len", &self.body.len()).field("redelivered", &self.redelivered).finish()
+        f.debug_struct("Delivery")
+            .field("len", &self.body.len())
+            .field("redelivered", &self.redelivered)
+            .finish()
     }
 }
 

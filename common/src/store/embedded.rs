@@ -27,7 +27,10 @@ const SWEEP_EVERY: usize = 1024;
 
 impl EmbeddedStore {
     pub fn new(retention: Duration) -> Self {
-        Self { retention, inner: Mutex::new(Inner::default()) }
+        Self {
+            retention,
+            inner: Mutex::new(Inner::default()),
+        }
     }
 
     fn with_live<T>(&self, id: JobId, f: impl FnOnce(Option<&mut JobRecord>) -> T) -> T {
@@ -68,10 +71,16 @@ impl Store for EmbeddedStore {
     async fn create(&self, record: &JobRecord) -> Result<(), StoreError> {
         let mut inner = self.inner.lock().expect("store lock");
         let now = Instant::now();
-        if inner.records.get(&record.id).is_some_and(|(_, exp)| *exp > now) {
+        if inner
+            .records
+            .get(&record.id)
+            .is_some_and(|(_, exp)| *exp > now)
+        {
             return Err(StoreError::Conflict(record.id));
         }
-        inner.records.insert(record.id, (record.clone(), now + self.retention));
+        inner
+            .records
+            .insert(record.id, (record.clone(), now + self.retention));
         self.note_write(&mut inner);
         Ok(())
     }
@@ -94,7 +103,12 @@ impl Store for EmbeddedStore {
         }))
     }
 
-    async fn finish(&self, id: JobId, outcome: &Outcome, at: UnixMillis) -> Result<Transition, StoreError> {
+    async fn finish(
+        &self,
+        id: JobId,
+        outcome: &Outcome,
+        at: UnixMillis,
+    ) -> Result<Transition, StoreError> {
         let retention = self.retention;
         let t = self.transition(id, |r| {
             r.status = outcome.status();

@@ -70,7 +70,12 @@ pub trait Store: Send + Sync + 'static {
     async fn start(&self, id: JobId, at: UnixMillis) -> Result<Transition, StoreError>;
 
     /// The fenced terminal write: applied only if the job is not terminal yet.
-    async fn finish(&self, id: JobId, outcome: &Outcome, at: UnixMillis) -> Result<Transition, StoreError>;
+    async fn finish(
+        &self,
+        id: JobId,
+        outcome: &Outcome,
+        at: UnixMillis,
+    ) -> Result<Transition, StoreError>;
 
     /// Drops a record that was created but could not be enqueued, so no id is left pointing at a
     /// job that will never run.

@@ -48,13 +48,15 @@ impl RedisStore {
     /// Creates the store without connecting: the first command connects, so a process can start
     /// while Redis is still down.
     pub fn new(config: RedisConfig) -> Result<Self, StoreError> {
-        let client = redis::Client::open(config.url.expose()).map_err(|e| StoreError::Unavailable(format!("bad Redis URL: {e}")))?;
+        let client = redis::Client::open(config.url.expose())
+            .map_err(|e| StoreError::Unavailable(format!("bad Redis URL: {e}")))?;
         let mgr_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(config.connect_timeout))
             .set_response_timeout(Some(config.response_timeout))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_secs(2));
-        let conn = ConnectionManager::new_lazy_with_config(client, mgr_config).map_err(unavailable)?;
+        let conn =
+            ConnectionManager::new_lazy_with_config(client, mgr_config).map_err(unavailable)?;
         let scripts = Scripts {
             create: redis::Script::new(
                 r"
@@ -76,7 +78,11 @@ redis.call('PEXPIRE', KEYS[1], ARGV[5])
 return {{'ok'}}"
             )),
         };
-        Ok(Self { conn, config, scripts })
+        Ok(Self {
+            conn,
+            config,
+            scripts,
+        })
     }
 
     fn key(&self, id: JobId) -> String {
@@ -96,7 +102,10 @@ fn transition(reply: Vec<String>) -> Transition {
     match reply.first().map(String::as_str) {
         Some("ok") => Transition::Applied,
         Some("terminal") => Transition::AlreadyTerminal(
-            reply.get(1).and_then(|s| JobStatus::parse(s)).unwrap_or(JobStatus::Failed),
+            reply
+                .get(1)
+                .and_then(|s| JobStatus::parse(s))
+                .unwrap_or(JobStatus::Failed),
         ),
         _ => Transition::Missing,
     }
@@ -118,29 +127,55 @@ impl Store for RedisStore {
         if let Some(m) = &r.metadata {
             inv.arg("metadata").arg(m.to_string());
         }
-        let created: i64 = inv.invoke_async(&mut self.conn.clone()).await.map_err(unavailable)?;
-        if created == 1 { Ok(()) } else { Err(StoreError::Conflict(r.id)) }
+        let created: i64 = inv
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)?;
+        if created == 1 {
+            Ok(())
+        } else {
+            Err(StoreError::Conflict(r.id))
+        }
     }
 
     async fn get(&self, id: JobId) -> Result<Option<JobRecord>, StoreError> {
-        let fields: HashMap<String, String> =
-            redis::cmd("HGETALL").arg(self.key(id)).query_async(&mut self.conn.clone()).await.map_err(unavailable)?;
+        let fields: HashMap<String, String> = redis::cmd("HGETALL")
+            .arg(self.key(id))
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)?;
         if fields.is_empty() {
             return Ok(None);
         }
-        decode(id, &fields).map(Some).map_err(|reason| StoreError::Corrupt { id, reason })
+        decode(id, &fields)
+            .map(Some)
+            .map_err(|reason| StoreError::Corrupt { id, reason })
     }
 
     async fn start(&self, id: JobId, at: UnixMillis) -> Result<Transition, StoreError> {
-        let reply: Vec<String> =
-            self.scripts.start.key(self.key(id)).arg(at).invoke_async(&mut self.conn.clone()).await.map_err(unavailable)?;
+        let reply: Vec<String> = self
+            .scripts
+            .start
+            .key(self.key(id))
+            .arg(at)
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)?;
         Ok(transition(reply))
     }
 
-    async fn finish(&self, id: JobId, outcome: &Outcome, at: UnixMillis) -> Result<Transition, StoreError> {
+    async fn finish(
+        &self,
+        id: JobId,
+        outcome: &Outcome,
+        at: UnixMillis,
+    ) -> Result<Transition, StoreError> {
         let (field, value) = match outcome {
             Outcome::Succeeded(out) => ("output", out.clone()),
-            Outcome::Failed(err) => ("error", serde_json::to_string(err).expect("error serialises")),
+            Outcome::Failed(err) => (
+                "error",
+                serde_json::to_string(err).expect("error serialises"),
+            ),
         };
         let reply: Vec<String> = self
             .scripts
@@ -158,11 +193,18 @@ impl Store for RedisStore {
     }
 
     async fn discard(&self, id: JobId) -> Result<(), StoreError> {
-        redis::cmd("DEL").arg(self.key(id)).query_async::<()>(&mut self.conn.clone()).await.map_err(unavailable)
+        redis::cmd("DEL")
+            .arg(self.key(id))
+            .query_async::<()>(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)
     }
 
     async fn check(&self) -> Result<(), StoreError> {
-        redis::cmd("PING").query_async::<()>(&mut self.conn.clone()).await.map_err(unavailable)
+        redis::cmd("PING")
+            .query_async::<()>(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)
     }
 
     fn kind(&self) -> &'static str {
@@ -172,8 +214,16 @@ impl Store for RedisStore {
 
 fn decode(id: JobId, f: &HashMap<String, String>) -> Result<JobRecord, String> {
     let get = |k: &str| f.get(k).ok_or_else(|| format!("field {k} missing"));
-    let millis = |k: &str| f.get(k).map(|v| v.parse::<i64>().map_err(|e| format!("{k}: {e}"))).transpose();
-    let json = |k: &str| f.get(k).map(|v| serde_json::from_str::<serde_json::Value>(v).map_err(|e| format!("{k}: {e}"))).transpose();
+    let millis = |k: &str| {
+        f.get(k)
+            .map(|v| v.parse::<i64>().map_err(|e| format!("{k}: {e}")))
+            .transpose()
+    };
+    let json = |k: &str| {
+        f.get(k)
+            .map(|v| serde_json::from_str::<serde_json::Value>(v).map_err(|e| format!("{k}: {e}")))
+            .transpose()
+    };
     let mut record = JobRecord {
         id,
         model: ModelName::new(get("model")?.clone()).map_err(|e| e.to_string())?,
@@ -181,7 +231,11 @@ fn decode(id: JobId, f: &HashMap<String, String>) -> Result<JobRecord, String> {
         created_at: millis("created_at")?.ok_or("field created_at missing")?,
         started_at: millis("started_at")?,
         completed_at: millis("completed_at")?,
-        attempts: f.get("attempts").map(|a| a.parse().map_err(|e| format!("attempts: {e}"))).transpose()?.unwrap_or(0),
+        attempts: f
+            .get("attempts")
+            .map(|a| a.parse().map_err(|e| format!("attempts: {e}")))
+            .transpose()?
+            .unwrap_or(0),
         progress: json("progress")?,
         output: json("output")?,
         error: f

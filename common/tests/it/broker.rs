@@ -8,7 +8,11 @@ use kiln_common::broker::{Deliveries, Delivery};
 use kiln_common::testing::{Kind, backend};
 use kiln_proto::ModelName;
 
-crate::both_backends!(prefetch_bounds_unacked_deliveries, closed_consumer_hands_back_what_it_held, requeue_redelivers);
+crate::both_backends!(
+    prefetch_bounds_unacked_deliveries,
+    closed_consumer_hands_back_what_it_held,
+    requeue_redelivers
+);
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -33,9 +37,17 @@ async fn prefetch_bounds_unacked_deliveries(kind: Kind) {
     let mut d = b.broker.consume(&model(), 2).await.unwrap();
     let first = next(&mut d).await;
     let second = next(&mut d).await;
-    assert_eq!((first.body.clone(), second.body.clone()), (vec![0], vec![1]));
+    assert_eq!(
+        (first.body.clone(), second.body.clone()),
+        (vec![0], vec![1])
+    );
     // The third stays on the broker while two are unacknowledged.
-    assert!(tokio::time::timeout(Duration::from_millis(300), d.next()).await.is_err(), "prefetch of 2 exceeded");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), d.next())
+            .await
+            .is_err(),
+        "prefetch of 2 exceeded"
+    );
     first.ack().await.unwrap();
     assert_eq!(next(&mut d).await.body, vec![2]);
 }
@@ -51,7 +63,10 @@ async fn closed_consumer_hands_back_what_it_held(kind: Kind) {
     let mut other = b.broker.consume(&model(), 10).await.unwrap();
     let again = next(&mut other).await;
     assert_eq!(again.body, b"job");
-    assert!(again.redelivered, "a handed-back delivery is flagged redelivered");
+    assert!(
+        again.redelivered,
+        "a handed-back delivery is flagged redelivered"
+    );
     again.ack().await.unwrap();
     // The first consumer's ack comes too late: the delivery is no longer its to settle.
     assert!(held.ack().await.is_err() || kind == Kind::External);

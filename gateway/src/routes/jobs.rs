@@ -6,7 +6,9 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use kiln_proto::{EmbeddingInput, Envelope, JobId, JobRecord, Task, ENVELOPE_VERSION, json_type, now_millis};
+use kiln_proto::{
+    ENVELOPE_VERSION, EmbeddingInput, Envelope, JobId, JobRecord, Task, json_type, now_millis,
+};
 use serde_json::Value;
 
 use crate::error::ApiError;
@@ -23,7 +25,11 @@ struct Submission {
     metadata: Option<Value>,
 }
 
-pub async fn submit(State(state): State<AppState>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+pub async fn submit(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
     let limit = state.config.max_body_bytes;
     let body = body.map_err(|rejection| match rejection.status() {
         StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge { limit },
@@ -43,13 +49,35 @@ pub async fn submit(State(state): State<AppState>, headers: HeaderMap, body: Res
 
     let id = JobId::random();
     let created_at = now_millis();
-    let record = JobRecord::queued(id, submission.spec_name.clone(), created_at, submission.metadata);
+    let record = JobRecord::queued(
+        id,
+        submission.spec_name.clone(),
+        created_at,
+        submission.metadata,
+    );
     let retry = state.config.retry_after;
-    state.backend.store.create(&record).await.map_err(|e| ApiError::Store(e, retry))?;
+    state
+        .backend
+        .store
+        .create(&record)
+        .await
+        .map_err(|e| ApiError::Store(e, retry))?;
 
-    let envelope = Envelope { v: ENVELOPE_VERSION, id, model: submission.spec_name.clone(), input: submission.input, created_at };
-    let payload = serde_json::to_vec(&envelope).map_err(|e| ApiError::Internal(format!("encoding envelope: {e}")))?;
-    if let Err(e) = state.backend.broker.publish(&submission.spec_name, payload).await {
+    let envelope = Envelope {
+        v: ENVELOPE_VERSION,
+        id,
+        model: submission.spec_name.clone(),
+        input: submission.input,
+        created_at,
+    };
+    let payload = serde_json::to_vec(&envelope)
+        .map_err(|e| ApiError::Internal(format!("encoding envelope: {e}")))?;
+    if let Err(e) = state
+        .backend
+        .broker
+        .publish(&submission.spec_name, payload)
+        .await
+    {
         // No id goes out for a job that was not durably enqueued.
         let discarded = state.backend.store.discard(id).await.is_ok();
         events::enqueue_rolled_back(id, discarded);
@@ -58,10 +86,18 @@ pub async fn submit(State(state): State<AppState>, headers: HeaderMap, body: Res
     events::job_accepted(id, &submission.spec_name);
 
     let location = format!("/v1/jobs/{id}");
-    Ok((StatusCode::ACCEPTED, [(header::LOCATION, location)], Json(record)).into_response())
+    Ok((
+        StatusCode::ACCEPTED,
+        [(header::LOCATION, location)],
+        Json(record),
+    )
+        .into_response())
 }
 
-pub async fn get(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<JobRecord>, ApiError> {
+pub async fn get(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<JobRecord>, ApiError> {
     let job_id: JobId = id.parse().map_err(|_| ApiError::JobNotFound(id.clone()))?;
     let record = state
         .backend
@@ -73,9 +109,16 @@ pub async fn get(State(state): State<AppState>, Path(id): Path<String>) -> Resul
 }
 
 fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(ct) = headers.get(header::CONTENT_TYPE) else { return Ok(()) };
+    let Some(ct) = headers.get(header::CONTENT_TYPE) else {
+        return Ok(());
+    };
     let ct = ct.to_str().unwrap_or("");
-    let essence = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let essence = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
     if essence == "application/json" || essence.ends_with("+json") {
         Ok(())
     } else {
@@ -84,36 +127,78 @@ fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
 }
 
 fn invalid(field: &str, message: impl Into<String>) -> ApiError {
-    ApiError::InvalidRequest { field: field.to_owned(), message: message.into() }
+    ApiError::InvalidRequest {
+        field: field.to_owned(),
+        message: message.into(),
+    }
 }
 
 fn validate(state: &AppState, body: &[u8]) -> Result<Submission, ApiError> {
-    let value: Value = serde_json::from_slice(body).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
+    let value: Value =
+        serde_json::from_slice(body).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
     let Value::Object(mut obj) = value else {
-        return Err(invalid("body", format!("must be a JSON object, got {}", json_type(&value))));
+        return Err(invalid(
+            "body",
+            format!("must be a JSON object, got {}", json_type(&value)),
+        ));
     };
-    if let Some(unknown) = obj.keys().find(|k| !matches!(k.as_str(), "model" | "input" | "metadata")) {
-        return Err(invalid(unknown, "unknown field; accepted fields are model, input, metadata"));
+    if let Some(unknown) = obj
+        .keys()
+        .find(|k| !matches!(k.as_str(), "model" | "input" | "metadata"))
+    {
+        return Err(invalid(
+            unknown,
+            "unknown field; accepted fields are model, input, metadata",
+        ));
     }
     let model = match obj.remove("model") {
         Some(Value::String(m)) => m,
-        Some(other) => return Err(invalid("model", format!("must be a string, got {}", json_type(&other)))),
-        None => return Err(invalid("model", "missing; name a model from GET /v1/models")),
+        Some(other) => {
+            return Err(invalid(
+                "model",
+                format!("must be a string, got {}", json_type(&other)),
+            ));
+        }
+        None => {
+            return Err(invalid(
+                "model",
+                "missing; name a model from GET /v1/models",
+            ));
+        }
     };
-    let spec = state.models.get(&model).ok_or_else(|| ApiError::ModelNotFound(model.clone()))?;
-    let input = obj.remove("input").ok_or_else(|| invalid("input", "missing"))?;
+    let spec = state
+        .models
+        .get(&model)
+        .ok_or_else(|| ApiError::ModelNotFound(model.clone()))?;
+    let input = obj
+        .remove("input")
+        .ok_or_else(|| invalid("input", "missing"))?;
     let input = match spec.task {
-        Task::Embedding => EmbeddingInput::parse(&input, &spec.limits).map_err(ApiError::InvalidInput)?.to_value(),
+        Task::Embedding => EmbeddingInput::parse(&input, &spec.limits)
+            .map_err(ApiError::InvalidInput)?
+            .to_value(),
     };
     let metadata = match obj.remove("metadata") {
         None | Some(Value::Null) => None,
         Some(m @ Value::Object(_)) => {
             if m.to_string().len() > MAX_METADATA_BYTES {
-                return Err(invalid("metadata", format!("is larger than {MAX_METADATA_BYTES} bytes")));
+                return Err(invalid(
+                    "metadata",
+                    format!("is larger than {MAX_METADATA_BYTES} bytes"),
+                ));
             }
             Some(m)
         }
-        Some(other) => return Err(invalid("metadata", format!("must be an object, got {}", json_type(&other)))),
+        Some(other) => {
+            return Err(invalid(
+                "metadata",
+                format!("must be an object, got {}", json_type(&other)),
+            ));
+        }
     };
-    Ok(Submission { spec_name: spec.name.clone(), input, metadata })
+    Ok(Submission {
+        spec_name: spec.name.clone(),
+        input,
+        metadata,
+    })
 }

@@ -1,0 +1,223 @@
+//! Starting the system under test: a backend under fresh prefixes, the real model repository, and
+//! gateway and worker roles that each test starts and stops on its own terms.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use kiln_common::Backend;
+use kiln_common::config::BackendArgs;
+use kiln_common::models::ModelRepository;
+use kiln_common::testing::{self, Kind};
+use kiln_gateway::GatewayConfig;
+use kiln_proto::JobId;
+use kiln_worker::WorkerConfig;
+use serde_json::Value;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub const MODEL: &str = "all-minilm-l6-v2";
+
+pub fn repo_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models")
+}
+
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("KILN_CACHE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(kiln_common::config::default_cache_dir)
+}
+
+pub struct Env {
+    pub backend: Backend,
+    /// The settings of the external backend (None for embedded), for child processes.
+    pub args: Option<BackendArgs>,
+    pub repo: ModelRepository,
+    pub http: reqwest::Client,
+}
+
+impl Env {
+    pub fn new(kind: Kind) -> Self {
+        Self::with_retention(kind, Duration::from_secs(3600))
+    }
+
+    pub fn with_retention(kind: Kind, retention: Duration) -> Self {
+        let (backend, args) = match kind {
+            Kind::Embedded => (Backend::embedded(retention), None),
+            Kind::External => {
+                let args = testing::backend_args(retention);
+                (Backend::external(&args).expect("backend"), Some(args))
+            }
+        };
+        Self::from_parts(backend, args)
+    }
+
+    pub fn from_parts(backend: Backend, args: Option<BackendArgs>) -> Self {
+        let repo = ModelRepository::load(&repo_dir()).expect("model repository");
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .unwrap();
+        Self {
+            backend,
+            args,
+            repo,
+            http,
+        }
+    }
+
+    pub async fn gateway(&self) -> Gateway {
+        self.gateway_with(GatewayConfig::default()).await
+    }
+
+    pub async fn gateway_with(&self, config: GatewayConfig) -> Gateway {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(kiln_gateway::run(
+            config,
+            self.backend.clone(),
+            self.repo.clone(),
+            listener,
+            shutdown.clone(),
+        ));
+        Gateway {
+            addr,
+            shutdown,
+            task,
+            http: self.http.clone(),
+        }
+    }
+
+    pub fn worker(&self) -> Worker {
+        let config = WorkerConfig {
+            intra_threads: Some(2),
+            ..WorkerConfig::default()
+        };
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(kiln_worker::run(
+            config,
+            self.backend.clone(),
+            self.repo.clone(),
+            cache_dir(),
+            shutdown.clone(),
+        ));
+        Worker { shutdown, task }
+    }
+}
+
+pub struct Gateway {
+    pub addr: SocketAddr,
+    pub shutdown: CancellationToken,
+    task: JoinHandle<std::io::Result<()>>,
+    pub http: reqwest::Client,
+}
+
+pub struct Response {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Value,
+}
+
+impl Gateway {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub async fn post_raw(
+        &self,
+        path: &str,
+        content_type: Option<&str>,
+        body: Vec<u8>,
+    ) -> Response {
+        let mut req = self.http.post(self.url(path)).body(body);
+        if let Some(ct) = content_type {
+            req = req.header("content-type", ct);
+        }
+        Self::read(req.send().await.expect("POST")).await
+    }
+
+    pub async fn submit(&self, body: &Value) -> Response {
+        self.post_raw(
+            "/v1/jobs",
+            Some("application/json"),
+            serde_json::to_vec(body).unwrap(),
+        )
+        .await
+    }
+
+    /// Submits and insists on a 202, returning the job id.
+    pub async fn submit_ok(&self, input: Value) -> JobId {
+        let r = self
+            .submit(&serde_json::json!({ "model": MODEL, "input": input }))
+            .await;
+        assert_eq!(r.status, 202, "submit answered {}: {}", r.status, r.body);
+        r.body["id"].as_str().expect("id").parse().expect("uuid")
+    }
+
+    pub async fn get(&self, path: &str) -> Response {
+        Self::read(self.http.get(self.url(path)).send().await.expect("GET")).await
+    }
+
+    pub async fn job(&self, id: JobId) -> Value {
+        let r = self.get(&format!("/v1/jobs/{id}")).await;
+        assert_eq!(r.status, 200, "GET job {id}: {}", r.body);
+        r.body
+    }
+
+    /// Waits until the job is terminal and returns its record.
+    pub async fn finished(&self, id: JobId, timeout: Duration) -> Value {
+        testing::wait_until(&format!("job {id} finishes"), timeout, || async {
+            let job = self.job(id).await;
+            match job["status"].as_str() {
+                Some("succeeded" | "failed" | "canceled" | "expired") => Ok(job),
+                _ => Err(job["status"].clone()),
+            }
+        })
+        .await
+    }
+
+    async fn read(resp: reqwest::Response) -> Response {
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let bytes = resp.bytes().await.expect("body");
+        let body = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+        Response {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.task.await.expect("gateway task").expect("gateway ran");
+    }
+}
+
+pub struct Worker {
+    pub shutdown: CancellationToken,
+    task: JoinHandle<Result<(), kiln_worker::WorkerError>>,
+}
+
+impl Worker {
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.task.await.expect("worker task").expect("worker ran");
+    }
+}
+
+/// The embedding vectors of a succeeded record.
+pub fn embeddings(job: &Value) -> Vec<Vec<f32>> {
+    assert_eq!(job["status"], "succeeded", "job did not succeed: {job}");
+    serde_json::from_value(job["output"]["embeddings"].clone()).expect("embeddings")
+}
+
+pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+pub fn norm(a: &[f32]) -> f32 {
+    a.iter().map(|x| x * x).sum::<f32>().sqrt()
+}

@@ -1,0 +1,109 @@
+//! The router in-process with `oneshot`, on the embedded backend: response shapes, headers, and
+//! readiness turning false when draining starts.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode, header};
+use http_body_util::BodyExt;
+use kiln_common::Backend;
+use kiln_common::models::ModelRepository;
+use kiln_gateway::{AppState, GatewayConfig, router};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+
+fn state() -> AppState {
+    let repo = ModelRepository::load(
+        &std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models"),
+    )
+    .unwrap();
+    AppState::new(
+        GatewayConfig::default(),
+        Backend::embedded(Duration::from_secs(60)),
+        Arc::new(repo),
+        CancellationToken::new(),
+    )
+}
+
+async fn call(state: &AppState, req: Request<Body>) -> (StatusCode, axum::http::HeaderMap, Value) {
+    let resp = router(state.clone()).oneshot(req).await.unwrap();
+    let (parts, body) = resp.into_parts();
+    let bytes = body.collect().await.unwrap().to_bytes();
+    (
+        parts.status,
+        parts.headers,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+#[tokio::test]
+async fn accepted_job_has_location_and_queued_record() {
+    let s = state();
+    let req = Request::post("/v1/jobs")
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(
+            json!({"model": "all-minilm-l6-v2", "input": {"text": "hi"}}).to_string(),
+        ))
+        .unwrap();
+    let (status, headers, body) = call(&s, req).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let id = body["id"].as_str().unwrap();
+    assert_eq!(headers[header::LOCATION], format!("/v1/jobs/{id}"));
+    for field in [
+        "id",
+        "model",
+        "status",
+        "created_at",
+        "started_at",
+        "completed_at",
+        "attempts",
+        "progress",
+        "output",
+        "error",
+        "cached",
+        "metrics",
+    ] {
+        assert!(body.get(field).is_some(), "record lacks {field}: {body}");
+    }
+    let (status, _, got) = call(
+        &s,
+        Request::get(format!("/v1/jobs/{id}"))
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(got["status"], "queued");
+}
+
+#[tokio::test]
+async fn readiness_turns_false_when_draining_starts() {
+    let s = state();
+    let ready = || Request::get("/readyz").body(Body::empty()).unwrap();
+    assert_eq!(call(&s, ready()).await.0, StatusCode::OK);
+    s.shutdown.cancel();
+    let (status, headers, body) = call(&s, ready()).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(body["draining"], true);
+    assert!(headers.contains_key(header::RETRY_AFTER));
+    // Liveness is unaffected.
+    assert_eq!(
+        call(&s, Request::get("/healthz").body(Body::empty()).unwrap())
+            .await
+            .0,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn wrong_method_is_a_json_405() {
+    let (status, _, body) = call(
+        &state(),
+        Request::delete("/v1/jobs").body(Body::empty()).unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(body["error"]["code"], "method_not_allowed");
+}
