@@ -21,8 +21,10 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "fetch ONNX Runtime and models"
 cargo build --workspace --locked --bins
-./target/debug/kiln fetch
-export ORT_DYLIB_PATH=$(./target/debug/kiln fetch | sed -n 's/^onnxruntime: //p')
+kiln="${CARGO_TARGET_DIR:-target}/debug/kiln"
+"$kiln" fetch
+ORT_DYLIB_PATH=$("$kiln" fetch | sed -n 's/^onnxruntime: //p')
+export ORT_DYLIB_PATH
 
 step "cargo test"
 cargo test --workspace --locked -- --color never "$@"

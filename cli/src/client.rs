@@ -12,33 +12,18 @@ pub struct Client {
 
 impl Client {
     pub fn new(base: &str) -> anyhow::Result<Self> {
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(30))
-            .build()?;
-        Ok(Self {
-            base: base.trim_end_matches('/').to_owned(),
-            http,
-        })
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?;
+        Ok(Self { base: base.trim_end_matches('/').to_owned(), http })
     }
 
     pub async fn submit(&self, body: &Value) -> anyhow::Result<Value> {
-        let resp = self
-            .http
-            .post(format!("{}/v1/jobs", self.base))
-            .json(body)
-            .send()
-            .await
-            .context("submitting the job")?;
+        let resp =
+            self.http.post(format!("{}/v1/jobs", self.base)).json(body).send().await.context("submitting the job")?;
         Self::json(resp).await
     }
 
     pub async fn get(&self, id: &str) -> anyhow::Result<Value> {
-        let resp = self
-            .http
-            .get(format!("{}/v1/jobs/{id}", self.base))
-            .send()
-            .await
-            .context("fetching the job")?;
+        let resp = self.http.get(format!("{}/v1/jobs/{id}", self.base)).send().await.context("fetching the job")?;
         Self::json(resp).await
     }
 
@@ -62,10 +47,7 @@ impl Client {
 
     async fn json(resp: reqwest::Response) -> anyhow::Result<Value> {
         let status = resp.status();
-        let body: Value = resp
-            .json()
-            .await
-            .with_context(|| format!("reading the {status} answer"))?;
+        let body: Value = resp.json().await.with_context(|| format!("reading the {status} answer"))?;
         if status.is_client_error() || status.is_server_error() {
             let code = body["error"]["code"].as_str().unwrap_or("?");
             let message = body["error"]["message"].as_str().unwrap_or("?");

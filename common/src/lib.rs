@@ -6,6 +6,7 @@ pub mod assets;
 pub mod backend;
 pub mod broker;
 pub mod config;
+pub mod dlq;
 pub mod models;
 pub mod shutdown;
 pub mod store;

@@ -12,18 +12,12 @@ use crate::assets::WheelSource;
 
 /// The built-in repository, served when the configured folder does not exist (an installed `kiln`
 /// run outside a checkout).
-const BUILTIN: &[(&str, &str)] = &[(
-    "all-minilm-l6-v2",
-    include_str!("../../models/all-minilm-l6-v2/kiln.toml"),
-)];
+const BUILTIN: &[(&str, &str)] = &[("all-minilm-l6-v2", include_str!("../../models/all-minilm-l6-v2/kiln.toml"))];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelConfigError {
     #[error("cannot read model repository {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("{path}: {message}")]
     Invalid { path: PathBuf, message: String },
     #[error("model repository {0} holds no model (no <name>/kiln.toml)")]
@@ -104,28 +98,15 @@ pub struct ModelSpec {
 }
 
 impl ModelSpec {
-    fn parse(
-        name: &str,
-        text: &str,
-        path: &Path,
-        folder: Option<PathBuf>,
-    ) -> Result<Self, ModelConfigError> {
-        let invalid = |message: String| ModelConfigError::Invalid {
-            path: path.to_owned(),
-            message,
-        };
+    fn parse(name: &str, text: &str, path: &Path, folder: Option<PathBuf>) -> Result<Self, ModelConfigError> {
+        let invalid = |message: String| ModelConfigError::Invalid { path: path.to_owned(), message };
         let raw: RawSpec = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
         let name = ModelName::new(name).map_err(|e| invalid(e.to_string()))?;
         if !(1..=1024).contains(&raw.max_batch) {
-            return Err(invalid(format!(
-                "max_batch must be 1..=1024, got {}",
-                raw.max_batch
-            )));
+            return Err(invalid(format!("max_batch must be 1..=1024, got {}", raw.max_batch)));
         }
         if raw.execution_providers.is_empty() {
-            return Err(invalid(
-                "execution_providers must name at least one provider".into(),
-            ));
+            return Err(invalid("execution_providers must name at least one provider".into()));
         }
         match raw.task {
             Task::Embedding => {
@@ -154,10 +135,7 @@ impl ModelSpec {
     /// package, else its repository folder.
     pub fn dir(&self, cache_dir: &Path) -> PathBuf {
         match (&self.source, &self.folder) {
-            (Some(_), _) | (None, None) => cache_dir
-                .join("models")
-                .join(self.name.as_str())
-                .join(&self.version),
+            (Some(_), _) | (None, None) => cache_dir.join("models").join(self.name.as_str()).join(&self.version),
             (None, Some(folder)) => folder.clone(),
         }
     }
@@ -189,25 +167,17 @@ impl ModelRepository {
         if !dir.exists() {
             return Self::builtin();
         }
-        let io = |source| ModelConfigError::Io {
-            path: dir.to_owned(),
-            source,
-        };
+        let io = |source| ModelConfigError::Io { path: dir.to_owned(), source };
         let mut models = BTreeMap::new();
-        let mut entries: Vec<_> = std::fs::read_dir(dir)
-            .map_err(io)?
-            .collect::<Result<_, _>>()
-            .map_err(io)?;
+        let mut entries: Vec<_> = std::fs::read_dir(dir).map_err(io)?.collect::<Result<_, _>>().map_err(io)?;
         entries.sort_by_key(|e| e.file_name());
         for entry in entries {
             let path = entry.path().join("kiln.toml");
             if !path.is_file() {
                 continue;
             }
-            let text = std::fs::read_to_string(&path).map_err(|source| ModelConfigError::Io {
-                path: path.clone(),
-                source,
-            })?;
+            let text =
+                std::fs::read_to_string(&path).map_err(|source| ModelConfigError::Io { path: path.clone(), source })?;
             let name = entry.file_name().to_string_lossy().into_owned();
             let spec = ModelSpec::parse(&name, &text, &path, Some(entry.path()))?;
             models.insert(spec.name.clone(), spec);
@@ -221,12 +191,7 @@ impl ModelRepository {
     pub fn builtin() -> Result<Self, ModelConfigError> {
         let mut models = BTreeMap::new();
         for (name, text) in BUILTIN {
-            let spec = ModelSpec::parse(
-                name,
-                text,
-                Path::new(&format!("<built-in>/{name}/kiln.toml")),
-                None,
-            )?;
+            let spec = ModelSpec::parse(name, text, Path::new(&format!("<built-in>/{name}/kiln.toml")), None)?;
             models.insert(spec.name.clone(), spec);
         }
         Ok(Self { models })
@@ -251,10 +216,7 @@ impl ModelRepository {
         }
         let mut kept = BTreeMap::new();
         for n in names {
-            let spec = self
-                .get(n)
-                .cloned()
-                .ok_or_else(|| format!("model {n:?} is not in the repository"))?;
+            let spec = self.get(n).cloned().ok_or_else(|| format!("model {n:?} is not in the repository"))?;
             kept.insert(spec.name.clone(), spec);
         }
         self.models = kept;
@@ -278,20 +240,11 @@ mod tests {
     #[test]
     fn rejects_bad_specs_with_the_path() {
         let bad = "task = \"embedding\"\nversion = \"1\"\nmax_batch = 0\n[files]\nmodel=\"m\"\ntokenizer=\"t\"\n";
-        let err = ModelSpec::parse("m", bad, Path::new("x/kiln.toml"), None)
-            .unwrap_err()
-            .to_string();
+        let err = ModelSpec::parse("m", bad, Path::new("x/kiln.toml"), None).unwrap_err().to_string();
+        assert!(err.contains("x/kiln.toml") && err.contains("max_batch"), "{err}");
+        let missing = "task = \"embedding\"\nversion = \"1\"\nmax_batch = 4\n[files]\nmodel=\"m\"\n";
         assert!(
-            err.contains("x/kiln.toml") && err.contains("max_batch"),
-            "{err}"
-        );
-        let missing =
-            "task = \"embedding\"\nversion = \"1\"\nmax_batch = 4\n[files]\nmodel=\"m\"\n";
-        assert!(
-            ModelSpec::parse("m", missing, Path::new("k"), None)
-                .unwrap_err()
-                .to_string()
-                .contains("files.tokenizer")
+            ModelSpec::parse("m", missing, Path::new("k"), None).unwrap_err().to_string().contains("files.tokenizer")
         );
     }
 }

@@ -11,8 +11,8 @@ pub async fn signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler");
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}
@@ -37,11 +37,7 @@ pub async fn drain(tracker: &TaskTracker, grace: Duration) -> bool {
     match tokio::time::timeout(grace, tracker.wait()).await {
         Ok(()) => true,
         Err(_) => {
-            tracing::warn!(
-                ?grace,
-                remaining = tracker.len(),
-                "grace period over, abandoning unfinished tasks"
-            );
+            tracing::warn!(?grace, remaining = tracker.len(), "grace period over, abandoning unfinished tasks");
             false
         }
     }

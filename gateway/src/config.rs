@@ -19,6 +19,10 @@ pub struct GatewayConfig {
     /// The `Retry-After` (whole seconds) sent with 503 answers.
     #[arg(long, env = "KILN_RETRY_AFTER", default_value = "1s", value_parser = parse_duration)]
     pub retry_after: Duration,
+    /// On SIGTERM, how long to keep serving (while `/readyz` already fails) before closing the
+    /// listener, so load balancers stop routing here first. In-flight requests always finish.
+    #[arg(long, env = "KILN_SHUTDOWN_DELAY", default_value = "0s", value_parser = parse_duration)]
+    pub shutdown_delay: Duration,
     /// Bound on each dependency check of `/readyz`.
     #[arg(long, env = "KILN_READY_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
     pub ready_timeout: Duration,
@@ -31,6 +35,7 @@ impl Default for GatewayConfig {
             max_body_bytes: 1 << 20,
             max_inflight_submits: 1024,
             retry_after: Duration::from_secs(1),
+            shutdown_delay: Duration::ZERO,
             ready_timeout: Duration::from_secs(1),
         }
     }

@@ -45,63 +45,31 @@ impl ApiError {
     fn parts(&self) -> (StatusCode, ErrorCode, Option<Duration>) {
         match self {
             Self::MalformedJson(_) => (StatusCode::BAD_REQUEST, ErrorCode::MalformedJson, None),
-            Self::InvalidRequest { .. } => (
-                StatusCode::UNPROCESSABLE_ENTITY,
-                ErrorCode::InvalidRequest,
-                None,
-            ),
-            Self::InvalidInput(_) => (
-                StatusCode::UNPROCESSABLE_ENTITY,
-                ErrorCode::InvalidInput,
-                None,
-            ),
-            Self::PayloadTooLarge { .. } => (
-                StatusCode::PAYLOAD_TOO_LARGE,
-                ErrorCode::PayloadTooLarge,
-                None,
-            ),
-            Self::UnsupportedMediaType(_) => (
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                ErrorCode::UnsupportedMediaType,
-                None,
-            ),
+            Self::InvalidRequest { .. } => (StatusCode::UNPROCESSABLE_ENTITY, ErrorCode::InvalidRequest, None),
+            Self::InvalidInput(_) => (StatusCode::UNPROCESSABLE_ENTITY, ErrorCode::InvalidInput, None),
+            Self::PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::PayloadTooLarge, None),
+            Self::UnsupportedMediaType(_) => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, ErrorCode::UnsupportedMediaType, None)
+            }
             Self::ModelNotFound(_) => (StatusCode::NOT_FOUND, ErrorCode::ModelNotFound, None),
             Self::JobNotFound(_) => (StatusCode::NOT_FOUND, ErrorCode::JobNotFound, None),
             Self::NotFound(_) => (StatusCode::NOT_FOUND, ErrorCode::NotFound, None),
-            Self::MethodNotAllowed => (
-                StatusCode::METHOD_NOT_ALLOWED,
-                ErrorCode::MethodNotAllowed,
-                None,
-            ),
+            Self::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, ErrorCode::MethodNotAllowed, None),
             Self::Broker(e, retry) => match e {
-                BrokerError::Unavailable(_)
-                | BrokerError::ConfirmTimeout(_)
-                | BrokerError::Amqp(_) => (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    ErrorCode::BrokerUnavailable,
-                    Some(*retry),
-                ),
-                BrokerError::Rejected(_) => (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    ErrorCode::Overloaded,
-                    Some(*retry),
-                ),
+                BrokerError::Unavailable(_) | BrokerError::ConfirmTimeout(_) | BrokerError::Amqp(_) => {
+                    (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::BrokerUnavailable, Some(*retry))
+                }
+                BrokerError::Rejected(_) => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Overloaded, Some(*retry)),
             },
             Self::Store(e, retry) => match e {
-                StoreError::Unavailable(_) => (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    ErrorCode::StoreUnavailable,
-                    Some(*retry),
-                ),
+                StoreError::Unavailable(_) => {
+                    (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::StoreUnavailable, Some(*retry))
+                }
                 StoreError::Corrupt { .. } | StoreError::Conflict(_) => {
                     (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal, None)
                 }
             },
-            Self::Overloaded(retry) => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                ErrorCode::Overloaded,
-                Some(*retry),
-            ),
+            Self::Overloaded(retry) => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Overloaded, Some(*retry)),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal, None),
         }
     }
@@ -111,22 +79,12 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code, retry) = self.parts();
         crate::events::request_failed(&self, status, code);
-        let message = if status.is_server_error() && retry.is_none() {
-            "internal error".to_owned()
-        } else {
-            self.to_string()
-        };
-        let mut resp = (
-            status,
-            Json(ApiErrorBody {
-                error: ErrorDetail { code, message },
-            }),
-        )
-            .into_response();
+        let message =
+            if status.is_server_error() && retry.is_none() { "internal error".to_owned() } else { self.to_string() };
+        let mut resp = (status, Json(ApiErrorBody { error: ErrorDetail { code, message } })).into_response();
         if let Some(retry) = retry {
             let secs = retry.as_secs().max(1);
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         resp
     }

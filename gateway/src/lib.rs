@@ -36,7 +36,10 @@ pub async fn run(
     let state = AppState::new(config, backend, Arc::new(models), shutdown.clone());
     state.declare_topology_in_background();
     tracing::info!(addr = %listener.local_addr()?, broker = state.backend.broker.kind(), store = state.backend.store.kind(), "gateway listening");
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
+    let delay = state.config.shutdown_delay;
+    let stop = async move {
+        shutdown.cancelled().await;
+        tokio::time::sleep(delay).await;
+    };
+    axum::serve(listener, router(state)).with_graceful_shutdown(stop).await
 }

@@ -28,13 +28,7 @@ impl AppState {
         shutdown: CancellationToken,
     ) -> Self {
         let admission = Arc::new(Semaphore::new(config.max_inflight_submits));
-        Self {
-            config: Arc::new(config),
-            backend,
-            models,
-            admission,
-            shutdown,
-        }
+        Self { config: Arc::new(config), backend, models, admission, shutdown }
     }
 
     /// Declares the models' queues, retrying with backoff while the broker is down, so the first

@@ -31,8 +31,12 @@ pub enum ErrorCode {
     StoreUnavailable,
     /// The server is over capacity; retry after the `Retry-After` delay.
     Overloaded,
-    /// The model failed while running the job.
+    /// The model failed while running the job (after the retries allowed).
     InferenceFailed,
+    /// The job's deadline passed before it started.
+    DeadlineExceeded,
+    /// The job was started too many times without finishing: its workers crashed or were killed.
+    WorkerLost,
     /// An unexpected server error; details are in the server log, never in the response.
     Internal,
 }
@@ -53,6 +57,8 @@ impl ErrorCode {
             Self::StoreUnavailable => "store_unavailable",
             Self::Overloaded => "overloaded",
             Self::InferenceFailed => "inference_failed",
+            Self::DeadlineExceeded => "deadline_exceeded",
+            Self::WorkerLost => "worker_lost",
             Self::Internal => "internal",
         }
     }
@@ -90,6 +96,8 @@ mod tests {
             ErrorCode::StoreUnavailable,
             ErrorCode::Overloaded,
             ErrorCode::InferenceFailed,
+            ErrorCode::DeadlineExceeded,
+            ErrorCode::WorkerLost,
             ErrorCode::Internal,
         ] {
             assert_eq!(serde_json::to_value(code).unwrap(), code.as_str());

@@ -6,7 +6,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 /// A job id: a random UUID v4 (122 random bits), so ids cannot be guessed or enumerated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct JobId(uuid::Uuid);
 
@@ -36,27 +36,16 @@ impl FromStr for JobId {
 pub struct ModelName(String);
 
 #[derive(Debug, thiserror::Error)]
-#[error(
-    "model name {0:?} must be 1-64 characters of a-z, 0-9, '.', '_', '-', starting with a letter or digit"
-)]
+#[error("model name {0:?} must be 1-64 characters of a-z, 0-9, '.', '_', '-', starting with a letter or digit")]
 pub struct ModelNameError(pub String);
 
 impl ModelName {
     pub fn new(name: impl Into<String>) -> Result<Self, ModelNameError> {
         let name = name.into();
         let ok = (1..=64).contains(&name.len())
-            && name
-                .bytes()
-                .next()
-                .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-            && name.bytes().all(|b| {
-                b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-')
-            });
-        if ok {
-            Ok(Self(name))
-        } else {
-            Err(ModelNameError(name))
-        }
+            && name.bytes().next().is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+            && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-'));
+        if ok { Ok(Self(name)) } else { Err(ModelNameError(name)) }
     }
 
     pub fn as_str(&self) -> &str {

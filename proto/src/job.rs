@@ -85,16 +85,14 @@ pub struct JobRecord {
     pub metrics: JobMetrics,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metadata: Option<serde_json::Value>,
+    /// When a job not started by then ends `expired`.
+    #[serde(default, with = "rfc3339_millis::option", skip_serializing_if = "Option::is_none")]
+    pub deadline_at: Option<UnixMillis>,
 }
 
 impl JobRecord {
     /// A freshly accepted job.
-    pub fn queued(
-        id: JobId,
-        model: ModelName,
-        created_at: UnixMillis,
-        metadata: Option<serde_json::Value>,
-    ) -> Self {
+    pub fn queued(id: JobId, model: ModelName, created_at: UnixMillis, metadata: Option<serde_json::Value>) -> Self {
         Self {
             id,
             model,
@@ -109,6 +107,7 @@ impl JobRecord {
             cached: false,
             metrics: JobMetrics::default(),
             metadata,
+            deadline_at: None,
         }
     }
 
@@ -132,6 +131,43 @@ pub struct Envelope {
     pub model: ModelName,
     pub input: serde_json::Value,
     pub created_at: UnixMillis,
+    /// A job not started by then ends `expired` instead of running.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<UnixMillis>,
+    /// The failed attempts so far, oldest first; carried along with retries and into the
+    /// dead-letter queue.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<AttemptRecord>,
+}
+
+impl Envelope {
+    pub fn new(
+        id: JobId,
+        model: ModelName,
+        input: serde_json::Value,
+        created_at: UnixMillis,
+        deadline: Option<UnixMillis>,
+    ) -> Self {
+        Self { v: ENVELOPE_VERSION, id, model, input, created_at, deadline, history: Vec::new() }
+    }
+}
+
+/// One failed attempt at a job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AttemptRecord {
+    pub attempt: u32,
+    pub at: UnixMillis,
+    pub error: JobError,
+}
+
+/// A message of the dead-letter queue: the job as it was last queued, and why it was given up.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub v: u32,
+    pub envelope: Envelope,
+    pub reason: JobError,
+    pub attempts: u32,
+    pub dead_at: UnixMillis,
 }
 
 /// A served model, as listed by `GET /v1/models`.
@@ -180,9 +216,7 @@ mod rfc3339_millis {
         }
 
         pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
-            Option::<String>::deserialize(d)?
-                .map(|s| parse(&s).map_err(serde::de::Error::custom))
-                .transpose()
+            Option::<String>::deserialize(d)?.map(|s| parse(&s).map_err(serde::de::Error::custom)).transpose()
         }
     }
 }
@@ -193,12 +227,7 @@ mod tests {
 
     #[test]
     fn record_serialises_timestamps_as_rfc3339_and_round_trips() {
-        let mut r = JobRecord::queued(
-            JobId::random(),
-            ModelName::new("m").unwrap(),
-            1_700_000_000_123,
-            None,
-        );
+        let mut r = JobRecord::queued(JobId::random(), ModelName::new("m").unwrap(), 1_700_000_000_123, None);
         r.started_at = Some(1_700_000_000_200);
         r.completed_at = Some(1_700_000_000_250);
         r.derive_metrics();

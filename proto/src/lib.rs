@@ -8,7 +8,9 @@ mod task;
 
 pub use error::{ApiErrorBody, ErrorCode, ErrorDetail};
 pub use id::{JobId, ModelName, ModelNameError};
-pub use job::{ENVELOPE_VERSION, Envelope, JobError, JobMetrics, JobRecord, JobStatus, ModelInfo};
+pub use job::{
+    AttemptRecord, DeadLetter, ENVELOPE_VERSION, Envelope, JobError, JobMetrics, JobRecord, JobStatus, ModelInfo,
+};
 pub use task::{EmbeddingInput, EmbeddingOutput, InputError, InputLimits, Task, json_type};
 
 /// Milliseconds since the Unix epoch, the one time representation stored and queued.

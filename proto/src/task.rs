@@ -38,10 +38,7 @@ pub struct InputLimits {
 
 impl Default for InputLimits {
     fn default() -> Self {
-        Self {
-            max_texts: 256,
-            max_text_chars: 20_000,
-        }
+        Self { max_texts: 256, max_text_chars: 20_000 }
     }
 }
 
@@ -55,10 +52,7 @@ pub struct InputError {
 
 impl InputError {
     fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Self {
-            field: field.into(),
-            message: message.into(),
-        }
+        Self { field: field.into(), message: message.into() }
     }
 }
 
@@ -71,24 +65,15 @@ pub struct EmbeddingInput {
 impl EmbeddingInput {
     /// Accepts `{"text": "..."}` or `{"texts": ["...", ...]}` and nothing else.
     pub fn parse(input: &serde_json::Value, limits: &InputLimits) -> Result<Self, InputError> {
-        let obj = input.as_object().ok_or_else(|| {
-            InputError::new(
-                "input",
-                format!("must be an object, got {}", json_type(input)),
-            )
-        })?;
+        let obj = input
+            .as_object()
+            .ok_or_else(|| InputError::new("input", format!("must be an object, got {}", json_type(input))))?;
         if let Some(unknown) = obj.keys().find(|k| *k != "text" && *k != "texts") {
-            return Err(InputError::new(
-                format!("input.{unknown}"),
-                "unknown field; expected `text` or `texts`",
-            ));
+            return Err(InputError::new(format!("input.{unknown}"), "unknown field; expected `text` or `texts`"));
         }
         let texts = match (obj.get("text"), obj.get("texts")) {
             (Some(_), Some(_)) => {
-                return Err(InputError::new(
-                    "input",
-                    "give either `text` or `texts`, not both",
-                ));
+                return Err(InputError::new("input", "give either `text` or `texts`, not both"));
             }
             (None, None) => {
                 return Err(InputError::new(
@@ -99,25 +84,15 @@ impl EmbeddingInput {
             (Some(text), None) => vec![string_field(text, "input.text", limits)?],
             (None, Some(texts)) => {
                 let arr = texts.as_array().ok_or_else(|| {
-                    InputError::new(
-                        "input.texts",
-                        format!("must be an array of strings, got {}", json_type(texts)),
-                    )
+                    InputError::new("input.texts", format!("must be an array of strings, got {}", json_type(texts)))
                 })?;
                 if arr.is_empty() {
-                    return Err(InputError::new(
-                        "input.texts",
-                        "must hold at least one text",
-                    ));
+                    return Err(InputError::new("input.texts", "must hold at least one text"));
                 }
                 if arr.len() > limits.max_texts {
                     return Err(InputError::new(
                         "input.texts",
-                        format!(
-                            "holds {} texts; at most {} are allowed",
-                            arr.len(),
-                            limits.max_texts
-                        ),
+                        format!("holds {} texts; at most {} are allowed", arr.len(), limits.max_texts),
                     ));
                 }
                 arr.iter()
@@ -134,22 +109,13 @@ impl EmbeddingInput {
     }
 }
 
-fn string_field(
-    v: &serde_json::Value,
-    field: &str,
-    limits: &InputLimits,
-) -> Result<String, InputError> {
-    let s = v
-        .as_str()
-        .ok_or_else(|| InputError::new(field, format!("must be a string, got {}", json_type(v))))?;
+fn string_field(v: &serde_json::Value, field: &str, limits: &InputLimits) -> Result<String, InputError> {
+    let s = v.as_str().ok_or_else(|| InputError::new(field, format!("must be a string, got {}", json_type(v))))?;
     let chars = s.chars().count();
     if chars > limits.max_text_chars {
         return Err(InputError::new(
             field,
-            format!(
-                "is {chars} characters long; at most {} are allowed",
-                limits.max_text_chars
-            ),
+            format!("is {chars} characters long; at most {} are allowed", limits.max_text_chars),
         ));
     }
     Ok(s.to_owned())
@@ -180,22 +146,13 @@ mod tests {
     use super::*;
 
     fn parse(v: serde_json::Value) -> Result<EmbeddingInput, InputError> {
-        EmbeddingInput::parse(
-            &v,
-            &InputLimits {
-                max_texts: 3,
-                max_text_chars: 5,
-            },
-        )
+        EmbeddingInput::parse(&v, &InputLimits { max_texts: 3, max_text_chars: 5 })
     }
 
     #[test]
     fn accepts_text_and_texts() {
         assert_eq!(parse(json!({"text": "hi"})).unwrap().texts, ["hi"]);
-        assert_eq!(
-            parse(json!({"texts": ["a", "b"]})).unwrap().texts,
-            ["a", "b"]
-        );
+        assert_eq!(parse(json!({"texts": ["a", "b"]})).unwrap().texts, ["a", "b"]);
     }
 
     #[test]

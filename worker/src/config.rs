@@ -1,5 +1,6 @@
 //! Worker settings. Each field is a flag and a `KILN_*` variable; the doc comments are `--help`.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -26,6 +27,33 @@ pub struct WorkerConfig {
     /// On shutdown, how long to let the batch in hand finish before handing jobs back.
     #[arg(long, env = "KILN_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
+    /// Starts a job gets before it is given up (failed and dead-lettered): failed runs that may
+    /// be transient, and runs whose worker crashed or was killed, count alike.
+    #[arg(long, env = "KILN_MAX_ATTEMPTS", default_value_t = 5)]
+    pub max_attempts: u32,
+    /// Delay before the first retry; it doubles with each attempt, with jitter.
+    #[arg(long, env = "KILN_RETRY_BASE", default_value = "1s", value_parser = parse_duration)]
+    pub retry_base: Duration,
+    /// Longest delay between retries.
+    #[arg(long, env = "KILN_RETRY_MAX", default_value = "10m", value_parser = parse_duration)]
+    pub retry_max: Duration,
+    /// A batch still running after this long is taken over from RabbitMQ: its messages are
+    /// acknowledged and the jobs held by heartbeated leases in Redis instead, so runs longer than
+    /// RabbitMQ's `consumer_timeout` are neither killed nor run twice. Keep it well below that
+    /// timeout (30 min by default).
+    #[arg(long, env = "KILN_LEASE_AFTER", default_value = "60s", value_parser = parse_duration)]
+    pub lease_after: Duration,
+    /// How long a lease lasts without a heartbeat (heartbeats come every third of it); after
+    /// that, any worker queues the job again.
+    #[arg(long, env = "KILN_LEASE_TTL", default_value = "30s", value_parser = parse_duration)]
+    pub lease_ttl: Duration,
+    /// Address of the worker's `/healthz` and `/readyz` (for Kubernetes probes); off when unset.
+    #[arg(long, env = "KILN_HEALTH_LISTEN")]
+    pub health_listen: Option<SocketAddr>,
+    /// `/healthz` fails when a model's consumer has been disconnected, or a batch has made no
+    /// progress, for longer than this.
+    #[arg(long, env = "KILN_LIVENESS_GRACE", default_value = "120s", value_parser = parse_duration)]
+    pub liveness_grace: Duration,
 }
 
 impl Default for WorkerConfig {
@@ -37,6 +65,13 @@ impl Default for WorkerConfig {
             intra_threads: None,
             ort_dylib_path: None,
             drain_timeout: Duration::from_secs(30),
+            max_attempts: 5,
+            retry_base: Duration::from_secs(1),
+            retry_max: Duration::from_secs(600),
+            lease_after: Duration::from_secs(60),
+            lease_ttl: Duration::from_secs(30),
+            health_listen: None,
+            liveness_grace: Duration::from_secs(120),
         }
     }
 }

@@ -28,13 +28,9 @@ pub struct EmbeddingPipeline {
 }
 
 impl EmbeddingPipeline {
-    pub fn new(
-        tokenizer_path: &Path,
-        session: Session,
-        spec: EmbeddingSpec,
-    ) -> Result<Self, String> {
-        let mut tokenizer = Tokenizer::from_file(tokenizer_path)
-            .map_err(|e| format!("{}: {e}", tokenizer_path.display()))?;
+    pub fn new(tokenizer_path: &Path, session: Session, spec: EmbeddingSpec) -> Result<Self, String> {
+        let mut tokenizer =
+            Tokenizer::from_file(tokenizer_path).map_err(|e| format!("{}: {e}", tokenizer_path.display()))?;
         // Shipped tokenizer configs often force fixed-length padding; pad per batch instead.
         let padding = PaddingParams {
             strategy: PaddingStrategy::BatchLongest,
@@ -42,32 +38,17 @@ impl EmbeddingPipeline {
         };
         tokenizer.with_padding(Some(padding));
         tokenizer
-            .with_truncation(Some(TruncationParams {
-                max_length: spec.max_length,
-                ..Default::default()
-            }))
+            .with_truncation(Some(TruncationParams { max_length: spec.max_length, ..Default::default() }))
             .map_err(|e| e.to_string())?;
         let names: Vec<&str> = session.inputs().iter().map(|i| i.name()).collect();
         for required in ["input_ids", "attention_mask"] {
             if !names.contains(&required) {
-                return Err(format!(
-                    "model has no input {required:?} (inputs: {names:?})"
-                ));
+                return Err(format!("model has no input {required:?} (inputs: {names:?})"));
             }
         }
         let has_type_ids = names.contains(&"token_type_ids");
-        let output = session
-            .outputs()
-            .first()
-            .map(|o| o.name().to_owned())
-            .ok_or("model has no output")?;
-        Ok(Self {
-            tokenizer,
-            session,
-            spec,
-            has_type_ids,
-            output,
-        })
+        let output = session.outputs().first().map(|o| o.name().to_owned()).ok_or("model has no output")?;
+        Ok(Self { tokenizer, session, spec, has_type_ids, output })
     }
 
     /// Embeds `texts` as one batch.
@@ -76,21 +57,13 @@ impl EmbeddingPipeline {
             return Ok(Vec::new());
         }
         let inputs: Vec<&str> = texts.iter().map(String::as_str).collect();
-        let encodings = self
-            .tokenizer
-            .encode_batch(inputs, true)
-            .map_err(|e| PipelineError::Input(e.to_string()))?;
+        let encodings = self.tokenizer.encode_batch(inputs, true).map_err(|e| PipelineError::Input(e.to_string()))?;
         let batch = encodings.len();
         let seq = encodings.iter().map(|e| e.len()).max().unwrap_or(0).max(1);
         let mut ids = Array2::<i64>::zeros((batch, seq));
         let mut mask = Array2::<i64>::zeros((batch, seq));
         for (row, enc) in encodings.iter().enumerate() {
-            for (col, (&id, &m)) in enc
-                .get_ids()
-                .iter()
-                .zip(enc.get_attention_mask())
-                .enumerate()
-            {
+            for (col, (&id, &m)) in enc.get_ids().iter().zip(enc.get_attention_mask()).enumerate() {
                 ids[[row, col]] = i64::from(id);
                 mask[[row, col]] = i64::from(m);
             }
@@ -99,25 +72,15 @@ impl EmbeddingPipeline {
         let err = |e: ort::Error| PipelineError::Inference(e.to_string());
         let mut feed = vec![
             ("input_ids", TensorRef::from_array_view(&ids).map_err(err)?),
-            (
-                "attention_mask",
-                TensorRef::from_array_view(&mask).map_err(err)?,
-            ),
+            ("attention_mask", TensorRef::from_array_view(&mask).map_err(err)?),
         ];
         if self.has_type_ids {
-            feed.push((
-                "token_type_ids",
-                TensorRef::from_array_view(&type_ids).map_err(err)?,
-            ));
+            feed.push(("token_type_ids", TensorRef::from_array_view(&type_ids).map_err(err)?));
         }
         let outputs = self.session.run(feed).map_err(err)?;
-        let (shape, hidden) = outputs[self.output.as_str()]
-            .try_extract_tensor::<f32>()
-            .map_err(err)?;
+        let (shape, hidden) = outputs[self.output.as_str()].try_extract_tensor::<f32>().map_err(err)?;
         if shape.len() != 3 || shape[0] as usize != batch || shape[1] as usize != seq {
-            return Err(PipelineError::Inference(format!(
-                "unexpected output shape {shape:?} for batch {batch}×{seq}"
-            )));
+            return Err(PipelineError::Inference(format!("unexpected output shape {shape:?} for batch {batch}×{seq}")));
         }
         let dim = shape[2] as usize;
         Ok((0..batch)
@@ -163,21 +126,11 @@ mod tests {
 
     #[test]
     fn mean_pooling_ignores_padding_and_normalises() {
-        let spec = EmbeddingSpec {
-            max_length: 8,
-            pooling: Pooling::Mean,
-            normalize: true,
-        };
+        let spec = EmbeddingSpec { max_length: 8, pooling: Pooling::Mean, normalize: true };
         // two tokens + one padding token with a huge value that must not count
         let hidden = [3.0, 0.0, 1.0, 4.0, 100.0, 100.0];
         let v = pool(&hidden, &[1, 1, 0], 2, &spec);
-        let expect = [
-            2.0f32 / (2.0f32 * 2.0 + 2.0 * 2.0).sqrt(),
-            2.0 / (8.0f32).sqrt(),
-        ];
-        assert!(
-            (v[0] - expect[0]).abs() < 1e-6 && (v[1] - expect[1]).abs() < 1e-6,
-            "{v:?}"
-        );
+        let expect = [2.0f32 / (2.0f32 * 2.0 + 2.0 * 2.0).sqrt(), 2.0 / (8.0f32).sqrt()];
+        assert!((v[0] - expect[0]).abs() < 1e-6 && (v[1] - expect[1]).abs() < 1e-6, "{v:?}");
     }
 }

@@ -1,7 +1,13 @@
 //! The worker's log events in one place, so the consume loop holds no logging boilerplate.
+//! `kiln::worker::runs` at debug level logs one line per finished run, which the fault-injection
+//! suite counts to prove no job ran to completion twice.
+
+use std::fmt::Display;
+use std::time::Duration;
 
 use kiln_common::models::{ExecutionProvider, ModelSpec};
-use kiln_proto::{JobId, JobStatus, ModelName};
+use kiln_common::store::Start;
+use kiln_proto::{JobId, ModelName};
 
 pub fn model_loaded(spec: &ModelSpec, provider: ExecutionProvider, threads: usize) {
     tracing::info!(target: "kiln::worker", model = %spec.name, version = %spec.version, execution_provider = ?provider, intra_threads = threads, max_batch = spec.max_batch, "model loaded");
@@ -11,26 +17,66 @@ pub fn consuming(model: &ModelName, prefetch: u16) {
     tracing::info!(target: "kiln::worker", %model, prefetch, "consuming");
 }
 
-pub fn consumer_lost(model: &ModelName, error: &dyn std::fmt::Display) {
+pub fn consumer_lost(model: &ModelName, error: &dyn Display) {
     tracing::warn!(target: "kiln::worker", %model, %error, "consumer lost, reconnecting");
 }
 
-pub fn batch_done(model: &ModelName, jobs: usize, texts: usize, elapsed: std::time::Duration) {
+pub fn batch_done(model: &ModelName, jobs: usize, texts: usize, elapsed: Duration) {
     tracing::debug!(target: "kiln::worker", %model, jobs, texts, elapsed_ms = elapsed.as_secs_f64() * 1e3, "batch done");
 }
 
-pub fn skipped(id: JobId, why: &str, status: Option<JobStatus>) {
-    tracing::info!(target: "kiln::worker", job_id = %id, why, status = status.map(|s| s.as_str()), "delivery skipped");
+pub fn run_finished(id: JobId, attempt: u32, ok: bool) {
+    tracing::debug!(target: "kiln::worker::runs", job_id = %id, attempt, ok, "run finished");
 }
 
-pub fn undecodable(model: &ModelName, error: &dyn std::fmt::Display) {
+pub fn skipped(id: JobId, why: &Start) {
+    tracing::info!(target: "kiln::worker", job_id = %id, why = ?why, "delivery skipped");
+}
+
+pub fn undecodable(model: &ModelName, error: &dyn Display) {
     tracing::error!(target: "kiln::worker", %model, %error, "undecodable message dropped");
 }
 
-pub fn job_failed(id: JobId, error: &dyn std::fmt::Display) {
+pub fn job_failed(id: JobId, error: &dyn Display) {
     tracing::warn!(target: "kiln::worker", job_id = %id, %error, "job failed");
 }
 
-pub fn handed_back(id: JobId, error: &dyn std::fmt::Display) {
-    tracing::warn!(target: "kiln::worker", job_id = %id, %error, "job handed back to the queue");
+pub fn retry_scheduled(id: JobId, attempt: u32, after: Duration) {
+    tracing::warn!(target: "kiln::worker", job_id = %id, attempt, after_ms = after.as_millis() as u64, "job will be retried");
+}
+
+pub fn dead_lettered(id: JobId, error: &dyn Display) {
+    tracing::error!(target: "kiln::worker", job_id = %id, %error, "job given up and dead-lettered");
+}
+
+pub fn duplicate_finish(id: JobId, found: &str) {
+    tracing::warn!(target: "kiln::worker", job_id = %id, found, "result not stored: the job was already finished");
+}
+
+pub fn handed_back(id: JobId, error: &dyn Display) {
+    tracing::warn!(target: "kiln::worker", job_id = %id, %error, "job handed back");
+}
+
+pub fn leased(id: JobId) {
+    tracing::info!(target: "kiln::worker", job_id = %id, "long job: message acknowledged, lease taken");
+}
+
+pub fn lease_refused(id: JobId, why: &dyn Display) {
+    tracing::warn!(target: "kiln::worker", job_id = %id, %why, "lease not taken or renewed");
+}
+
+pub fn lease_lost(id: JobId, found: &str) {
+    tracing::warn!(target: "kiln::worker", job_id = %id, found, "lease lost: another worker may run this job");
+}
+
+pub fn lease_reaped(id: JobId) {
+    tracing::warn!(target: "kiln::worker", job_id = %id, "lapsed lease: job queued again");
+}
+
+pub fn reaper_failed(error: &dyn Display) {
+    tracing::warn!(target: "kiln::worker", %error, "lease reaper round failed");
+}
+
+pub fn draining(grace: Duration) {
+    tracing::info!(target: "kiln::worker", ?grace, "draining: no new jobs, finishing the batches in hand");
 }

@@ -29,39 +29,30 @@ impl InferenceHandle {
     ) -> std::io::Result<Self> {
         let (tx, mut rx) = mpsc::channel::<Request>(4);
         let max_batch = spec.max_batch;
-        std::thread::Builder::new()
-            .name(format!("infer-{}", spec.name))
-            .spawn(move || {
-                while let Some(req) = rx.blocking_recv() {
-                    let _enter = req.span.enter();
-                    let mut out = Vec::with_capacity(req.texts.len());
-                    let mut result = Ok(());
-                    for chunk in req.texts.chunks(max_batch) {
-                        match pipeline.embed(chunk) {
-                            Ok(v) => out.extend(v),
-                            Err(e) => {
-                                result = Err(e);
-                                break;
-                            }
+        std::thread::Builder::new().name(format!("infer-{}", spec.name)).spawn(move || {
+            while let Some(req) = rx.blocking_recv() {
+                let _enter = req.span.enter();
+                let mut out = Vec::with_capacity(req.texts.len());
+                let mut result = Ok(());
+                for chunk in req.texts.chunks(max_batch) {
+                    match pipeline.embed(chunk) {
+                        Ok(v) => out.extend(v),
+                        Err(e) => {
+                            result = Err(e);
+                            break;
                         }
                     }
-                    let _ = req.reply.send(result.map(|()| out));
                 }
-            })?;
+                let _ = req.reply.send(result.map(|()| out));
+            }
+        })?;
         Ok(Self { tx, provider })
     }
 
     pub async fn embed(&self, texts: Vec<String>) -> Result<Vec<Vec<f32>>, PipelineError> {
         let (reply, rx) = oneshot::channel();
         let gone = || PipelineError::Inference("inference thread stopped".into());
-        self.tx
-            .send(Request {
-                texts,
-                reply,
-                span: Span::current(),
-            })
-            .await
-            .map_err(|_| gone())?;
+        self.tx.send(Request { texts, reply, span: Span::current() }).await.map_err(|_| gone())?;
         rx.await.map_err(|_| gone())?
     }
 }

@@ -1,11 +1,15 @@
 //! The Kiln worker: loads each served model onto an inference thread, consumes its queue, batches
 //! jobs, runs them and stores results before acknowledging.
 
+mod batch;
 pub mod config;
 mod consumer;
 mod embedding;
+mod errors;
 mod events;
+mod health;
 mod inference;
+mod lease;
 mod runtime;
 
 use std::path::{Path, PathBuf};
@@ -37,20 +41,11 @@ pub enum WorkerError {
 
 /// Resolves the ONNX Runtime library: the configured path, `ORT_DYLIB_PATH`, or the pinned build
 /// fetched into `cache_dir`.
-pub fn resolve_onnxruntime(
-    config: &WorkerConfig,
-    cache_dir: &Path,
-) -> Result<PathBuf, WorkerError> {
-    let configured = config
-        .ort_dylib_path
-        .clone()
-        .or_else(|| std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from));
+pub fn resolve_onnxruntime(config: &WorkerConfig, cache_dir: &Path) -> Result<PathBuf, WorkerError> {
+    let configured = config.ort_dylib_path.clone().or_else(|| std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from));
     match configured {
         Some(p) if p.is_absolute() => Ok(p),
-        Some(p) => Err(WorkerError::Config(format!(
-            "the ONNX Runtime library path {} must be absolute",
-            p.display()
-        ))),
+        Some(p) => Err(WorkerError::Config(format!("the ONNX Runtime library path {} must be absolute", p.display()))),
         None => Ok(assets::ensure_onnxruntime(cache_dir)?),
     }
 }
@@ -62,32 +57,22 @@ pub fn load_model(
     cache_dir: &Path,
     intra_threads: usize,
 ) -> Result<InferenceHandle, WorkerError> {
-    let model_err = |reason: String| WorkerError::Model {
-        model: spec.name.to_string(),
-        reason,
-    };
+    let model_err = |reason: String| WorkerError::Model { model: spec.name.to_string(), reason };
     if let Some(source) = &spec.source {
         assets::ensure(source, &spec.dir(cache_dir))?;
     }
     let env = runtime::environment(dylib)?;
-    let file = |logical: &str| {
-        spec.file(cache_dir, logical)
-            .ok_or_else(|| model_err(format!("files.{logical} is not set")))
-    };
+    let file =
+        |logical: &str| spec.file(cache_dir, logical).ok_or_else(|| model_err(format!("files.{logical} is not set")));
     match spec.task {
         Task::Embedding => {
-            let loaded = runtime::load_session(
-                env,
-                &file("model")?,
-                &spec.execution_providers,
-                intra_threads,
-            )?;
-            let emb = spec.embedding.clone().ok_or_else(|| {
-                model_err("an embedding model needs an [embedding] section".into())
-            })?;
+            let loaded = runtime::load_session(env, &file("model")?, &spec.execution_providers, intra_threads)?;
+            let emb = spec
+                .embedding
+                .clone()
+                .ok_or_else(|| model_err("an embedding model needs an [embedding] section".into()))?;
             let pipeline =
-                embedding::EmbeddingPipeline::new(&file("tokenizer")?, loaded.session, emb)
-                    .map_err(model_err)?;
+                embedding::EmbeddingPipeline::new(&file("tokenizer")?, loaded.session, emb).map_err(model_err)?;
             events::model_loaded(spec, loaded.provider, intra_threads);
             InferenceHandle::spawn(spec, pipeline, loaded.provider)
                 .map_err(|e| model_err(format!("cannot start its inference thread: {e}")))
@@ -97,7 +82,7 @@ pub fn load_model(
 
 /// Loads the served models and consumes their queues until `shutdown` is cancelled; then stops
 /// taking jobs, lets the batches in hand finish (bounded by the drain timeout) and returns.
-/// Unfinished deliveries go back to the queue when their consumers close.
+/// Deliveries not started go back to the queue as their consumers close.
 pub async fn run(
     config: WorkerConfig,
     backend: Backend,
@@ -108,31 +93,47 @@ pub async fn run(
     let repo = repo.select(&config.models).map_err(WorkerError::Config)?;
     let dylib = {
         let (config, cache_dir) = (config.clone(), cache_dir.clone());
-        tokio::task::spawn_blocking(move || resolve_onnxruntime(&config, &cache_dir))
-            .await
-            .expect("fetch task")?
+        tokio::task::spawn_blocking(move || resolve_onnxruntime(&config, &cache_dir)).await.expect("fetch task")?
     };
-    let threads = config
-        .intra_threads
-        .unwrap_or_else(runtime::default_threads);
+    let threads = config.intra_threads.unwrap_or_else(runtime::default_threads);
+    let health = health::Health::new(config.liveness_grace);
     let tracker = TaskTracker::new();
+    // Probes and the reaper outlive the drain of the consume loops.
+    let background = CancellationToken::new();
+    if let Some(addr) = config.health_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| WorkerError::Config(format!("cannot listen on {addr}: {e}")))?;
+        tokio::spawn(health::serve(listener, health.clone(), background.clone()));
+    }
+    let owner = format!("{}-{}", std::process::id(), &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let lease = lease::LeasePolicy { after: config.lease_after, ttl: config.lease_ttl };
+    let retry =
+        errors::RetryPolicy { max_attempts: config.max_attempts, base: config.retry_base, max: config.retry_max };
+    tokio::spawn(lease::reap(backend.clone(), owner.clone(), lease, background.clone()));
     let config = Arc::new(config);
     for spec in repo.iter().cloned() {
-        let handle = {
+        let infer = {
             let (spec, dylib, cache_dir) = (spec.clone(), dylib.clone(), cache_dir.clone());
             tokio::task::spawn_blocking(move || load_model(&spec, &dylib, &cache_dir, threads))
                 .await
                 .expect("load task")?
         };
-        tracker.spawn(consumer::consume(
+        let ctx = consumer::Ctx {
             spec,
-            handle,
-            backend.clone(),
-            config.clone(),
-            shutdown.clone(),
-        ));
+            infer,
+            backend: backend.clone(),
+            config: config.clone(),
+            retry,
+            lease,
+            owner: owner.clone(),
+            health: health.clone(),
+        };
+        tracker.spawn(consumer::consume(ctx, shutdown.clone()));
     }
     shutdown.cancelled().await;
+    events::draining(config.drain_timeout);
     kiln_common::shutdown::drain(&tracker, config.drain_timeout).await;
+    background.cancel();
     Ok(())
 }

@@ -17,11 +17,7 @@ pub enum RuntimeError {
     #[error("cannot load model {path}: {reason}")]
     Session { path: PathBuf, reason: String },
     #[error("no execution provider of {wanted:?} could run {path}: {reasons}")]
-    NoProvider {
-        path: PathBuf,
-        wanted: Vec<ExecutionProvider>,
-        reasons: String,
-    },
+    NoProvider { path: PathBuf, wanted: Vec<ExecutionProvider>, reasons: String },
 }
 
 static ENVIRONMENT: OnceLock<Result<Environment, String>> = OnceLock::new();
@@ -31,10 +27,7 @@ static ENVIRONMENT: OnceLock<Result<Environment, String>> = OnceLock::new();
 pub fn environment(dylib: &Path) -> Result<&'static Environment, RuntimeError> {
     let env = ENVIRONMENT.get_or_init(|| {
         if !dylib.is_absolute() || !dylib.is_file() {
-            return Err(format!(
-                "{} is not an absolute path to a file",
-                dylib.display()
-            ));
+            return Err(format!("{} is not an absolute path to a file", dylib.display()));
         }
         ort::init_from(dylib)
             .map_err(|e| e.to_string())?
@@ -43,10 +36,7 @@ pub fn environment(dylib: &Path) -> Result<&'static Environment, RuntimeError> {
             .build()
             .map_err(|e| e.to_string())
     });
-    env.as_ref().map_err(|reason| RuntimeError::Load {
-        path: dylib.to_owned(),
-        reason: reason.clone(),
-    })
+    env.as_ref().map_err(|reason| RuntimeError::Load { path: dylib.to_owned(), reason: reason.clone() })
 }
 
 /// A session and the provider it runs on.
@@ -72,11 +62,7 @@ pub fn load_session(
             }
         }
     }
-    Err(RuntimeError::NoProvider {
-        path: model.to_owned(),
-        wanted: providers.to_vec(),
-        reasons: reasons.join("; "),
-    })
+    Err(RuntimeError::NoProvider { path: model.to_owned(), wanted: providers.to_vec(), reasons: reasons.join("; ") })
 }
 
 fn try_load(
@@ -99,24 +85,16 @@ fn try_load(
 }
 
 #[cfg(feature = "cuda")]
-fn cuda(
-    builder: ort::session::builder::SessionBuilder,
-) -> Result<ort::session::builder::SessionBuilder, String> {
-    builder
-        .with_execution_providers([ort::ep::CUDA::default().build().error_on_failure()])
-        .map_err(|e| e.to_string())
+fn cuda(builder: ort::session::builder::SessionBuilder) -> Result<ort::session::builder::SessionBuilder, String> {
+    builder.with_execution_providers([ort::ep::CUDA::default().build().error_on_failure()]).map_err(|e| e.to_string())
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda(
-    _: ort::session::builder::SessionBuilder,
-) -> Result<ort::session::builder::SessionBuilder, String> {
+fn cuda(_: ort::session::builder::SessionBuilder) -> Result<ort::session::builder::SessionBuilder, String> {
     Err("this worker was built without the `cuda` feature".into())
 }
 
 /// Intra-op threads when not configured: every core this process may use.
 pub fn default_threads() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }

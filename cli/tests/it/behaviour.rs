@@ -4,9 +4,9 @@
 use std::time::Duration;
 
 use futures::StreamExt;
-use kiln_common::store::{Outcome, Transition};
+use kiln_common::store::{Outcome, Start, Transition};
 use kiln_common::testing::{Kind, wait_until};
-use kiln_proto::{ENVELOPE_VERSION, Envelope, JobId, JobRecord, JobStatus, ModelName, now_millis};
+use kiln_proto::{Envelope, JobId, JobRecord, JobStatus, ModelName, now_millis};
 use serde_json::json;
 
 use crate::harness::{Env, MODEL, cosine, embeddings, norm};
@@ -32,11 +32,7 @@ async fn embeddings_match_the_reference_model(kind: Kind) {
         "Someone is strumming a guitar on stage.",
         "The stock market fell sharply today.",
     ];
-    let r = gw
-        .submit(
-            &json!({ "model": MODEL, "input": { "texts": texts }, "metadata": { "user": "u1" } }),
-        )
-        .await;
+    let r = gw.submit(&json!({ "model": MODEL, "input": { "texts": texts }, "metadata": { "user": "u1" } })).await;
     assert_eq!(r.status, 202, "{}", r.body);
     let id = r.body["id"].as_str().unwrap().to_owned();
     assert_eq!(r.headers["location"], format!("/v1/jobs/{id}"));
@@ -52,34 +48,21 @@ async fn embeddings_match_the_reference_model(kind: Kind) {
     }
     let similar = cosine(&e[0], &e[1]);
     let unrelated = cosine(&e[0], &e[2]);
-    assert!(
-        (similar - 0.619).abs() <= 0.01,
-        "guitar sentences cosine {similar}, expected 0.619 ± 0.01"
-    );
-    assert!(
-        unrelated < 0.1,
-        "unrelated cosine {unrelated}, expected < 0.1"
-    );
+    assert!((similar - 0.619).abs() <= 0.01, "guitar sentences cosine {similar}, expected 0.619 ± 0.01");
+    assert!(unrelated < 0.1, "unrelated cosine {unrelated}, expected < 0.1");
     assert_eq!(job["attempts"], 1);
     assert_eq!(job["metadata"], json!({ "user": "u1" }));
     assert_eq!(job["cached"], false);
+    assert!(job["started_at"].is_string() && job["completed_at"].is_string(), "{job}");
     assert!(
-        job["started_at"].is_string() && job["completed_at"].is_string(),
-        "{job}"
-    );
-    assert!(
-        job["metrics"]["queue_ms"].as_i64().unwrap() >= 0
-            && job["metrics"]["run_ms"].as_i64().unwrap() >= 0,
+        job["metrics"]["queue_ms"].as_i64().unwrap() >= 0 && job["metrics"]["run_ms"].as_i64().unwrap() >= 0,
         "{job}"
     );
 
     // The single-text form gives the same vector as the same text inside a batch.
     let single = gw.submit_ok(json!({ "text": texts[0] })).await;
     let alone = embeddings(&gw.finished(single, JOB_TIMEOUT).await);
-    assert!(
-        cosine(&alone[0], &e[0]) > 0.9999,
-        "padding changed the embedding"
-    );
+    assert!(cosine(&alone[0], &e[0]) > 0.9999, "padding changed the embedding");
     worker.stop().await;
     gw.stop().await;
 }
@@ -123,15 +106,7 @@ fn sentences(n: usize) -> Vec<String> {
         "an old violin",
     ];
     (0..n)
-        .map(|i| {
-            format!(
-                "{} {} {} on day {}.",
-                who[i % 10],
-                did[(i / 10) % 10],
-                what[(i / 100 + i) % 10],
-                i
-            )
-        })
+        .map(|i| format!("{} {} {} on day {}.", who[i % 10], did[(i / 10) % 10], what[(i / 100 + i) % 10], i))
         .collect()
 }
 
@@ -140,16 +115,13 @@ async fn two_hundred_concurrent_jobs_all_succeed(kind: Kind) {
     let gw = env.gateway().await;
     let worker = env.worker();
     let texts = sentences(200);
-    let ids: Vec<_> =
-        futures::stream::iter(texts.iter().map(|t| gw.submit_ok(json!({ "text": t }))))
-            .buffer_unordered(200)
-            .collect()
-            .await;
-    assert_eq!(ids.len(), 200);
-    let records: Vec<_> = futures::stream::iter(ids.iter().map(|id| gw.finished(*id, JOB_TIMEOUT)))
-        .buffer_unordered(32)
+    let ids: Vec<_> = futures::stream::iter(texts.iter().map(|t| gw.submit_ok(json!({ "text": t }))))
+        .buffer_unordered(200)
         .collect()
         .await;
+    assert_eq!(ids.len(), 200);
+    let records: Vec<_> =
+        futures::stream::iter(ids.iter().map(|id| gw.finished(*id, JOB_TIMEOUT))).buffer_unordered(32).collect().await;
     for job in &records {
         let e = embeddings(job);
         assert_eq!((e.len(), e[0].len()), (1, 384), "{job}");
@@ -161,10 +133,7 @@ async fn two_hundred_concurrent_jobs_all_succeed(kind: Kind) {
 
 async fn bad_input_gets_a_clear_error(kind: Kind) {
     let env = Env::new(kind);
-    let config = kiln_gateway::GatewayConfig {
-        max_body_bytes: 4096,
-        ..Default::default()
-    };
+    let config = kiln_gateway::GatewayConfig { max_body_bytes: 4096, ..Default::default() };
     let gw = env.gateway_with(config).await;
     let json_ct = Some("application/json");
     let long = "a".repeat(5000);
@@ -178,20 +147,8 @@ async fn bad_input_gets_a_clear_error(kind: Kind) {
             "model_not_found",
             "no-such-model",
         ),
-        (
-            json_ct,
-            b"{\"model\": ".to_vec(),
-            400,
-            "malformed_json",
-            "EOF",
-        ),
-        (
-            json_ct,
-            br#"{"model":"all-minilm-l6-v2","input":{}}"#.to_vec(),
-            422,
-            "invalid_input",
-            "input.text",
-        ),
+        (json_ct, b"{\"model\": ".to_vec(), 400, "malformed_json", "EOF"),
+        (json_ct, br#"{"model":"all-minilm-l6-v2","input":{}}"#.to_vec(), 422, "invalid_input", "input.text"),
         (
             json_ct,
             br#"{"model":"all-minilm-l6-v2","input":{"text":42}}"#.to_vec(),
@@ -206,27 +163,9 @@ async fn bad_input_gets_a_clear_error(kind: Kind) {
             "invalid_input",
             "input.texts[1]",
         ),
-        (
-            json_ct,
-            br#"{"model":"all-minilm-l6-v2"}"#.to_vec(),
-            422,
-            "invalid_request",
-            "input",
-        ),
-        (
-            json_ct,
-            br#"{"input":{"text":"x"}}"#.to_vec(),
-            422,
-            "invalid_request",
-            "model",
-        ),
-        (
-            json_ct,
-            br#"{"model":7,"input":{"text":"x"}}"#.to_vec(),
-            422,
-            "invalid_request",
-            "model: must be a string",
-        ),
+        (json_ct, br#"{"model":"all-minilm-l6-v2"}"#.to_vec(), 422, "invalid_request", "input"),
+        (json_ct, br#"{"input":{"text":"x"}}"#.to_vec(), 422, "invalid_request", "model"),
+        (json_ct, br#"{"model":7,"input":{"text":"x"}}"#.to_vec(), 422, "invalid_request", "model: must be a string"),
         (
             json_ct,
             br#"{"model":"all-minilm-l6-v2","input":{"text":"x"},"colour":1}"#.to_vec(),
@@ -234,13 +173,7 @@ async fn bad_input_gets_a_clear_error(kind: Kind) {
             "invalid_request",
             "colour",
         ),
-        (
-            json_ct,
-            br#"[1,2]"#.to_vec(),
-            422,
-            "invalid_request",
-            "object",
-        ),
+        (json_ct, br#"[1,2]"#.to_vec(), 422, "invalid_request", "object"),
         (
             json_ct,
             format!(r#"{{"model":"all-minilm-l6-v2","input":{{"text":"{long}"}}}}"#).into_bytes(),
@@ -262,50 +195,28 @@ async fn bad_input_gets_a_clear_error(kind: Kind) {
         assert_eq!(r.status, status, "{shown} → {}", r.body);
         assert_eq!(r.body["error"]["code"], code, "{shown} → {}", r.body);
         let message = r.body["error"]["message"].as_str().unwrap_or_default();
-        assert!(
-            message.contains(needle),
-            "{shown}: message {message:?} should mention {needle:?}"
-        );
+        assert!(message.contains(needle), "{shown}: message {message:?} should mention {needle:?}");
     }
-    for path in [
-        format!("/v1/jobs/{}", kiln_proto::JobId::random()),
-        "/v1/jobs/not-a-job".into(),
-    ] {
+    for path in [format!("/v1/jobs/{}", kiln_proto::JobId::random()), "/v1/jobs/not-a-job".into()] {
         let r = gw.get(&path).await;
-        assert_eq!(
-            (r.status, r.body["error"]["code"].as_str()),
-            (404, Some("job_not_found")),
-            "{path}"
-        );
+        assert_eq!((r.status, r.body["error"]["code"].as_str()), (404, Some("job_not_found")), "{path}");
     }
     let r = gw.get("/v2/nothing").await;
-    assert_eq!(
-        (r.status, r.body["error"]["code"].as_str()),
-        (404, Some("not_found"))
-    );
+    assert_eq!((r.status, r.body["error"]["code"].as_str()), (404, Some("not_found")));
     gw.stop().await;
 }
 
 async fn job_of_a_worker_that_died_before_acking_is_redelivered_and_completes_once(kind: Kind) {
     let env = Env::new(kind);
     let gw = env.gateway().await;
-    let id = gw
-        .submit_ok(json!({ "text": "A job whose first worker dies." }))
-        .await;
+    let id = gw.submit_ok(json!({ "text": "A job whose first worker dies." })).await;
 
     // A worker takes the job, marks it running, and dies (its channel closes) without acking.
     let model = ModelName::new(MODEL).unwrap();
     let mut dying = env.backend.broker.consume(&model, 1).await.unwrap();
-    let delivery = tokio::time::timeout(JOB_TIMEOUT, dying.next())
-        .await
-        .expect("delivery")
-        .unwrap()
-        .unwrap();
+    let delivery = tokio::time::timeout(JOB_TIMEOUT, dying.next()).await.expect("delivery").unwrap().unwrap();
     assert!(!delivery.redelivered);
-    assert_eq!(
-        env.backend.store.start(id, now_millis()).await.unwrap(),
-        Transition::Applied
-    );
+    assert_eq!(env.backend.store.start(id, now_millis()).await.unwrap(), Start::Started { attempt: 1 });
     assert_eq!(gw.job(id).await["status"], "running");
     drop(delivery);
     drop(dying);
@@ -313,19 +224,12 @@ async fn job_of_a_worker_that_died_before_acking_is_redelivered_and_completes_on
     let worker = env.worker();
     let job = gw.finished(id, JOB_TIMEOUT).await;
     assert_eq!(embeddings(&job)[0].len(), 384);
-    assert_eq!(
-        job["attempts"], 2,
-        "the redelivered run is the second attempt: {job}"
-    );
+    assert_eq!(job["attempts"], 2, "the redelivered run is the second attempt: {job}");
 
     // A duplicate finishing late cannot overwrite the stored result.
     let late = Outcome::Succeeded(r#"{"dim":1,"embeddings":[[0.0]]}"#.into());
     assert_eq!(
-        env.backend
-            .store
-            .finish(id, &late, now_millis())
-            .await
-            .unwrap(),
+        env.backend.store.finish(id, &late, now_millis()).await.unwrap(),
         Transition::AlreadyTerminal(JobStatus::Succeeded)
     );
     assert_eq!(gw.job(id).await["output"], job["output"]);
@@ -339,14 +243,10 @@ async fn finished_records_expire_after_retention(kind: Kind) {
     let worker = env.worker();
     let id = gw.submit_ok(json!({ "text": "short-lived" })).await;
     gw.finished(id, JOB_TIMEOUT).await;
-    wait_until(
-        "the finished record expires",
-        Duration::from_secs(15),
-        || async {
-            let r = gw.get(&format!("/v1/jobs/{id}")).await;
-            if r.status == 404 { Ok(()) } else { Err(r.body) }
-        },
-    )
+    wait_until("the finished record expires", Duration::from_secs(15), || async {
+        let r = gw.get(&format!("/v1/jobs/{id}")).await;
+        if r.status == 404 { Ok(()) } else { Err(r.body) }
+    })
     .await;
     worker.stop().await;
     gw.stop().await;
@@ -358,18 +258,11 @@ async fn health_readiness_and_models(kind: Kind) {
     assert_eq!(gw.get("/healthz").await.status, 200);
     let ready = gw.get("/readyz").await;
     assert_eq!(ready.status, 200, "{}", ready.body);
-    assert_eq!(
-        ready.body["checks"],
-        json!({ "broker": "ok", "store": "ok" })
-    );
+    assert_eq!(ready.body["checks"], json!({ "broker": "ok", "store": "ok" }));
     let models = gw.get("/v1/models").await;
     let m = &models.body["models"][0];
     assert_eq!(
-        (
-            m["name"].as_str(),
-            m["task"].as_str(),
-            m["max_batch"].as_u64()
-        ),
+        (m["name"].as_str(), m["task"].as_str(), m["max_batch"].as_u64()),
         (Some(MODEL), Some("embedding"), Some(32))
     );
     assert!(m["input_schema"]["oneOf"].is_array());
@@ -382,56 +275,22 @@ async fn worker_fails_a_bad_job_without_harming_its_batch_mates(kind: Kind) {
     let env = Env::new(kind);
     let gw = env.gateway().await;
     let model = ModelName::new(MODEL).unwrap();
-    env.backend
-        .broker
-        .declare(std::slice::from_ref(&model))
-        .await
-        .unwrap();
+    env.backend.broker.declare(std::slice::from_ref(&model)).await.unwrap();
     let mut ids = Vec::new();
-    for input in [
-        json!({ "texts": ["fine one"] }),
-        json!({ "texts": 5 }),
-        json!({ "texts": ["fine two"] }),
-    ] {
+    for input in [json!({ "texts": ["fine one"] }), json!({ "texts": 5 }), json!({ "texts": ["fine two"] })] {
         let id = JobId::random();
-        env.backend
-            .store
-            .create(&JobRecord::queued(id, model.clone(), now_millis(), None))
-            .await
-            .unwrap();
-        let envelope = Envelope {
-            v: ENVELOPE_VERSION,
-            id,
-            model: model.clone(),
-            input,
-            created_at: now_millis(),
-        };
-        env.backend
-            .broker
-            .publish(&model, serde_json::to_vec(&envelope).unwrap())
-            .await
-            .unwrap();
+        env.backend.store.create(&JobRecord::queued(id, model.clone(), now_millis(), None)).await.unwrap();
+        let envelope = Envelope::new(id, model.clone(), input, now_millis(), None);
+        env.backend.broker.publish(&model, serde_json::to_vec(&envelope).unwrap()).await.unwrap();
         ids.push(id);
     }
-    env.backend
-        .broker
-        .publish(&model, b"not an envelope".to_vec())
-        .await
-        .unwrap();
+    env.backend.broker.publish(&model, b"not an envelope".to_vec()).await.unwrap();
     let worker = env.worker();
-    let jobs: Vec<_> =
-        futures::future::join_all(ids.iter().map(|id| gw.finished(*id, JOB_TIMEOUT))).await;
+    let jobs: Vec<_> = futures::future::join_all(ids.iter().map(|id| gw.finished(*id, JOB_TIMEOUT))).await;
     assert_eq!(embeddings(&jobs[0]).len(), 1);
     assert_eq!(jobs[1]["status"], "failed", "{}", jobs[1]);
     assert_eq!(jobs[1]["error"]["code"], "invalid_input");
-    assert!(
-        jobs[1]["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("input.texts"),
-        "{}",
-        jobs[1]
-    );
+    assert!(jobs[1]["error"]["message"].as_str().unwrap().contains("input.texts"), "{}", jobs[1]);
     assert_eq!(embeddings(&jobs[2]).len(), 1);
     worker.stop().await;
     gw.stop().await;

@@ -14,42 +14,26 @@ use crate::harness::{Env, MODEL, cache_dir, embeddings, repo_dir};
 
 /// An address where nothing listens.
 fn dead_url(scheme: &str) -> String {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     format!("{scheme}://127.0.0.1:{port}/")
 }
 
 async fn redis_keys(url: &str, prefix: &str) -> Vec<String> {
     let client = redis::Client::open(url).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    redis::cmd("KEYS")
-        .arg(format!("{prefix}*"))
-        .query_async(&mut conn)
-        .await
-        .unwrap()
+    redis::cmd("KEYS").arg(format!("{prefix}*")).query_async(&mut conn).await.unwrap()
 }
 
 async fn assert_fast_503(env: &Env, code: &str) {
     let gw = env.gateway().await;
     for _ in 0..3 {
         let started = Instant::now();
-        let r = gw
-            .submit(&json!({ "model": MODEL, "input": { "text": "x" } }))
-            .await;
+        let r = gw.submit(&json!({ "model": MODEL, "input": { "text": "x" } })).await;
         let elapsed = started.elapsed();
         assert_eq!(r.status, 503, "{}", r.body);
         assert_eq!(r.body["error"]["code"], code);
-        assert!(
-            r.body.get("id").is_none(),
-            "no id for a job that was not enqueued"
-        );
-        assert!(
-            r.headers.get("retry-after").is_some(),
-            "503 without Retry-After"
-        );
+        assert!(r.body.get("id").is_none(), "no id for a job that was not enqueued");
+        assert!(r.headers.get("retry-after").is_some(), "503 without Retry-After");
         assert!(elapsed < Duration::from_secs(1), "503 took {elapsed:?}");
     }
     let ready = gw.get("/readyz").await;
@@ -72,18 +56,9 @@ async fn unreachable_broker_gives_fast_503_and_leaves_no_job() {
         b
     };
     assert_eq!(ready_body["checks"]["store"], "ok");
-    assert!(
-        ready_body["checks"]["broker"]
-            .as_str()
-            .unwrap()
-            .contains("RabbitMQ"),
-        "{ready_body}"
-    );
+    assert!(ready_body["checks"]["broker"].as_str().unwrap().contains("RabbitMQ"), "{ready_body}");
     let keys = redis_keys(args.redis_url.expose(), &args.key_prefix).await;
-    assert!(
-        keys.is_empty(),
-        "records left for jobs that were never enqueued: {keys:?}"
-    );
+    assert!(keys.is_empty(), "records left for jobs that were never enqueued: {keys:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -127,14 +102,11 @@ async fn worker_process_killed_mid_run_loses_no_job() {
     );
 
     // Jobs of several texts each keep the worker busy, so the kill lands mid-batch.
-    let texts: Vec<String> = (0..8)
-        .map(|i| format!("Sentence number {i} of a job that must not be lost."))
-        .collect();
-    let ids: Vec<_> =
-        futures::stream::iter((0..300).map(|_| gw.submit_ok(json!({ "texts": texts }))))
-            .buffer_unordered(64)
-            .collect()
-            .await;
+    let texts: Vec<String> = (0..8).map(|i| format!("Sentence number {i} of a job that must not be lost.")).collect();
+    let ids: Vec<_> = futures::stream::iter((0..300).map(|_| gw.submit_ok(json!({ "texts": texts }))))
+        .buffer_unordered(64)
+        .collect()
+        .await;
 
     let count = |status: &'static str| {
         let gw = &gw;
@@ -147,21 +119,14 @@ async fn worker_process_killed_mid_run_loses_no_job() {
                 .await
         }
     };
-    wait_until(
-        "the child worker has finished some jobs",
-        Duration::from_secs(120),
-        || async {
-            let done = count("succeeded").await;
-            if done >= 20 { Ok(done) } else { Err(done) }
-        },
-    )
+    wait_until("the child worker has finished some jobs", Duration::from_secs(120), || async {
+        let done = count("succeeded").await;
+        if done >= 20 { Ok(done) } else { Err(done) }
+    })
     .await;
     child.0.start_kill().unwrap();
     let status = child.0.wait().await.unwrap();
-    assert!(
-        !status.success(),
-        "the worker was killed, not stopped: {status:?}"
-    );
+    assert!(!status.success(), "the worker was killed, not stopped: {status:?}");
     let running_at_kill = count("running").await;
 
     let worker = env.worker();
@@ -177,10 +142,7 @@ async fn worker_process_killed_mid_run_loses_no_job() {
         "scenario=worker-kill submitted=300 accepted={} succeeded=300 running_at_kill={running_at_kill} retried={retried}",
         ids.len()
     );
-    assert!(
-        retried >= running_at_kill,
-        "every job running at the kill must have run again"
-    );
+    assert!(retried >= running_at_kill, "every job running at the kill must have run again");
     worker.stop().await;
     gw.stop().await;
 }

@@ -23,9 +23,7 @@ pub fn repo_dir() -> PathBuf {
 }
 
 pub fn cache_dir() -> PathBuf {
-    std::env::var_os("KILN_CACHE_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(kiln_common::config::default_cache_dir)
+    std::env::var_os("KILN_CACHE_DIR").map(PathBuf::from).unwrap_or_else(kiln_common::config::default_cache_dir)
 }
 
 pub struct Env {
@@ -54,16 +52,8 @@ impl Env {
 
     pub fn from_parts(backend: Backend, args: Option<BackendArgs>) -> Self {
         let repo = ModelRepository::load(&repo_dir()).expect("model repository");
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(30))
-            .build()
-            .unwrap();
-        Self {
-            backend,
-            args,
-            repo,
-            http,
-        }
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
+        Self { backend, args, repo, http }
     }
 
     pub async fn gateway(&self) -> Gateway {
@@ -81,19 +71,11 @@ impl Env {
             listener,
             shutdown.clone(),
         ));
-        Gateway {
-            addr,
-            shutdown,
-            task,
-            http: self.http.clone(),
-        }
+        Gateway { addr, shutdown, task, http: self.http.clone() }
     }
 
     pub fn worker(&self) -> Worker {
-        let config = WorkerConfig {
-            intra_threads: Some(2),
-            ..WorkerConfig::default()
-        };
+        let config = WorkerConfig { intra_threads: Some(2), ..WorkerConfig::default() };
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(kiln_worker::run(
             config,
@@ -124,12 +106,7 @@ impl Gateway {
         format!("http://{}{path}", self.addr)
     }
 
-    pub async fn post_raw(
-        &self,
-        path: &str,
-        content_type: Option<&str>,
-        body: Vec<u8>,
-    ) -> Response {
+    pub async fn post_raw(&self, path: &str, content_type: Option<&str>, body: Vec<u8>) -> Response {
         let mut req = self.http.post(self.url(path)).body(body);
         if let Some(ct) = content_type {
             req = req.header("content-type", ct);
@@ -138,19 +115,12 @@ impl Gateway {
     }
 
     pub async fn submit(&self, body: &Value) -> Response {
-        self.post_raw(
-            "/v1/jobs",
-            Some("application/json"),
-            serde_json::to_vec(body).unwrap(),
-        )
-        .await
+        self.post_raw("/v1/jobs", Some("application/json"), serde_json::to_vec(body).unwrap()).await
     }
 
     /// Submits and insists on a 202, returning the job id.
     pub async fn submit_ok(&self, input: Value) -> JobId {
-        let r = self
-            .submit(&serde_json::json!({ "model": MODEL, "input": input }))
-            .await;
+        let r = self.submit(&serde_json::json!({ "model": MODEL, "input": input })).await;
         assert_eq!(r.status, 202, "submit answered {}: {}", r.status, r.body);
         r.body["id"].as_str().expect("id").parse().expect("uuid")
     }
@@ -183,11 +153,7 @@ impl Gateway {
         let bytes = resp.bytes().await.expect("body");
         let body = serde_json::from_slice(&bytes)
             .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
-        Response {
-            status,
-            headers,
-            body,
-        }
+        Response { status, headers, body }
     }
 
     pub async fn stop(self) {

@@ -1,6 +1,8 @@
-//! RabbitMQ through lapin. This file owns the topology (one durable direct exchange, one durable
-//! quorum queue per model, bound by the model name), confirmed persistent publishing over a shared
-//! channel, consumers on channels of their own, and reconnecting when the connection drops.
+//! RabbitMQ through lapin. This file owns the topology — one durable direct exchange, one durable
+//! quorum queue per model bound by the model name, a dead-letter quorum queue, and one delay queue
+//! per retry step that dead-letters back into the job exchange when its TTL runs out — confirmed
+//! persistent publishing over a shared channel, consumers on channels of their own, and
+//! reconnecting when the connection drops.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -9,19 +11,17 @@ use async_trait::async_trait;
 use futures::StreamExt;
 use kiln_proto::ModelName;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{
-    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
-};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind};
 use tokio::sync::Mutex;
 
-use super::{Acknowledge, Broker, BrokerError, Deliveries, Delivery};
+use super::{Acknowledge, Broker, BrokerError, Deliveries, Delivery, RETRY_DELAYS, delay_step};
 use crate::config::Secret;
 
-/// Names of the exchange and queues, under a prefix so that tests and deployments can share a broker.
+/// Names of the exchanges and queues, under a prefix so that tests and deployments can share a broker.
 #[derive(Debug, Clone)]
 pub struct Topology {
     prefix: String,
@@ -29,9 +29,7 @@ pub struct Topology {
 
 impl Topology {
     pub fn new(prefix: impl Into<String>) -> Self {
-        Self {
-            prefix: prefix.into(),
-        }
+        Self { prefix: prefix.into() }
     }
 
     pub fn exchange(&self) -> String {
@@ -42,30 +40,46 @@ impl Topology {
         format!("{}.jobs.{model}", self.prefix)
     }
 
+    pub fn dead_letter_queue(&self) -> String {
+        format!("{}.dlq", self.prefix)
+    }
+
+    /// The exchange and queue (same name) of one retry delay step.
+    pub fn delay(&self, step: Duration) -> String {
+        format!("{}.delay.{}ms", self.prefix, step.as_millis())
+    }
+
+    fn quorum() -> FieldTable {
+        let mut args = FieldTable::default();
+        args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+        args
+    }
+
     async fn declare(&self, ch: &Channel, models: &[ModelName]) -> Result<(), lapin::Error> {
-        let durable = ExchangeDeclareOptions {
-            durable: true,
-            ..Default::default()
-        };
-        ch.exchange_declare(
-            self.exchange().into(),
-            ExchangeKind::Direct,
-            durable,
-            FieldTable::default(),
-        )
-        .await?;
-        for model in models {
+        let durable_x = ExchangeDeclareOptions { durable: true, ..Default::default() };
+        let durable_q = QueueDeclareOptions { durable: true, ..Default::default() };
+        ch.exchange_declare(self.exchange().into(), ExchangeKind::Direct, durable_x, FieldTable::default()).await?;
+        ch.queue_declare(self.dead_letter_queue().into(), durable_q, Self::quorum()).await?;
+        for step in RETRY_DELAYS {
+            let name = self.delay(step);
+            ch.exchange_declare(name.as_str().into(), ExchangeKind::Fanout, durable_x, FieldTable::default()).await?;
+            // Classic queue: per-queue TTL and dead-lettering back to the job exchange, which
+            // routes by the message's own routing key, the model name.
             let mut args = FieldTable::default();
-            args.insert(
-                "x-queue-type".into(),
-                AMQPValue::LongString("quorum".into()),
-            );
-            let opts = QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            };
-            ch.queue_declare(self.queue(model).into(), opts, args)
-                .await?;
+            args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(step.as_millis() as i64));
+            args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(self.exchange().into()));
+            ch.queue_declare(name.as_str().into(), durable_q, args).await?;
+            ch.queue_bind(
+                name.as_str().into(),
+                name.as_str().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        }
+        for model in models {
+            ch.queue_declare(self.queue(model).into(), durable_q, Self::quorum()).await?;
             ch.queue_bind(
                 self.queue(model).into(),
                 self.exchange().into(),
@@ -108,10 +122,7 @@ impl AmqpBroker {
     /// Creates the broker without connecting: the first use (or [`Broker::check`]) connects, so a
     /// process can start while RabbitMQ is still down.
     pub fn new(config: AmqpConfig) -> Self {
-        Self {
-            config,
-            link: Mutex::new(Link::default()),
-        }
+        Self { config, link: Mutex::new(Link::default()) }
     }
 
     pub fn topology(&self) -> &Topology {
@@ -136,27 +147,20 @@ impl AmqpBroker {
             Connection::connect(self.config.url.expose(), ConnectionProperties::default()),
         )
         .await;
-        let result = match attempt {
-            Ok(Ok(conn)) => Ok(Arc::new(conn)),
-            Ok(Err(e)) => Err(format!("cannot connect to RabbitMQ: {e}")),
-            Err(_) => Err(format!(
-                "cannot connect to RabbitMQ within {:?}",
-                self.config.connect_timeout
-            )),
-        };
-        match result {
-            Ok(conn) => {
+        let why = match attempt {
+            Ok(Ok(conn)) => {
                 link.last_failure = None;
                 tracing::info!(target: "kiln::broker", "connected to RabbitMQ");
+                let conn = Arc::new(conn);
                 link.connection = Some(conn.clone());
-                Ok(conn)
+                return Ok(conn);
             }
-            Err(why) => {
-                tracing::warn!(target: "kiln::broker", %why, "RabbitMQ unavailable");
-                link.last_failure = Some((Instant::now(), why.clone()));
-                Err(BrokerError::Unavailable(why))
-            }
-        }
+            Ok(Err(e)) => format!("cannot connect to RabbitMQ: {e}"),
+            Err(_) => format!("cannot connect to RabbitMQ within {:?}", self.config.connect_timeout),
+        };
+        tracing::warn!(target: "kiln::broker", %why, "RabbitMQ unavailable");
+        link.last_failure = Some((Instant::now(), why.clone()));
+        Err(BrokerError::Unavailable(why))
     }
 
     async fn publisher(&self) -> Result<Channel, BrokerError> {
@@ -181,6 +185,50 @@ impl AmqpBroker {
             link.publisher = None;
         }
     }
+
+    /// One persistent, mandatory, confirmed publish.
+    async fn confirmed(&self, exchange: &str, routing_key: &str, body: &[u8]) -> Result<(), BrokerError> {
+        let ch = self.publisher().await?;
+        let props = BasicProperties::default().with_delivery_mode(2).with_content_type("application/json".into());
+        let opts = BasicPublishOptions { mandatory: true, ..Default::default() };
+        let confirm = async { ch.basic_publish(exchange.into(), routing_key.into(), opts, body, props).await?.await };
+        let outcome = match tokio::time::timeout(self.config.confirm_timeout, confirm).await {
+            Err(_) => Err(BrokerError::ConfirmTimeout(self.config.confirm_timeout)),
+            Ok(Err(e)) => Err(BrokerError::Amqp(e)),
+            Ok(Ok(Confirmation::Ack(None))) => return Ok(()),
+            Ok(Ok(Confirmation::Ack(Some(returned)))) => {
+                return Err(BrokerError::Rejected(format!("unroutable: {}", returned.reply_text)));
+            }
+            Ok(Ok(Confirmation::Nack(_))) => return Err(BrokerError::Rejected("negative confirm".into())),
+            Ok(Ok(Confirmation::NotRequested)) => Err(BrokerError::Rejected("channel is not in confirm mode".into())),
+        };
+        self.discard_publisher(&ch).await;
+        outcome
+    }
+
+    async fn consume_queue(
+        &self,
+        queue: String,
+        prefetch: u16,
+        declare: &[ModelName],
+    ) -> Result<Deliveries, BrokerError> {
+        let conn = {
+            let mut link = self.link.lock().await;
+            self.connection(&mut link).await?
+        };
+        let ch = conn.create_channel().await?;
+        self.config.topology.declare(&ch, declare).await?;
+        ch.basic_qos(prefetch, BasicQosOptions { global: false }).await?;
+        let consumer =
+            ch.basic_consume(queue.into(), "".into(), BasicConsumeOptions::default(), FieldTable::default()).await?;
+        let guard = Arc::new(ChannelGuard(ch));
+        let alive = guard.clone();
+        let stream = consumer.map(move |d| {
+            let _keep = &guard;
+            d.map_err(BrokerError::from).map(|d| Delivery::new(d.data, d.redelivered, Box::new(AmqpAcker(d.acker))))
+        });
+        Ok(Deliveries::new(stream.boxed(), move || alive.0.status().connected()))
+    }
 }
 
 #[async_trait]
@@ -200,71 +248,30 @@ impl Broker for AmqpBroker {
     }
 
     async fn publish(&self, model: &ModelName, body: Vec<u8>) -> Result<(), BrokerError> {
-        let ch = self.publisher().await?;
-        let props = BasicProperties::default()
-            .with_delivery_mode(2)
-            .with_content_type("application/json".into());
-        let opts = BasicPublishOptions {
-            mandatory: true,
-            ..Default::default()
-        };
-        let exchange = self.config.topology.exchange();
-        let confirm = async {
-            ch.basic_publish(exchange.into(), model.as_str().into(), opts, &body, props)
-                .await?
-                .await
-        };
-        let outcome = match tokio::time::timeout(self.config.confirm_timeout, confirm).await {
-            Err(_) => Err(BrokerError::ConfirmTimeout(self.config.confirm_timeout)),
-            Ok(Err(e)) => Err(BrokerError::Amqp(e)),
-            Ok(Ok(Confirmation::Ack(None))) => return Ok(()),
-            Ok(Ok(Confirmation::Ack(Some(returned)))) => {
-                return Err(BrokerError::Rejected(format!(
-                    "unroutable: {}",
-                    returned.reply_text
-                )));
-            }
-            Ok(Ok(Confirmation::Nack(_))) => {
-                return Err(BrokerError::Rejected("negative confirm".into()));
-            }
-            Ok(Ok(Confirmation::NotRequested)) => Err(BrokerError::Rejected(
-                "channel is not in confirm mode".into(),
-            )),
-        };
-        self.discard_publisher(&ch).await;
-        outcome
+        self.confirmed(&self.config.topology.exchange(), model.as_str(), &body).await
+    }
+
+    async fn publish_delayed(&self, model: &ModelName, body: Vec<u8>, delay: Duration) -> Result<(), BrokerError> {
+        self.confirmed(&self.config.topology.delay(delay_step(delay)), model.as_str(), &body).await
     }
 
     async fn consume(&self, model: &ModelName, prefetch: u16) -> Result<Deliveries, BrokerError> {
-        let conn = {
-            let mut link = self.link.lock().await;
-            self.connection(&mut link).await?
-        };
-        let ch = conn.create_channel().await?;
-        self.config
-            .topology
-            .declare(&ch, std::slice::from_ref(model))
-            .await?;
-        ch.basic_qos(prefetch, BasicQosOptions { global: false })
-            .await?;
-        let consumer = ch
-            .basic_consume(
-                self.config.topology.queue(model).into(),
-                "".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        let guard = Arc::new(ChannelGuard(ch));
-        Ok(consumer
-            .map(move |d| {
-                let _keep = &guard;
-                d.map_err(BrokerError::from).map(|d| {
-                    let redelivered = d.redelivered;
-                    Delivery::new(d.data, redelivered, Box::new(AmqpAcker(d.acker)))
-                })
-            })
-            .boxed())
+        self.consume_queue(self.config.topology.queue(model), prefetch, std::slice::from_ref(model)).await
+    }
+
+    async fn dead_letter(&self, body: Vec<u8>) -> Result<(), BrokerError> {
+        self.confirmed("", &self.config.topology.dead_letter_queue(), &body).await
+    }
+
+    async fn consume_dead_letters(&self, prefetch: u16) -> Result<Deliveries, BrokerError> {
+        self.consume_queue(self.config.topology.dead_letter_queue(), prefetch, &[]).await
+    }
+
+    async fn dead_letter_count(&self) -> Result<u32, BrokerError> {
+        let ch = self.publisher().await?;
+        let opts = QueueDeclareOptions { passive: true, ..Default::default() };
+        let q = ch.queue_declare(self.config.topology.dead_letter_queue().into(), opts, FieldTable::default()).await?;
+        Ok(q.message_count())
     }
 
     async fn check(&self) -> Result<(), BrokerError> {
@@ -297,21 +304,10 @@ struct AmqpAcker(lapin::Acker);
 #[async_trait]
 impl Acknowledge for AmqpAcker {
     async fn ack(&self) -> Result<(), BrokerError> {
-        self.0
-            .ack(BasicAckOptions::default())
-            .await
-            .map(drop)
-            .map_err(Into::into)
+        self.0.ack(BasicAckOptions::default()).await.map(drop).map_err(Into::into)
     }
 
     async fn nack(&self, requeue: bool) -> Result<(), BrokerError> {
-        self.0
-            .nack(BasicNackOptions {
-                requeue,
-                multiple: false,
-            })
-            .await
-            .map(drop)
-            .map_err(Into::into)
+        self.0.nack(BasicNackOptions { requeue, multiple: false }).await.map(drop).map_err(Into::into)
     }
 }

@@ -4,6 +4,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::StreamExt;
@@ -16,6 +17,7 @@ use super::{Acknowledge, Broker, BrokerError, Deliveries, Delivery};
 /// not a durable one.
 pub struct EmbeddedBroker {
     queues: Mutex<HashMap<ModelName, Arc<Queue>>>,
+    dead_letters: Arc<Queue>,
     max_queue_len: usize,
 }
 
@@ -41,23 +43,11 @@ struct Message {
 impl EmbeddedBroker {
     /// `max_queue_len` bounds each queue; a publish beyond it is rejected.
     pub fn new(max_queue_len: usize) -> Self {
-        Self {
-            queues: Mutex::new(HashMap::new()),
-            max_queue_len,
-        }
+        Self { queues: Mutex::new(HashMap::new()), dead_letters: Queue::new(), max_queue_len }
     }
 
     fn queue(&self, model: &ModelName) -> Arc<Queue> {
-        let mut queues = self.queues.lock().expect("broker lock");
-        queues
-            .entry(model.clone())
-            .or_insert_with(|| {
-                Arc::new(Queue {
-                    state: Mutex::new(QueueState::default()),
-                    notify: Notify::new(),
-                })
-            })
-            .clone()
+        self.queues.lock().expect("broker lock").entry(model.clone()).or_insert_with(Queue::new).clone()
     }
 
     /// Messages ready for delivery plus those delivered and not yet acknowledged.
@@ -84,43 +74,37 @@ impl Broker for EmbeddedBroker {
     }
 
     async fn publish(&self, model: &ModelName, body: Vec<u8>) -> Result<(), BrokerError> {
-        let q = self.queue(model);
-        {
-            let mut s = q.state.lock().expect("queue lock");
-            if s.ready.len() + s.unacked.len() >= self.max_queue_len {
-                return Err(BrokerError::Rejected(format!(
-                    "queue for {model} is full ({} messages)",
-                    self.max_queue_len
-                )));
+        self.queue(model).push(body, self.max_queue_len, model.as_str())
+    }
+
+    async fn publish_delayed(&self, model: &ModelName, body: Vec<u8>, delay: Duration) -> Result<(), BrokerError> {
+        let queue = self.queue(model);
+        let (max, name, delay) = (self.max_queue_len, model.to_string(), super::delay_step(delay));
+        // Held by a timer task; like everything in the embedded broker, it lives as long as the process.
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            if let Err(e) = queue.push(body, max, &name) {
+                tracing::error!(error = %e, "delayed message dropped");
             }
-            s.ready.push_back(Message {
-                body,
-                redelivered: false,
-            });
-        }
-        q.notify.notify_waiters();
+        });
         Ok(())
     }
 
     async fn consume(&self, model: &ModelName, prefetch: u16) -> Result<Deliveries, BrokerError> {
-        let queue = self.queue(model);
-        let id = {
-            let mut s = queue.state.lock().expect("queue lock");
-            s.next_consumer += 1;
-            let id = s.next_consumer;
-            s.in_flight.insert(id, 0);
-            id
-        };
-        let consumer = ConsumerGuard {
-            queue,
-            id,
-            prefetch: usize::from(prefetch.max(1)),
-        };
-        Ok(futures::stream::unfold(consumer, |consumer| async move {
-            let delivery = consumer.next().await;
-            Some((Ok(delivery), consumer))
-        })
-        .boxed())
+        Ok(consume_queue(self.queue(model), prefetch))
+    }
+
+    async fn dead_letter(&self, body: Vec<u8>) -> Result<(), BrokerError> {
+        self.dead_letters.push(body, self.max_queue_len, "dead letters")
+    }
+
+    async fn consume_dead_letters(&self, prefetch: u16) -> Result<Deliveries, BrokerError> {
+        Ok(consume_queue(self.dead_letters.clone(), prefetch))
+    }
+
+    async fn dead_letter_count(&self) -> Result<u32, BrokerError> {
+        let s = self.dead_letters.state.lock().expect("queue lock");
+        Ok((s.ready.len() + s.unacked.len()) as u32)
     }
 
     async fn check(&self) -> Result<(), BrokerError> {
@@ -130,6 +114,40 @@ impl Broker for EmbeddedBroker {
     fn kind(&self) -> &'static str {
         "embedded"
     }
+}
+
+impl Queue {
+    fn new() -> Arc<Self> {
+        Arc::new(Queue { state: Mutex::new(QueueState::default()), notify: Notify::new() })
+    }
+
+    fn push(&self, body: Vec<u8>, max: usize, name: &str) -> Result<(), BrokerError> {
+        {
+            let mut s = self.state.lock().expect("queue lock");
+            if s.ready.len() + s.unacked.len() >= max {
+                return Err(BrokerError::Rejected(format!("queue {name} is full ({max} messages)")));
+            }
+            s.ready.push_back(Message { body, redelivered: false });
+        }
+        self.notify.notify_waiters();
+        Ok(())
+    }
+}
+
+fn consume_queue(queue: Arc<Queue>, prefetch: u16) -> Deliveries {
+    let id = {
+        let mut s = queue.state.lock().expect("queue lock");
+        s.next_consumer += 1;
+        let id = s.next_consumer;
+        s.in_flight.insert(id, 0);
+        id
+    };
+    let consumer = ConsumerGuard { queue, id, prefetch: usize::from(prefetch.max(1)) };
+    let stream = futures::stream::unfold(consumer, |consumer| async move {
+        let delivery = consumer.next().await;
+        Some((Ok(delivery), consumer))
+    });
+    Deliveries::new(stream.boxed(), || true)
 }
 
 /// One consumer's registration; dropping it (the stream was dropped) requeues what it held.
@@ -163,10 +181,7 @@ impl ConsumerGuard {
         *s.in_flight.entry(self.id).or_default() += 1;
         let (body, redelivered) = (msg.body.clone(), msg.redelivered);
         s.unacked.insert(tag, (self.id, msg));
-        let acker = EmbeddedAcker {
-            queue: Arc::downgrade(&self.queue),
-            tag,
-        };
+        let acker = EmbeddedAcker { queue: Arc::downgrade(&self.queue), tag };
         Some(Delivery::new(body, redelivered, Box::new(acker)))
     }
 }
@@ -178,16 +193,7 @@ impl Drop for ConsumerGuard {
         let mut held: Vec<(u64, Message)> = Vec::new();
         s.unacked.retain(|tag, (owner, msg)| {
             if *owner == self.id {
-                held.push((
-                    *tag,
-                    std::mem::replace(
-                        msg,
-                        Message {
-                            body: Vec::new(),
-                            redelivered: true,
-                        },
-                    ),
-                ));
+                held.push((*tag, std::mem::replace(msg, Message { body: Vec::new(), redelivered: true })));
                 false
             } else {
                 true
@@ -211,16 +217,14 @@ struct EmbeddedAcker {
 
 impl EmbeddedAcker {
     fn settle(&self, requeue: bool) -> Result<(), BrokerError> {
-        let queue = self
-            .queue
-            .upgrade()
-            .ok_or_else(|| BrokerError::Unavailable("broker is gone".into()))?;
+        let queue = self.queue.upgrade().ok_or_else(|| BrokerError::Unavailable("broker is gone".into()))?;
         let mut s = queue.state.lock().expect("queue lock");
         // Unknown tag: its consumer went away and the message was already requeued, as an ack on
         // a closed channel would fail in RabbitMQ.
-        let (owner, mut msg) = s.unacked.remove(&self.tag).ok_or_else(|| {
-            BrokerError::Unavailable("delivery no longer held: its consumer was closed".into())
-        })?;
+        let (owner, mut msg) = s
+            .unacked
+            .remove(&self.tag)
+            .ok_or_else(|| BrokerError::Unavailable("delivery no longer held: its consumer was closed".into()))?;
         if let Some(n) = s.in_flight.get_mut(&owner) {
             *n -= 1;
         }

@@ -6,6 +6,7 @@ pub mod amqp;
 pub mod embedded;
 
 use async_trait::async_trait;
+use futures::StreamExt;
 use futures::stream::BoxStream;
 use kiln_proto::ModelName;
 
@@ -44,11 +45,7 @@ pub struct Delivery {
 
 impl Delivery {
     pub fn new(body: Vec<u8>, redelivered: bool, acker: Box<dyn Acknowledge>) -> Self {
-        Self {
-            body,
-            redelivered,
-            acker,
-        }
+        Self { body, redelivered, acker }
     }
 
     /// Settles the message as done.
@@ -69,10 +66,7 @@ impl Delivery {
 
 impl std::fmt::Debug for Delivery {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Delivery")
-            .field("len", &self.body.len())
-            .field("redelivered", &self.redelivered)
-            .finish()
+        f.debug_struct("Delivery").field("len", &self.body.len()).field("redelivered", &self.redelivered).finish()
     }
 }
 
@@ -84,7 +78,52 @@ pub trait Acknowledge: Send + Sync {
 
 /// A consumer's deliveries. The stream ends when the consumer is cancelled or its channel closes;
 /// dropping it releases the consumer, and the broker redelivers everything it left unacknowledged.
-pub type Deliveries = BoxStream<'static, Result<Delivery, BrokerError>>;
+pub struct Deliveries {
+    inner: BoxStream<'static, Result<Delivery, BrokerError>>,
+    alive: Box<dyn Fn() -> bool + Send + Sync>,
+}
+
+impl Deliveries {
+    pub fn new(
+        inner: BoxStream<'static, Result<Delivery, BrokerError>>,
+        alive: impl Fn() -> bool + Send + Sync + 'static,
+    ) -> Self {
+        Self { inner, alive: Box::new(alive) }
+    }
+
+    /// Whether the consumer's channel is still open. A consumer whose channel closed without its
+    /// stream noticing would otherwise wait forever.
+    pub fn is_alive(&self) -> bool {
+        (self.alive)()
+    }
+}
+
+impl futures::Stream for Deliveries {
+    type Item = Result<Delivery, BrokerError>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.inner.poll_next_unpin(cx)
+    }
+}
+
+/// The delays a retry can wait, rounded up to one of these (RabbitMQ holds one delay queue each).
+pub const RETRY_DELAYS: [std::time::Duration; 6] = [
+    std::time::Duration::from_secs(1),
+    std::time::Duration::from_secs(5),
+    std::time::Duration::from_secs(30),
+    std::time::Duration::from_secs(120),
+    std::time::Duration::from_secs(600),
+    std::time::Duration::from_secs(3600),
+];
+
+/// The delay actually used for a requested one: the smallest step at least as long, capped at
+/// the longest.
+pub fn delay_step(wanted: std::time::Duration) -> std::time::Duration {
+    RETRY_DELAYS.into_iter().find(|d| *d >= wanted).unwrap_or(RETRY_DELAYS[RETRY_DELAYS.len() - 1])
+}
 
 #[async_trait]
 pub trait Broker: Send + Sync + 'static {
@@ -95,8 +134,26 @@ pub trait Broker: Send + Sync + 'static {
     /// confirmed it durably enqueued.
     async fn publish(&self, model: &ModelName, body: Vec<u8>) -> Result<(), BrokerError>;
 
+    /// Publishes like [`Broker::publish`], delivered only after `delay` (rounded up by
+    /// [`delay_step`]); for retries with backoff.
+    async fn publish_delayed(
+        &self,
+        model: &ModelName,
+        body: Vec<u8>,
+        delay: std::time::Duration,
+    ) -> Result<(), BrokerError>;
+
     /// Starts consuming the model's queue with at most `prefetch` unacknowledged deliveries.
     async fn consume(&self, model: &ModelName, prefetch: u16) -> Result<Deliveries, BrokerError>;
+
+    /// Publishes one message, durably and confirmed, to the dead-letter queue.
+    async fn dead_letter(&self, body: Vec<u8>) -> Result<(), BrokerError>;
+
+    /// Consumes the dead-letter queue, for listing (settle nothing and drop) and redriving.
+    async fn consume_dead_letters(&self, prefetch: u16) -> Result<Deliveries, BrokerError>;
+
+    /// Messages waiting in the dead-letter queue.
+    async fn dead_letter_count(&self) -> Result<u32, BrokerError>;
 
     /// Cheap liveness check of the connection, for readiness probes.
     async fn check(&self) -> Result<(), BrokerError>;

@@ -55,8 +55,33 @@ pub enum Transition {
     Applied,
     /// The job is already in a terminal state; nothing was written.
     AlreadyTerminal(JobStatus),
+    /// The job is in another state than the transition needs; nothing was written.
+    NotApplicable(JobStatus),
     /// No such job (never created, or expired).
     Missing,
+}
+
+/// What [`Store::start`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// The job is now running; this is its `attempt`-th start (1 for the first).
+    Started { attempt: u32 },
+    /// Its deadline passed while it was queued: it is now `expired` and must not run.
+    Expired,
+    /// Already terminal: a redelivered duplicate. Acknowledge, never run it again.
+    AlreadyTerminal(JobStatus),
+    /// The gateway withdrew it (its publish was not confirmed); no client holds its id.
+    Withdrawn,
+    /// No record: it expired, or the store lost it.
+    Missing,
+}
+
+/// A running job whose lease lapsed: its worker stopped heartbeating.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lapsed {
+    pub id: JobId,
+    /// The envelope to queue again.
+    pub envelope: String,
 }
 
 #[async_trait]
@@ -66,23 +91,62 @@ pub trait Store: Send + Sync + 'static {
 
     async fn get(&self, id: JobId) -> Result<Option<JobRecord>, StoreError>;
 
-    /// `queued → running`: sets `started_at` and increments `attempts`. Refused for terminal jobs.
-    async fn start(&self, id: JobId, at: UnixMillis) -> Result<Transition, StoreError>;
+    /// `queued | running → running`: sets `started_at`, increments `attempts`, drops any lease,
+    /// and returns the attempt number. A queued job past its deadline becomes `expired` instead.
+    async fn start(&self, id: JobId, at: UnixMillis) -> Result<Start, StoreError>;
 
-    /// The fenced terminal write: applied only if the job is not terminal yet.
-    async fn finish(
-        &self,
-        id: JobId,
-        outcome: &Outcome,
-        at: UnixMillis,
-    ) -> Result<Transition, StoreError>;
+    /// The fenced terminal write: applied only if the job is not terminal yet. Releases any lease.
+    async fn finish(&self, id: JobId, outcome: &Outcome, at: UnixMillis) -> Result<Transition, StoreError>;
 
-    /// Drops a record that was created but could not be enqueued, so no id is left pointing at a
-    /// job that will never run.
+    /// `running → queued`, for a retry after a transient failure. Releases any lease.
+    async fn retry(&self, id: JobId) -> Result<Transition, StoreError>;
+
+    /// `queued → expired` when the deadline has passed at `at`.
+    async fn expire_if_due(&self, id: JobId, at: UnixMillis) -> Result<Transition, StoreError>;
+
+    /// Records progress of a running job; never touches a terminal one.
+    async fn progress(&self, id: JobId, progress: &serde_json::Value) -> Result<Transition, StoreError>;
+
+    /// Withdraws a record that was created but could not be enqueued, so no id is left pointing
+    /// at a job that will never run, and a late delivery of it is recognised and dropped.
     async fn discard(&self, id: JobId) -> Result<(), StoreError>;
+
+    /// Takes over from the broker for a long job: the envelope is kept with a lease held by
+    /// `owner` until `until`, after which [`Store::reap`] hands it out again.
+    async fn lease(&self, id: JobId, owner: &str, until: UnixMillis, envelope: &str) -> Result<Transition, StoreError>;
+
+    /// Extends `owner`'s lease; `NotApplicable` when the lease is no longer its own.
+    async fn renew(&self, id: JobId, owner: &str, until: UnixMillis) -> Result<Transition, StoreError>;
+
+    /// Claims up to `limit` leases that lapsed before `now`: each is handed to exactly one caller,
+    /// which holds it as `owner` until `claim_until` while it queues the job again and then calls
+    /// [`Store::retry`]. A caller that dies meanwhile lets its claim lapse in turn.
+    async fn reap(
+        &self,
+        now: UnixMillis,
+        owner: &str,
+        claim_until: UnixMillis,
+        limit: usize,
+    ) -> Result<Vec<Lapsed>, StoreError>;
+
+    /// Ends a reaper's claim once it has queued the job again: `running → queued`, only while the
+    /// claim is still `owner`'s (a worker that already started the job again took it over).
+    async fn release(&self, id: JobId, owner: &str) -> Result<Transition, StoreError>;
+
+    /// `failed → queued` with the attempt count reset: an operator's redrive from the dead-letter
+    /// queue, the one way out of a terminal state.
+    async fn redrive(&self, id: JobId) -> Result<Transition, StoreError>;
 
     /// Cheap liveness check, for readiness probes.
     async fn check(&self) -> Result<(), StoreError>;
 
     fn kind(&self) -> &'static str;
+}
+
+/// The error recorded on a job whose deadline passed before it started.
+pub fn deadline_error() -> JobError {
+    JobError {
+        code: kiln_proto::ErrorCode::DeadlineExceeded,
+        message: "the job's deadline passed before it started".into(),
+    }
 }

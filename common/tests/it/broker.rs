@@ -5,13 +5,15 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use kiln_common::broker::{Deliveries, Delivery};
-use kiln_common::testing::{Kind, backend};
+use kiln_common::testing::{self, Kind, backend};
 use kiln_proto::ModelName;
 
 crate::both_backends!(
     prefetch_bounds_unacked_deliveries,
     closed_consumer_hands_back_what_it_held,
-    requeue_redelivers
+    requeue_redelivers,
+    delayed_publish_arrives_after_the_delay,
+    dead_letters_are_kept_and_counted,
 );
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -37,17 +39,9 @@ async fn prefetch_bounds_unacked_deliveries(kind: Kind) {
     let mut d = b.broker.consume(&model(), 2).await.unwrap();
     let first = next(&mut d).await;
     let second = next(&mut d).await;
-    assert_eq!(
-        (first.body.clone(), second.body.clone()),
-        (vec![0], vec![1])
-    );
+    assert_eq!((first.body.clone(), second.body.clone()), (vec![0], vec![1]));
     // The third stays on the broker while two are unacknowledged.
-    assert!(
-        tokio::time::timeout(Duration::from_millis(300), d.next())
-            .await
-            .is_err(),
-        "prefetch of 2 exceeded"
-    );
+    assert!(tokio::time::timeout(Duration::from_millis(300), d.next()).await.is_err(), "prefetch of 2 exceeded");
     first.ack().await.unwrap();
     assert_eq!(next(&mut d).await.body, vec![2]);
 }
@@ -63,10 +57,7 @@ async fn closed_consumer_hands_back_what_it_held(kind: Kind) {
     let mut other = b.broker.consume(&model(), 10).await.unwrap();
     let again = next(&mut other).await;
     assert_eq!(again.body, b"job");
-    assert!(
-        again.redelivered,
-        "a handed-back delivery is flagged redelivered"
-    );
+    assert!(again.redelivered, "a handed-back delivery is flagged redelivered");
     again.ack().await.unwrap();
     // The first consumer's ack comes too late: the delivery is no longer its to settle.
     assert!(held.ack().await.is_err() || kind == Kind::External);
@@ -81,4 +72,43 @@ async fn requeue_redelivers(kind: Kind) {
     let again = next(&mut d).await;
     assert!(again.redelivered);
     again.ack().await.unwrap();
+}
+
+async fn delayed_publish_arrives_after_the_delay(kind: Kind) {
+    let b = backend(kind, Duration::from_secs(60));
+    b.broker.declare(&[model()]).await.unwrap();
+    let mut d = b.broker.consume(&model(), 10).await.unwrap();
+    let sent = std::time::Instant::now();
+    b.broker.publish_delayed(&model(), b"later".to_vec(), Duration::from_millis(300)).await.unwrap();
+    b.broker.publish(&model(), b"now".to_vec()).await.unwrap();
+    let first = next(&mut d).await;
+    assert_eq!(first.body, b"now");
+    first.ack().await.unwrap();
+    let later = next(&mut d).await;
+    // 300 ms is rounded up to the first delay step, one second.
+    assert_eq!(later.body, b"later");
+    assert!(sent.elapsed() >= Duration::from_secs(1), "delivered after {:?}", sent.elapsed());
+    later.ack().await.unwrap();
+}
+
+async fn dead_letters_are_kept_and_counted(kind: Kind) {
+    let b = backend(kind, Duration::from_secs(60));
+    b.broker.declare(&[model()]).await.unwrap();
+    assert_eq!(b.broker.dead_letter_count().await.unwrap(), 0);
+    b.broker.dead_letter(b"dead-1".to_vec()).await.unwrap();
+    b.broker.dead_letter(b"dead-2".to_vec()).await.unwrap();
+    assert_eq!(b.broker.dead_letter_count().await.unwrap(), 2);
+    let mut d = b.broker.consume_dead_letters(10).await.unwrap();
+    let one = next(&mut d).await;
+    assert_eq!(one.body, b"dead-1");
+    one.ack().await.unwrap();
+    drop(next(&mut d).await);
+    drop(d);
+    testing::wait_until("the unacknowledged dead letter is back", WAIT, || async {
+        match b.broker.dead_letter_count().await.unwrap() {
+            1 => Ok(()),
+            n => Err(n),
+        }
+    })
+    .await;
 }

@@ -40,7 +40,8 @@ async fn method_not_allowed() -> ApiError {
 }
 
 async fn span(req: Request, next: Next) -> Response {
-    let span = tracing::info_span!("http", method = %req.method(), path = %req.uri().path(), status = tracing::field::Empty);
+    let span =
+        tracing::info_span!("http", method = %req.method(), path = %req.uri().path(), status = tracing::field::Empty);
     let started = std::time::Instant::now();
     let resp = next.run(req).instrument(span.clone()).await;
     span.record("status", resp.status().as_u16());

@@ -46,8 +46,7 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
     } else {
         let mut resp = (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
         let secs = state.config.retry_after.as_secs().max(1);
-        resp.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
         resp
     }
 }

@@ -15,10 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
 fn state() -> AppState {
-    let repo = ModelRepository::load(
-        &std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models"),
-    )
-    .unwrap();
+    let repo = ModelRepository::load(&std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models")).unwrap();
     AppState::new(
         GatewayConfig::default(),
         Backend::embedded(Duration::from_secs(60)),
@@ -31,11 +28,7 @@ async fn call(state: &AppState, req: Request<Body>) -> (StatusCode, axum::http::
     let resp = router(state.clone()).oneshot(req).await.unwrap();
     let (parts, body) = resp.into_parts();
     let bytes = body.collect().await.unwrap().to_bytes();
-    (
-        parts.status,
-        parts.headers,
-        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-    )
+    (parts.status, parts.headers, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
 }
 
 #[tokio::test]
@@ -43,9 +36,7 @@ async fn accepted_job_has_location_and_queued_record() {
     let s = state();
     let req = Request::post("/v1/jobs")
         .header(header::CONTENT_TYPE, "application/json")
-        .body(Body::from(
-            json!({"model": "all-minilm-l6-v2", "input": {"text": "hi"}}).to_string(),
-        ))
+        .body(Body::from(json!({"model": "all-minilm-l6-v2", "input": {"text": "hi"}}).to_string()))
         .unwrap();
     let (status, headers, body) = call(&s, req).await;
     assert_eq!(status, StatusCode::ACCEPTED);
@@ -67,13 +58,7 @@ async fn accepted_job_has_location_and_queued_record() {
     ] {
         assert!(body.get(field).is_some(), "record lacks {field}: {body}");
     }
-    let (status, _, got) = call(
-        &s,
-        Request::get(format!("/v1/jobs/{id}"))
-            .body(Body::empty())
-            .unwrap(),
-    )
-    .await;
+    let (status, _, got) = call(&s, Request::get(format!("/v1/jobs/{id}")).body(Body::empty()).unwrap()).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(got["status"], "queued");
 }
@@ -89,21 +74,12 @@ async fn readiness_turns_false_when_draining_starts() {
     assert_eq!(body["draining"], true);
     assert!(headers.contains_key(header::RETRY_AFTER));
     // Liveness is unaffected.
-    assert_eq!(
-        call(&s, Request::get("/healthz").body(Body::empty()).unwrap())
-            .await
-            .0,
-        StatusCode::OK
-    );
+    assert_eq!(call(&s, Request::get("/healthz").body(Body::empty()).unwrap()).await.0, StatusCode::OK);
 }
 
 #[tokio::test]
 async fn wrong_method_is_a_json_405() {
-    let (status, _, body) = call(
-        &state(),
-        Request::delete("/v1/jobs").body(Body::empty()).unwrap(),
-    )
-    .await;
+    let (status, _, body) = call(&state(), Request::delete("/v1/jobs").body(Body::empty()).unwrap()).await;
     assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
     assert_eq!(body["error"]["code"], "method_not_allowed");
 }

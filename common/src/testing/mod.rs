@@ -5,6 +5,8 @@ use std::fmt::Debug;
 use std::future::Future;
 use std::time::Duration;
 
+pub mod servers;
+
 use crate::Backend;
 use crate::config::{BackendArgs, Secret};
 
@@ -12,7 +14,9 @@ use crate::config::{BackendArgs, Secret};
 /// needs the real servers must not pass without them.
 pub fn service_urls() -> (String, String) {
     let get = |k: &str| {
-        std::env::var(k).unwrap_or_else(|_| panic!("{k} is not set: run the suite with scripts/test.sh, which starts RabbitMQ and Redis"))
+        std::env::var(k).unwrap_or_else(|_| {
+            panic!("{k} is not set: run the suite with scripts/test.sh, which starts RabbitMQ and Redis")
+        })
     };
     (get("KILN_TEST_AMQP_URL"), get("KILN_TEST_REDIS_URL"))
 }
@@ -47,9 +51,7 @@ pub enum Kind {
 pub fn backend(kind: Kind, retention: Duration) -> Backend {
     match kind {
         Kind::Embedded => Backend::embedded(retention),
-        Kind::External => {
-            Backend::external(&backend_args(retention)).expect("backend for the test servers")
-        }
+        Kind::External => Backend::external(&backend_args(retention)).expect("backend for the test servers"),
     }
 }
 

@@ -1,0 +1,219 @@
+//! Private RabbitMQ and Redis servers for fault tests that stop, restart or reconfigure them, so
+//! they never disturb the shared servers other tests run against. Each runs as a child process
+//! on free ports with a temporary data dir, and is killed (its dir removed) on drop.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::process::{Child, Command};
+
+use super::wait_until;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+fn temp_dir(kind: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("kiln-{kind}-{}", super::unique_prefix()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+/// The directory of RabbitMQ's real scripts (Debian's /usr/sbin wrappers switch users).
+fn rabbit_sbin() -> PathBuf {
+    let link = Path::new("/usr/lib/rabbitmq/bin/rabbitmq-server");
+    let real = std::fs::canonicalize(link).unwrap_or_else(|_| {
+        panic!("{} not found: run the suite with scripts/test.sh, which installs rabbitmq-server", link.display())
+    });
+    real.parent().expect("sbin").to_owned()
+}
+
+pub struct RabbitMq {
+    dir: PathBuf,
+    port: u16,
+    dist_port: u16,
+    epmd_port: u16,
+    node: String,
+    child: Option<Child>,
+}
+
+impl RabbitMq {
+    /// Starts a node; `consumer_timeout` lowers RabbitMQ's delivery acknowledgement timeout, which
+    /// it then checks every second.
+    pub async fn start(consumer_timeout: Option<Duration>) -> Self {
+        let dir = temp_dir("rabbitmq");
+        for d in ["home", "mnesia", "log"] {
+            std::fs::create_dir_all(dir.join(d)).unwrap();
+        }
+        std::fs::write(dir.join("plugins"), "[].").unwrap();
+        std::fs::write(dir.join("advanced.config"), "[{rabbit, [{channel_tick_interval, 1000}]}].").unwrap();
+        let mut conf = String::from("loopback_users = none\nlog.console = true\nlog.file = false\n");
+        if let Some(t) = consumer_timeout {
+            conf.push_str(&format!("consumer_timeout = {}\n", t.as_millis()));
+        }
+        std::fs::write(dir.join("rabbitmq.conf"), conf).unwrap();
+        let node = format!("kiln-{}@localhost", super::unique_prefix());
+        let mut me = Self { dir, port: free_port(), dist_port: free_port(), epmd_port: free_port(), node, child: None };
+        me.launch().await;
+        me
+    }
+
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    fn command(&self, program: &str) -> Command {
+        let sbin = rabbit_sbin();
+        let mut cmd = Command::new(sbin.join(program));
+        let path = format!("{}:{}", sbin.display(), std::env::var("PATH").unwrap_or_default());
+        cmd.env("PATH", path)
+            .env("HOME", self.dir.join("home"))
+            .env("ERL_EPMD_PORT", self.epmd_port.to_string())
+            .env("RABBITMQ_NODENAME", &self.node)
+            .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
+            .env("RABBITMQ_NODE_PORT", self.port.to_string())
+            .env("RABBITMQ_DIST_PORT", self.dist_port.to_string())
+            .env("RABBITMQ_MNESIA_BASE", self.dir.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", self.dir.join("log"))
+            .env("RABBITMQ_PID_FILE", self.dir.join("rabbit.pid"))
+            .env("RABBITMQ_ENABLED_PLUGINS_FILE", self.dir.join("plugins"))
+            .env("RABBITMQ_CONFIG_FILE", self.dir.join("rabbitmq"))
+            .env("RABBITMQ_ADVANCED_CONFIG_FILE", self.dir.join("advanced.config"))
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    async fn launch(&mut self) {
+        let log = std::fs::File::create(self.dir.join("log").join("stdout.log")).unwrap();
+        let child = self
+            .command("rabbitmq-server")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start rabbitmq-server");
+        self.child = Some(child);
+        let status = self
+            .command("rabbitmqctl")
+            .args(["-n", &self.node, "wait"])
+            .arg(self.dir.join("rabbit.pid"))
+            .args(["--timeout", "120"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .await
+            .expect("rabbitmqctl wait");
+        assert!(status.success(), "RabbitMQ did not start; see {}", self.dir.join("log/stdout.log").display());
+    }
+
+    /// Stops the node (as an operator would) and waits until it no longer accepts connections.
+    pub async fn stop(&mut self) {
+        let _ = self
+            .command("rabbitmqctl")
+            .args(["-n", &self.node, "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .await;
+        if let Some(mut child) = self.child.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(60), child.wait()).await;
+            let _ = child.start_kill();
+        }
+        let port = self.port;
+        wait_until("RabbitMQ stops listening", Duration::from_secs(30), || async move {
+            match tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+                Err(_) => Ok(()),
+                Ok(_) => Err("still accepting connections"),
+            }
+        })
+        .await;
+    }
+
+    /// Starts the node again on the same ports and data.
+    pub async fn restart(&mut self) {
+        self.launch().await;
+    }
+}
+
+impl Drop for RabbitMq {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.start_kill();
+        }
+        let _ = std::process::Command::new("epmd")
+            .args(["-port", &self.epmd_port.to_string(), "-kill"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+pub struct Redis {
+    dir: PathBuf,
+    port: u16,
+    child: Option<Child>,
+}
+
+impl Redis {
+    /// Starts a durable Redis: append-only file, fsync on every write.
+    pub async fn start() -> Self {
+        let mut me = Self { dir: temp_dir("redis"), port: free_port(), child: None };
+        me.launch().await;
+        me
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    async fn launch(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes"])
+            .args(["--appendfsync", "always", "--dir"])
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start redis-server (run the suite with scripts/test.sh, which installs it)");
+        self.child = Some(child);
+        let url = self.url();
+        wait_until("Redis answers PING", Duration::from_secs(30), || {
+            let url = url.clone();
+            async move {
+                let client = redis::Client::open(url).map_err(|e| e.to_string())?;
+                let mut conn = client.get_multiplexed_async_connection().await.map_err(|e| e.to_string())?;
+                redis::cmd("PING").query_async::<String>(&mut conn).await.map_err(|e| e.to_string())
+            }
+        })
+        .await;
+    }
+
+    /// Shuts Redis down cleanly (the append-only file is complete) and waits for the process.
+    pub async fn stop(&mut self) {
+        if let Ok(client) = redis::Client::open(self.url())
+            && let Ok(mut conn) = client.get_multiplexed_async_connection().await
+        {
+            let _ = redis::cmd("SHUTDOWN").query_async::<()>(&mut conn).await;
+        }
+        if let Some(mut child) = self.child.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
+            let _ = child.start_kill();
+        }
+    }
+
+    pub async fn restart(&mut self) {
+        self.launch().await;
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.start_kill();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -1,0 +1,198 @@
+//! One batch, start to end: decode and start each job (skipping duplicates, expired and withdrawn
+//! jobs, giving up on jobs started too often), validate inputs, run the model once for the whole
+//! batch (each job alone if the batch fails, so one bad job cannot fail its batch-mates), then
+//! settle every job — store the result, retry with backoff, or dead-letter — and only then
+//! acknowledge its message.
+
+use kiln_common::broker::Delivery;
+use kiln_common::store::{Outcome, Start, StoreError, Transition};
+use kiln_proto::{
+    AttemptRecord, DeadLetter, ENVELOPE_VERSION, EmbeddingInput, EmbeddingOutput, Envelope, JobId, JobRecord,
+    now_millis,
+};
+
+use crate::consumer::Ctx;
+use crate::errors::{Disposition, Failure, dispose};
+use crate::events;
+use crate::lease::guarded;
+
+pub struct Job {
+    pub id: JobId,
+    pub envelope: Envelope,
+    /// The message as received, kept for leases.
+    pub body: Vec<u8>,
+    /// The broker's message, until it is acknowledged (at the end, or when a lease takes over).
+    pub delivery: Option<Delivery>,
+    /// Held by a lease in the store instead of by the broker.
+    pub leased: bool,
+    pub attempt: u32,
+    pub texts: Vec<String>,
+}
+
+/// Runs one batch to the end. Returns whether the store failed (the caller backs off).
+pub async fn process(ctx: &Ctx, batch: Vec<Delivery>) -> bool {
+    let started = std::time::Instant::now();
+    let mut store_trouble = false;
+    let mut jobs = Vec::with_capacity(batch.len());
+    for delivery in batch {
+        match admit(ctx, delivery).await {
+            Admitted::Run(job) => jobs.push(job),
+            Admitted::Settled => {}
+            Admitted::StoreDown => store_trouble = true,
+        }
+    }
+    if jobs.is_empty() {
+        return store_trouble;
+    }
+    let text_count: usize = jobs.iter().map(|j| j.texts.len()).sum();
+    let all: Vec<String> = jobs.iter().flat_map(|j| j.texts.iter().cloned()).collect();
+    let whole = guarded(ctx.infer.embed(all), &mut jobs, &ctx.backend, &ctx.owner, ctx.lease).await;
+    let results: Vec<Result<Vec<Vec<f32>>, Failure>> = match whole {
+        Ok(vectors) => {
+            let mut it = vectors.into_iter();
+            jobs.iter().map(|j| Ok(it.by_ref().take(j.texts.len()).collect())).collect()
+        }
+        Err(e) if jobs.len() == 1 => vec![Err(e.into())],
+        Err(_) => {
+            let mut results = Vec::with_capacity(jobs.len());
+            for i in 0..jobs.len() {
+                let texts = jobs[i].texts.clone();
+                let one = guarded(ctx.infer.embed(texts), &mut jobs[i..=i], &ctx.backend, &ctx.owner, ctx.lease).await;
+                results.push(one.map_err(Failure::from));
+            }
+            results
+        }
+    };
+    let settled =
+        futures::future::join_all(jobs.into_iter().zip(results).map(|(job, result)| settle(ctx, job, result))).await;
+    events::batch_done(&ctx.spec.name, settled.len(), text_count, started.elapsed());
+    store_trouble || settled.into_iter().any(|trouble| trouble)
+}
+
+enum Admitted {
+    Run(Job),
+    Settled,
+    StoreDown,
+}
+
+async fn admit(ctx: &Ctx, delivery: Delivery) -> Admitted {
+    let store = &ctx.backend.store;
+    let envelope: Envelope = match serde_json::from_slice(&delivery.body) {
+        Ok(e) => e,
+        Err(e) => {
+            events::undecodable(&ctx.spec.name, &e);
+            let _ = delivery.reject().await;
+            return Admitted::Settled;
+        }
+    };
+    let id = envelope.id;
+    let mut start = store.start(id, now_millis()).await;
+    if let Ok(Start::Missing) = start {
+        // Accepted, but its record is gone (expired, or lost by the store): run it all the same.
+        let record = JobRecord::queued(id, envelope.model.clone(), envelope.created_at, None);
+        match store.create(&record).await {
+            Ok(()) | Err(StoreError::Conflict(_)) => start = store.start(id, now_millis()).await,
+            Err(e) => start = Err(e),
+        }
+    }
+    let attempt = match start {
+        Ok(Start::Started { attempt }) => attempt,
+        Ok(skip @ (Start::Expired | Start::AlreadyTerminal(_) | Start::Withdrawn | Start::Missing)) => {
+            events::skipped(id, &skip);
+            let _ = delivery.ack().await;
+            return Admitted::Settled;
+        }
+        Err(e) => {
+            events::handed_back(id, &e);
+            let _ = delivery.requeue().await;
+            return Admitted::StoreDown;
+        }
+    };
+    let body = delivery.body.clone();
+    let mut job = Job { id, envelope, body, delivery: Some(delivery), leased: false, attempt, texts: Vec::new() };
+    if attempt > ctx.retry.max_attempts {
+        let trouble = settle(ctx, job, Err(Failure::Abandoned { starts: attempt - 1 })).await;
+        return if trouble { Admitted::StoreDown } else { Admitted::Settled };
+    }
+    match EmbeddingInput::parse(&job.envelope.input, &ctx.spec.limits) {
+        Ok(input) => {
+            job.texts = input.texts;
+            Admitted::Run(job)
+        }
+        Err(e) => {
+            let trouble = settle(ctx, job, Err(Failure::Input(e.to_string()))).await;
+            if trouble { Admitted::StoreDown } else { Admitted::Settled }
+        }
+    }
+}
+
+fn success(embeddings: Vec<Vec<f32>>) -> Outcome {
+    let dim = embeddings.first().map_or(0, Vec::len);
+    Outcome::Succeeded(serde_json::to_string(&EmbeddingOutput { embeddings, dim }).expect("embeddings serialise"))
+}
+
+/// Settles one job and then its message. Returns whether the store or broker failed, in which
+/// case the job is handed back (its message requeued, or its lease left to lapse).
+async fn settle(ctx: &Ctx, mut job: Job, result: Result<Vec<Vec<f32>>, Failure>) -> bool {
+    let id = job.id;
+    events::run_finished(id, job.attempt, result.is_ok());
+    let outcome = match result {
+        Ok(vectors) => success(vectors),
+        Err(failure) => match dispose(failure, id, job.attempt, &ctx.retry) {
+            Disposition::Fail(error) => {
+                events::job_failed(id, &error.message);
+                Outcome::Failed(error)
+            }
+            Disposition::Retry { after, error } => {
+                job.envelope.history.push(AttemptRecord { attempt: job.attempt, at: now_millis(), error });
+                let body = serde_json::to_vec(&job.envelope).expect("envelopes serialise");
+                // Publish the retry first: until it is confirmed, the job stays with this message
+                // (or lease), so a failure here loses nothing.
+                if let Err(e) = ctx.backend.broker.publish_delayed(&ctx.spec.name, body, after).await {
+                    return hand_back(job, &e).await;
+                }
+                let _ = ctx.backend.store.retry(id).await;
+                events::retry_scheduled(id, job.attempt, after);
+                return ack(job).await;
+            }
+            Disposition::DeadLetter(error) => {
+                let letter = DeadLetter {
+                    v: ENVELOPE_VERSION,
+                    envelope: job.envelope.clone(),
+                    reason: error.clone(),
+                    attempts: job.attempt,
+                    dead_at: now_millis(),
+                };
+                let body = serde_json::to_vec(&letter).expect("dead letters serialise");
+                if let Err(e) = ctx.backend.broker.dead_letter(body).await {
+                    return hand_back(job, &e).await;
+                }
+                events::dead_lettered(id, &error.message);
+                Outcome::Failed(error)
+            }
+        },
+    };
+    match ctx.backend.store.finish(id, &outcome, now_millis()).await {
+        Ok(Transition::Applied) => ack(job).await,
+        Ok(other) => {
+            events::duplicate_finish(id, &format!("{other:?}"));
+            ack(job).await
+        }
+        Err(e) => hand_back(job, &e).await,
+    }
+}
+
+async fn ack(job: Job) -> bool {
+    if let Some(d) = job.delivery {
+        let _ = d.ack().await;
+    }
+    false
+}
+
+async fn hand_back(job: Job, error: &(dyn std::fmt::Display + Sync)) -> bool {
+    events::handed_back(job.id, error);
+    if let Some(d) = job.delivery {
+        let _ = d.requeue().await;
+    }
+    true
+}
