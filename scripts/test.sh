@@ -27,6 +27,12 @@ ORT_DYLIB_PATH=$("$kiln" fetch | sed -n 's/^onnxruntime: //p')
 export ORT_DYLIB_PATH
 
 step "cargo test"
+summary="${CARGO_TARGET_DIR:-target}/tmp/fault-suite.txt"
+rm -f "$summary"
 cargo test --workspace --locked -- --color never "$@"
+if [ -f "$summary" ]; then
+  step "fault-injection suite"
+  sort "$summary"
+fi
 
 step "done in $((SECONDS - started))s"

@@ -20,7 +20,9 @@ pub enum DlqError {
     Broker(#[from] BrokerError),
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("the dead-letter queue said it held {expected} messages but delivered {got} within {waited:?}")]
+    #[error(
+        "the dead-letter queue said it held {expected} messages but delivered {got} (waited {waited:?} for the next)"
+    )]
     Short { expected: u32, got: u32, waited: Duration },
 }
 
@@ -38,17 +40,24 @@ pub struct RedriveReport {
     /// Dead letters removed without a redrive: their job is no longer `failed` (redriven already,
     /// or its record expired and was recreated).
     pub dropped: Vec<JobId>,
-    /// Messages left in the queue: not selected, unreadable, or beyond [`MAX_BATCH`].
+    /// Messages looked at and left in the queue: not selected, or unreadable. A queue holding more
+    /// than [`MAX_BATCH`] takes several calls.
     pub left: u32,
 }
 
-async fn take(deliveries: &mut Deliveries, expected: u32) -> Result<Vec<Delivery>, DlqError> {
-    let waited = Duration::from_secs(5);
-    let mut out = Vec::with_capacity(expected as usize);
-    while out.len() < expected as usize {
-        match tokio::time::timeout(waited, deliveries.next()).await {
+/// Takes what the queue holds: at least `hint` messages (the broker's count, which can lag
+/// behind requeues) waiting up to 5 s each, then more until none comes for half a second, at
+/// most `max`.
+async fn take(deliveries: &mut Deliveries, hint: u32, max: u32) -> Result<Vec<Delivery>, DlqError> {
+    let mut out = Vec::new();
+    while (out.len() as u32) < max {
+        let wait = if (out.len() as u32) < hint { Duration::from_secs(5) } else { Duration::from_millis(500) };
+        match tokio::time::timeout(wait, deliveries.next()).await {
             Ok(Some(d)) => out.push(d?),
-            _ => return Err(DlqError::Short { expected, got: out.len() as u32, waited }),
+            _ if (out.len() as u32) < hint => {
+                return Err(DlqError::Short { expected: hint, got: out.len() as u32, waited: wait });
+            }
+            _ => break,
         }
     }
     Ok(out)
@@ -56,41 +65,34 @@ async fn take(deliveries: &mut Deliveries, expected: u32) -> Result<Vec<Delivery
 
 /// Up to `limit` dead letters, oldest first. Nothing is removed.
 pub async fn list(backend: &Backend, limit: u32) -> Result<Vec<DeadLetter>, DlqError> {
-    let n = backend.broker.dead_letter_count().await?.min(limit).min(MAX_BATCH);
-    if n == 0 {
-        return Ok(Vec::new());
-    }
-    let mut deliveries = backend.broker.consume_dead_letters(n as u16).await?;
-    let held = take(&mut deliveries, n).await?;
+    let max = limit.min(MAX_BATCH);
+    let hint = backend.broker.dead_letter_count().await?.min(max);
+    let mut deliveries = backend.broker.consume_dead_letters(max.max(1) as u16).await?;
+    let held = take(&mut deliveries, hint, max).await?;
     let letters = held.iter().filter_map(|d| serde_json::from_slice(&d.body).ok()).collect();
-    // Dropping the consumer hands every message back, untouched.
-    drop(held);
-    drop(deliveries);
+    // Hand every message back, untouched, before returning, so a redrive right after sees them.
+    for d in held {
+        d.requeue().await?;
+    }
+    deliveries.close().await;
     Ok(letters)
 }
 
 /// Queues the selected dead jobs again.
 pub async fn redrive(backend: &Backend, selection: Selection) -> Result<RedriveReport, DlqError> {
-    let total = backend.broker.dead_letter_count().await?;
-    let n = total.min(MAX_BATCH);
-    let mut report = RedriveReport { left: total - n, ..Default::default() };
-    if n == 0 {
-        return Ok(report);
-    }
-    let mut deliveries = backend.broker.consume_dead_letters(n as u16).await?;
-    for delivery in take(&mut deliveries, n).await? {
-        let letter: DeadLetter = match serde_json::from_slice(&delivery.body) {
-            Ok(l) => l,
-            Err(_) => {
+    let hint = backend.broker.dead_letter_count().await?.min(MAX_BATCH);
+    let mut report = RedriveReport::default();
+    let mut deliveries = backend.broker.consume_dead_letters(MAX_BATCH as u16).await?;
+    for delivery in take(&mut deliveries, hint, MAX_BATCH).await? {
+        let letter = match serde_json::from_slice::<DeadLetter>(&delivery.body) {
+            Ok(l) if selection == Selection::All || selection == Selection::Job(l.envelope.id) => l,
+            _ => {
+                delivery.requeue().await?;
                 report.left += 1;
                 continue;
             }
         };
         let id = letter.envelope.id;
-        if selection != Selection::All && selection != Selection::Job(id) {
-            report.left += 1;
-            continue;
-        }
         let mut envelope = letter.envelope;
         match backend.store.redrive(id).await? {
             // Queued with its dead letter still here: an earlier redrive failed to publish.
@@ -117,5 +119,6 @@ pub async fn redrive(backend: &Backend, selection: Selection) -> Result<RedriveR
         delivery.ack().await?;
         report.redriven.push(id);
     }
+    deliveries.close().await;
     Ok(report)
 }

@@ -36,7 +36,7 @@ pub async fn process(ctx: &Ctx, batch: Vec<Delivery>) -> bool {
     let mut jobs = Vec::with_capacity(batch.len());
     for delivery in batch {
         match admit(ctx, delivery).await {
-            Admitted::Run(job) => jobs.push(job),
+            Admitted::Run(job) => jobs.push(*job),
             Admitted::Settled => {}
             Admitted::StoreDown => store_trouble = true,
         }
@@ -70,7 +70,7 @@ pub async fn process(ctx: &Ctx, batch: Vec<Delivery>) -> bool {
 }
 
 enum Admitted {
-    Run(Job),
+    Run(Box<Job>),
     Settled,
     StoreDown,
 }
@@ -117,7 +117,7 @@ async fn admit(ctx: &Ctx, delivery: Delivery) -> Admitted {
     match EmbeddingInput::parse(&job.envelope.input, &ctx.spec.limits) {
         Ok(input) => {
             job.texts = input.texts;
-            Admitted::Run(job)
+            Admitted::Run(Box::new(job))
         }
         Err(e) => {
             let trouble = settle(ctx, job, Err(Failure::Input(e.to_string()))).await;
@@ -135,7 +135,7 @@ fn success(embeddings: Vec<Vec<f32>>) -> Outcome {
 /// case the job is handed back (its message requeued, or its lease left to lapse).
 async fn settle(ctx: &Ctx, mut job: Job, result: Result<Vec<Vec<f32>>, Failure>) -> bool {
     let id = job.id;
-    events::run_finished(id, job.attempt, result.is_ok());
+    let ok = result.is_ok();
     let outcome = match result {
         Ok(vectors) => success(vectors),
         Err(failure) => match dispose(failure, id, job.attempt, &ctx.retry) {
@@ -173,8 +173,13 @@ async fn settle(ctx: &Ctx, mut job: Job, result: Result<Vec<Vec<f32>>, Failure>)
         },
     };
     match ctx.backend.store.finish(id, &outcome, now_millis()).await {
-        Ok(Transition::Applied) => ack(job).await,
+        Ok(Transition::Applied) => {
+            events::run_completed(id, job.attempt, ok, true);
+            ack(job).await
+        }
         Ok(other) => {
+            // Another run of this job completed first; this one ran to completion all the same.
+            events::run_completed(id, job.attempt, ok, false);
             events::duplicate_finish(id, &format!("{other:?}"));
             ack(job).await
         }

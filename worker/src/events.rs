@@ -1,5 +1,5 @@
 //! The worker's log events in one place, so the consume loop holds no logging boilerplate.
-//! `kiln::worker::runs` at debug level logs one line per finished run, which the fault-injection
+//! `kiln::worker::runs` at debug level logs one line per completed run, which the fault-injection
 //! suite counts to prove no job ran to completion twice.
 
 use std::fmt::Display;
@@ -25,8 +25,10 @@ pub fn batch_done(model: &ModelName, jobs: usize, texts: usize, elapsed: Duratio
     tracing::debug!(target: "kiln::worker", %model, jobs, texts, elapsed_ms = elapsed.as_secs_f64() * 1e3, "batch done");
 }
 
-pub fn run_finished(id: JobId, attempt: u32, ok: bool) {
-    tracing::debug!(target: "kiln::worker::runs", job_id = %id, attempt, ok, "run finished");
+/// A run that completed: its outcome reached the store, which kept it (`stored`) or had a result
+/// from an earlier run already.
+pub fn run_completed(id: JobId, attempt: u32, ok: bool, stored: bool) {
+    tracing::debug!(target: "kiln::worker::runs", job_id = %id, attempt, ok, stored, "run completed");
 }
 
 pub fn skipped(id: JobId, why: &Start) {

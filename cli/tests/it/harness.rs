@@ -50,6 +50,12 @@ impl Env {
         Self::from_parts(backend, args)
     }
 
+    /// Serves the model repository at `models` instead of the project's.
+    pub fn with_models(mut self, models: &TempRepo) -> Self {
+        self.repo = ModelRepository::load(&models.0).expect("model repository");
+        self
+    }
+
     pub fn from_parts(backend: Backend, args: Option<BackendArgs>) -> Self {
         let repo = ModelRepository::load(&repo_dir()).expect("model repository");
         let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
@@ -75,7 +81,10 @@ impl Env {
     }
 
     pub fn worker(&self) -> Worker {
-        let config = WorkerConfig { intra_threads: Some(2), ..WorkerConfig::default() };
+        self.worker_with(WorkerConfig { intra_threads: Some(2), ..WorkerConfig::default() })
+    }
+
+    pub fn worker_with(&self, config: WorkerConfig) -> Worker {
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(kiln_worker::run(
             config,
@@ -186,4 +195,126 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
 
 pub fn norm(a: &[f32]) -> f32 {
     a.iter().map(|x| x * x).sum::<f32>().sqrt()
+}
+
+/// A model repository in a temporary folder: the project's, with each `kiln.toml` passed through
+/// `edit`. Model names and versions stay, so the fetched files in the cache are shared.
+pub struct TempRepo(pub PathBuf);
+
+impl TempRepo {
+    pub fn new(edit: impl Fn(String) -> String) -> Self {
+        let dir = std::env::temp_dir().join(format!("kiln-models-{}", testing::unique_prefix()));
+        for entry in std::fs::read_dir(repo_dir()).unwrap() {
+            let entry = entry.unwrap();
+            let toml = entry.path().join("kiln.toml");
+            if toml.is_file() {
+                std::fs::create_dir_all(dir.join(entry.file_name())).unwrap();
+                let text = edit(std::fs::read_to_string(&toml).unwrap());
+                std::fs::write(dir.join(entry.file_name()).join("kiln.toml"), text).unwrap();
+            }
+        }
+        Self(dir)
+    }
+}
+
+impl Drop for TempRepo {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Replaces one `key = value` line of a model config.
+pub fn set(key: &str, value: &str) -> impl Fn(String) -> String {
+    let (key, value) = (key.to_owned(), value.to_owned());
+    move |text: String| {
+        let prefix = format!("{key} =");
+        assert!(text.lines().any(|l| l.starts_with(&prefix)), "no {key} in the model config");
+        text.lines()
+            .map(|l| if l.starts_with(&prefix) { format!("{key} = {value}") } else { l.to_owned() })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+/// A `kiln worker` process, logging JSON to a file so tests can read what it did.
+pub struct ChildWorker {
+    child: tokio::process::Child,
+    pub log: PathBuf,
+}
+
+impl ChildWorker {
+    pub fn spawn(args: &BackendArgs, models: &std::path::Path, env: &[(&str, &str)]) -> Self {
+        let log = std::env::temp_dir().join(format!("kiln-worker-{}.log", testing::unique_prefix()));
+        let file = std::fs::File::create(&log).unwrap();
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_kiln"));
+        cmd.arg("worker")
+            .env("KILN_AMQP_URL", args.amqp_url.expose())
+            .env("KILN_REDIS_URL", args.redis_url.expose())
+            .env("KILN_QUEUE_PREFIX", &args.queue_prefix)
+            .env("KILN_KEY_PREFIX", &args.key_prefix)
+            .env("KILN_MODELS_DIR", models)
+            .env("KILN_CACHE_DIR", cache_dir())
+            .env("KILN_INTRA_THREADS", "1")
+            .env("KILN_LOG", "warn,kiln::worker=info,kiln::worker::runs=debug")
+            .env("KILN_LOG_FORMAT", "json")
+            .stdout(std::process::Stdio::null())
+            .stderr(file)
+            .kill_on_drop(true);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Self { child: cmd.spawn().expect("spawn kiln worker"), log }
+    }
+
+    pub fn lines(&self) -> Vec<Value> {
+        read_log(&self.log)
+    }
+
+    /// Waits until the worker has logged a line for which `pred` holds, and returns it.
+    pub async fn wait_for(&self, what: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+        testing::wait_until(what, timeout, || async {
+            let lines = self.lines();
+            lines.iter().find(|l| pred(l)).cloned().ok_or_else(|| lines.last().cloned().unwrap_or(Value::Null))
+        })
+        .await
+    }
+
+    pub fn kill(&mut self) {
+        self.child.start_kill().expect("SIGKILL");
+    }
+
+    pub fn terminate(&self) {
+        let pid = self.child.id().expect("running").to_string();
+        let ok = std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success();
+        assert!(ok, "kill -TERM {pid}");
+    }
+
+    pub async fn wait(&mut self) -> std::process::ExitStatus {
+        tokio::time::timeout(Duration::from_secs(120), self.child.wait()).await.expect("worker exits").unwrap()
+    }
+}
+
+impl Drop for ChildWorker {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+fn read_log(path: &std::path::Path) -> Vec<Value> {
+    std::fs::read_to_string(path).unwrap_or_default().lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+}
+
+/// Successful runs that reached the store, per job, across the workers' logs: more than one is a
+/// job run to completion twice.
+pub fn completed_runs(workers: &[&ChildWorker]) -> std::collections::HashMap<String, usize> {
+    let mut runs = std::collections::HashMap::new();
+    for w in workers {
+        for line in w.lines() {
+            if line["target"] == "kiln::worker::runs" && line["ok"] == true {
+                *runs.entry(line["job_id"].as_str().unwrap_or_default().to_owned()).or_insert(0) += 1;
+            }
+        }
+    }
+    runs
 }

@@ -5,6 +5,8 @@
 mod behaviour;
 mod faults;
 mod harness;
+mod reliability;
+mod suite;
 
 /// Generates one test per backend from an `async fn scenario(kind: Kind)`.
 macro_rules! both_backends {

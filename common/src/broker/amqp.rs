@@ -227,7 +227,13 @@ impl AmqpBroker {
             let _keep = &guard;
             d.map_err(BrokerError::from).map(|d| Delivery::new(d.data, d.redelivered, Box::new(AmqpAcker(d.acker))))
         });
-        Ok(Deliveries::new(stream.boxed(), move || alive.0.status().connected()))
+        let closing = alive.clone();
+        Ok(Deliveries::new(stream.boxed(), move || alive.0.status().connected()).with_closer(move || {
+            Box::pin(async move {
+                // Close-Ok comes after the broker has handled everything sent before on the channel.
+                let _ = closing.0.close(200, "consumer closed".into()).await;
+            })
+        }))
     }
 }
 

@@ -81,6 +81,7 @@ pub trait Acknowledge: Send + Sync {
 pub struct Deliveries {
     inner: BoxStream<'static, Result<Delivery, BrokerError>>,
     alive: Box<dyn Fn() -> bool + Send + Sync>,
+    closer: Option<Box<dyn FnOnce() -> futures::future::BoxFuture<'static, ()> + Send>>,
 }
 
 impl Deliveries {
@@ -88,7 +89,24 @@ impl Deliveries {
         inner: BoxStream<'static, Result<Delivery, BrokerError>>,
         alive: impl Fn() -> bool + Send + Sync + 'static,
     ) -> Self {
-        Self { inner, alive: Box::new(alive) }
+        Self { inner, alive: Box::new(alive), closer: None }
+    }
+
+    /// Sets what [`Deliveries::close`] awaits.
+    pub fn with_closer(
+        mut self,
+        closer: impl FnOnce() -> futures::future::BoxFuture<'static, ()> + Send + 'static,
+    ) -> Self {
+        self.closer = Some(Box::new(closer));
+        self
+    }
+
+    /// Closes the consumer and waits until the broker has settled everything sent on it before
+    /// (acks, requeues), so what follows sees their effect.
+    pub async fn close(mut self) {
+        if let Some(closer) = self.closer.take() {
+            closer().await;
+        }
     }
 
     /// Whether the consumer's channel is still open. A consumer whose channel closed without its

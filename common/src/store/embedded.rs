@@ -182,7 +182,7 @@ impl Store for EmbeddedStore {
         Ok(self.transition(id, |inner, status| {
             let entry = inner.records.get_mut(&id).expect("checked live");
             let r = &mut entry.record;
-            if status != JobStatus::Queued || !r.deadline_at.is_some_and(|d| d < at) {
+            if status != JobStatus::Queued || r.deadline_at.is_none_or(|d| d >= at) {
                 return Transition::NotApplicable(status);
             }
             r.status = JobStatus::Expired;

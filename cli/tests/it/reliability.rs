@@ -1,0 +1,132 @@
+//! Reliability promises on both backends, with in-process roles: a poison job is retried with
+//! backoff, given up and dead-lettered while its batch-mates succeed, and can be redriven; a job
+//! whose deadline passes in the queue expires without running; a long job is taken over by a
+//! lease and completes once.
+
+use std::time::Duration;
+
+use kiln_common::dlq::{self, Selection};
+use kiln_common::testing::{Kind, wait_until};
+use kiln_worker::WorkerConfig;
+use serde_json::json;
+
+use crate::harness::{Env, TempRepo, embeddings, set};
+
+crate::both_backends!(
+    poison_job_is_retried_then_dead_lettered_while_its_batch_mates_succeed,
+    deadline_passed_in_the_queue_expires_the_job_without_running_it,
+    long_job_is_taken_over_by_a_lease_and_completes_once,
+);
+
+const JOB_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A text longer than the model's 512 positions: with truncation lifted to 1024 tokens, ONNX
+/// Runtime fails on it every time — a real poison job.
+pub fn poison_text() -> String {
+    "overflow ".repeat(700)
+}
+
+/// The project's models with truncation lifted past the model's limit.
+pub fn poisonable_repo() -> TempRepo {
+    TempRepo::new(set("max_length", "1024"))
+}
+
+async fn poison_job_is_retried_then_dead_lettered_while_its_batch_mates_succeed(kind: Kind) {
+    let models = poisonable_repo();
+    let env = Env::new(kind).with_models(&models);
+    let gw = env.gateway().await;
+    let config = WorkerConfig {
+        max_attempts: 3,
+        retry_base: Duration::from_millis(100),
+        intra_threads: Some(2),
+        ..WorkerConfig::default()
+    };
+    let worker = env.worker_with(config.clone());
+    let poison = gw.submit_ok(json!({ "text": poison_text() })).await;
+    let mut good = Vec::new();
+    for i in 0..20 {
+        good.push(gw.submit_ok(json!({ "text": format!("good sentence number {i}") })).await);
+    }
+    for id in &good {
+        assert_eq!(embeddings(&gw.finished(*id, JOB_TIMEOUT).await).len(), 1);
+    }
+    let dead = gw.finished(poison, JOB_TIMEOUT).await;
+    assert_eq!(dead["status"], "failed", "{dead}");
+    assert_eq!(dead["error"]["code"], "inference_failed");
+    assert!(dead["error"]["message"].as_str().unwrap().contains("gave up after 3 attempts"), "{dead}");
+    assert_eq!(dead["attempts"], 3);
+
+    let letters = wait_until("the poison job is in the dead-letter queue", Duration::from_secs(10), || async {
+        let l = dlq::list(&env.backend, 10).await.unwrap();
+        if l.len() == 1 { Ok(l) } else { Err(l.len()) }
+    })
+    .await;
+    assert_eq!(letters[0].envelope.id, poison);
+    assert_eq!(letters[0].attempts, 3);
+    assert_eq!(letters[0].envelope.history.len(), 2, "two failed attempts before the last: {:?}", letters[0]);
+
+    // Redriven, it runs again from a clean slate — and, still poison, ends in the queue again.
+    let report = dlq::redrive(&env.backend, Selection::Job(poison)).await.unwrap();
+    assert_eq!(report.redriven, vec![poison], "{report:?}");
+    wait_until("the redriven job fails again", JOB_TIMEOUT, || async {
+        let job = gw.job(poison).await;
+        let again = dlq::list(&env.backend, 10).await.unwrap();
+        if job["status"] == "failed" && again.len() == 1 { Ok(()) } else { Err((job["status"].clone(), again.len())) }
+    })
+    .await;
+    assert_eq!(gw.job(poison).await["attempts"], 3);
+    worker.stop().await;
+    gw.stop().await;
+}
+
+async fn deadline_passed_in_the_queue_expires_the_job_without_running_it(kind: Kind) {
+    let env = Env::new(kind);
+    let gw = env.gateway().await;
+    let r = gw
+        .submit(&json!({ "model": crate::harness::MODEL, "input": { "text": "too late" }, "deadline_s": 0.05 }))
+        .await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    assert!(r.body["deadline_at"].is_string(), "{}", r.body);
+    let id = r.body["id"].as_str().unwrap().parse().unwrap();
+    // No worker is running: the gateway itself reports the expiry once the deadline has passed.
+    let expired = gw.finished(id, Duration::from_secs(10)).await;
+    assert_eq!(expired["status"], "expired", "{expired}");
+    assert_eq!(expired["error"]["code"], "deadline_exceeded");
+
+    let worker = env.worker();
+    let next = gw.submit_ok(json!({ "text": "on time" })).await;
+    gw.finished(next, JOB_TIMEOUT).await;
+    let still = gw.job(id).await;
+    assert_eq!((still["status"].as_str(), still["attempts"].as_u64()), (Some("expired"), Some(0)), "{still}");
+
+    for bad in [json!(0), json!(-1), json!("10"), json!(1e9)] {
+        let r =
+            gw.submit(&json!({ "model": crate::harness::MODEL, "input": { "text": "x" }, "deadline_s": bad })).await;
+        assert_eq!((r.status, r.body["error"]["code"].as_str()), (422, Some("invalid_request")), "{bad}: {}", r.body);
+    }
+    worker.stop().await;
+    gw.stop().await;
+}
+
+async fn long_job_is_taken_over_by_a_lease_and_completes_once(kind: Kind) {
+    let models = TempRepo::new(set("max_batch", "4"));
+    let env = Env::new(kind).with_models(&models);
+    let gw = env.gateway().await;
+    let config = WorkerConfig {
+        lease_after: Duration::from_millis(100),
+        lease_ttl: Duration::from_millis(900),
+        intra_threads: Some(1),
+        ..WorkerConfig::default()
+    };
+    let worker = env.worker_with(config);
+    let texts: Vec<String> = (0..128)
+        .map(|i| format!("A somewhat longer sentence, number {i}, to keep the model busy for a while."))
+        .collect();
+    let id = gw.submit_ok(json!({ "texts": texts })).await;
+    let job = gw.finished(id, JOB_TIMEOUT).await;
+    assert_eq!(embeddings(&job).len(), 128);
+    assert!(job["metrics"]["run_ms"].as_i64().unwrap() > 300, "premise: the run outlasts several heartbeats: {job}");
+    assert_eq!(job["attempts"], 1, "leased, heartbeated, never reaped: {job}");
+    worker.stop().await;
+    gw.stop().await;
+}
