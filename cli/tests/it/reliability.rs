@@ -16,6 +16,7 @@ crate::both_backends!(
     poison_job_is_retried_then_dead_lettered_while_its_batch_mates_succeed,
     deadline_passed_in_the_queue_expires_the_job_without_running_it,
     long_job_is_taken_over_by_a_lease_and_completes_once,
+    worker_probes_report_consuming_models,
 );
 
 const JOB_TIMEOUT: Duration = Duration::from_secs(120);
@@ -129,4 +130,23 @@ async fn long_job_is_taken_over_by_a_lease_and_completes_once(kind: Kind) {
     assert_eq!(job["attempts"], 1, "leased, heartbeated, never reaped: {job}");
     worker.stop().await;
     gw.stop().await;
+}
+
+async fn worker_probes_report_consuming_models(kind: Kind) {
+    let env = Env::new(kind);
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    let worker = env.worker_with(WorkerConfig { health_listen: Some(addr), ..WorkerConfig::default() });
+    let http = reqwest::Client::new();
+    let ready = wait_until("the worker reports ready", JOB_TIMEOUT, || async {
+        let r = http.get(format!("http://{addr}/readyz")).send().await.map_err(|e| e.to_string())?;
+        let status = r.status();
+        let body: serde_json::Value = r.json().await.map_err(|e| e.to_string())?;
+        if status == 200 { Ok(body) } else { Err(format!("{status} {body}")) }
+    })
+    .await;
+    assert_eq!(ready["models"][crate::harness::MODEL]["state"], "consuming", "{ready}");
+    let live = http.get(format!("http://{addr}/healthz")).send().await.unwrap();
+    assert_eq!(live.status(), 200);
+    worker.stop().await;
 }
