@@ -13,6 +13,7 @@ use kiln_common::config::{BackendArgs, ModelArgs, TelemetryArgs, parse_duration}
 use kiln_common::models::ModelRepository;
 use kiln_common::{Backend, dlq, shutdown};
 use kiln_gateway::GatewayConfig;
+use kiln_common::webhooks::WebhookConfig;
 use kiln_worker::WorkerConfig;
 use tokio_util::sync::CancellationToken;
 
@@ -46,6 +47,8 @@ enum Command {
         worker: WorkerConfig,
         #[command(flatten)]
         models: ModelArgs,
+        #[command(flatten)]
+        webhooks: WebhookConfig,
     },
     /// Run only the gateway against RabbitMQ and Redis (as `kiln-gateway`).
     Gateway {
@@ -140,14 +143,19 @@ async fn main() -> ExitCode {
 
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Dev { port, host, external, backend, worker, models } => {
+        Command::Dev { port, host, external, backend, worker, models, mut webhooks } => {
             let repo = ModelRepository::load(&models.models_dir)?;
             let backend =
                 if external { Backend::external(&backend)? } else { Backend::embedded(backend.job_retention) };
             let addr = SocketAddr::new(host, port);
             let listener =
                 tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
-            let gateway = GatewayConfig { listen: addr, ..GatewayConfig::default() };
+            // Development defaults: a fresh signing secret, and receivers on this machine allowed.
+            let secret = webhooks.webhook_secret.get_or_insert_with(kiln_common::webhooks::generate_secret).clone();
+            if webhooks.webhook_allowed_hosts.is_empty() {
+                webhooks.webhook_allowed_hosts = vec!["127.0.0.1".into(), "localhost".into(), "::1".into()];
+            }
+            let gateway = GatewayConfig { listen: addr, webhooks, ..GatewayConfig::default() };
             let token = CancellationToken::new();
             shutdown::cancel_on_signal(token.clone());
             let config = SystemConfig { gateway, worker, backend, models: repo, cache_dir: models.cache_dir() };
@@ -160,6 +168,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 "  try: curl -s {} -H 'content-type: application/json' -d '{{\"model\":\"all-minilm-l6-v2\",\"input\":{{\"text\":\"hello\"}}}}'",
                 running.url("/v1/jobs")
             );
+            eprintln!("  webhooks are signed with {} (set KILN_WEBHOOK_SECRET to choose it)", secret.expose());
             running.join().await
         }
         Command::Gateway { gateway, backend, models } => {

@@ -11,6 +11,7 @@ pub mod models;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;
+pub mod webhooks;
 #[cfg(feature = "testing")]
 pub mod testing;
 

@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use kiln_common::config::parse_duration;
+use kiln_common::webhooks::WebhookConfig;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct GatewayConfig {
@@ -23,6 +24,14 @@ pub struct GatewayConfig {
     /// listener, so load balancers stop routing here first. In-flight requests always finish.
     #[arg(long, env = "KILN_SHUTDOWN_DELAY", default_value = "0s", value_parser = parse_duration)]
     pub shutdown_delay: Duration,
+    /// Longest `Prefer: wait=N` / `?wait=N` honoured, in seconds.
+    #[arg(long, env = "KILN_MAX_WAIT", default_value_t = 60)]
+    pub max_wait_s: u64,
+    /// How long an `Idempotency-Key` keeps returning the same job.
+    #[arg(long, env = "KILN_IDEMPOTENCY_TTL", default_value = "24h", value_parser = parse_duration)]
+    pub idempotency_ttl: Duration,
+    #[command(flatten)]
+    pub webhooks: WebhookConfig,
     /// Bound on each dependency check of `/readyz`.
     #[arg(long, env = "KILN_READY_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
     pub ready_timeout: Duration,
@@ -36,6 +45,9 @@ impl Default for GatewayConfig {
             max_inflight_submits: 1024,
             retry_after: Duration::from_secs(1),
             shutdown_delay: Duration::ZERO,
+            max_wait_s: 60,
+            idempotency_ttl: Duration::from_secs(86_400),
+            webhooks: WebhookConfig::default(),
             ready_timeout: Duration::from_secs(1),
         }
     }

@@ -36,6 +36,12 @@ pub enum ApiError {
     Store(#[source] StoreError, Duration),
     #[error("the gateway is at capacity, retry later")]
     Overloaded(Duration),
+    #[error("Idempotency-Key {0:?} was already used with a different request")]
+    IdempotencyKeyReused(String),
+    #[error("a request with Idempotency-Key {0:?} is still being accepted; retry shortly")]
+    IdempotencyKeyInFlight(String, Duration),
+    #[error("job {0} is already {1}")]
+    JobFinished(String, &'static str),
     #[error("internal error")]
     Internal(String),
 }
@@ -70,6 +76,9 @@ impl ApiError {
                 }
             },
             Self::Overloaded(retry) => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Overloaded, Some(*retry)),
+            Self::IdempotencyKeyReused(_) => (StatusCode::CONFLICT, ErrorCode::IdempotencyKeyReused, None),
+            Self::IdempotencyKeyInFlight(_, retry) => (StatusCode::CONFLICT, ErrorCode::IdempotencyKeyInFlight, Some(*retry)),
+            Self::JobFinished(..) => (StatusCode::CONFLICT, ErrorCode::JobFinished, None),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal, None),
         }
     }

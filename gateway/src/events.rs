@@ -26,3 +26,7 @@ pub fn request_failed(err: &ApiError, status: StatusCode, code: ErrorCode) {
 pub fn enqueue_rolled_back(id: JobId, discarded: bool) {
     tracing::warn!(target: "kiln::gateway", job_id = %id, discarded, "publish failed; job record withdrawn");
 }
+
+pub fn job_canceled(id: JobId) {
+    tracing::info!(target: "kiln::gateway", job_id = %id, "job canceled");
+}

@@ -6,6 +6,7 @@ mod error;
 mod events;
 mod routes;
 mod state;
+mod waiting;
 
 use std::sync::Arc;
 
@@ -35,6 +36,13 @@ pub async fn run(
 ) -> std::io::Result<()> {
     let state = AppState::new(config, backend, Arc::new(models), shutdown.clone());
     state.declare_topology_in_background();
+    if state.config.webhooks.webhook_dispatch && state.config.webhooks.webhook_secret.is_some() {
+        tokio::spawn(kiln_common::webhooks::dispatch(
+            state.backend.store.clone(),
+            state.config.webhooks.clone(),
+            shutdown.clone(),
+        ));
+    }
     tracing::info!(addr = %listener.local_addr()?, broker = state.backend.broker.kind(), store = state.backend.store.kind(), "gateway listening");
     let delay = state.config.shutdown_delay;
     let stop = async move {

@@ -31,6 +31,14 @@ pub enum ErrorCode {
     StoreUnavailable,
     /// The server is over capacity; retry after the `Retry-After` delay.
     Overloaded,
+    /// The `Idempotency-Key` was used before with a different request body.
+    IdempotencyKeyReused,
+    /// A request with the same `Idempotency-Key` is still being accepted; retry shortly.
+    IdempotencyKeyInFlight,
+    /// The job is already in a terminal state (e.g. cancelling a finished job).
+    JobFinished,
+    /// The job was canceled.
+    Canceled,
     /// The model failed while running the job (after the retries allowed).
     InferenceFailed,
     /// The job's deadline passed before it started.
@@ -42,6 +50,30 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every code, for documentation (the OpenAPI description lists them).
+    pub const ALL: [ErrorCode; 20] = [
+        Self::MalformedJson,
+        Self::InvalidRequest,
+        Self::InvalidInput,
+        Self::PayloadTooLarge,
+        Self::UnsupportedMediaType,
+        Self::ModelNotFound,
+        Self::JobNotFound,
+        Self::NotFound,
+        Self::MethodNotAllowed,
+        Self::BrokerUnavailable,
+        Self::StoreUnavailable,
+        Self::Overloaded,
+        Self::IdempotencyKeyReused,
+        Self::IdempotencyKeyInFlight,
+        Self::JobFinished,
+        Self::Canceled,
+        Self::InferenceFailed,
+        Self::DeadlineExceeded,
+        Self::WorkerLost,
+        Self::Internal,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::MalformedJson => "malformed_json",
@@ -56,6 +88,10 @@ impl ErrorCode {
             Self::BrokerUnavailable => "broker_unavailable",
             Self::StoreUnavailable => "store_unavailable",
             Self::Overloaded => "overloaded",
+            Self::IdempotencyKeyReused => "idempotency_key_reused",
+            Self::IdempotencyKeyInFlight => "idempotency_key_in_flight",
+            Self::JobFinished => "job_finished",
+            Self::Canceled => "canceled",
             Self::InferenceFailed => "inference_failed",
             Self::DeadlineExceeded => "deadline_exceeded",
             Self::WorkerLost => "worker_lost",
@@ -82,24 +118,7 @@ mod tests {
 
     #[test]
     fn serde_name_matches_as_str() {
-        for code in [
-            ErrorCode::MalformedJson,
-            ErrorCode::InvalidRequest,
-            ErrorCode::InvalidInput,
-            ErrorCode::PayloadTooLarge,
-            ErrorCode::UnsupportedMediaType,
-            ErrorCode::ModelNotFound,
-            ErrorCode::JobNotFound,
-            ErrorCode::NotFound,
-            ErrorCode::MethodNotAllowed,
-            ErrorCode::BrokerUnavailable,
-            ErrorCode::StoreUnavailable,
-            ErrorCode::Overloaded,
-            ErrorCode::InferenceFailed,
-            ErrorCode::DeadlineExceeded,
-            ErrorCode::WorkerLost,
-            ErrorCode::Internal,
-        ] {
+        for code in ErrorCode::ALL {
             assert_eq!(serde_json::to_value(code).unwrap(), code.as_str());
         }
     }

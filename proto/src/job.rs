@@ -88,6 +88,64 @@ pub struct JobRecord {
     /// When a job not started by then ends `expired`.
     #[serde(default, with = "rfc3339_millis::option", skip_serializing_if = "Option::is_none")]
     pub deadline_at: Option<UnixMillis>,
+    /// Where and how its events are delivered, when a webhook was given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<WebhookState>,
+}
+
+/// A job's webhook and the state of its deliveries.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct WebhookState {
+    pub url: String,
+    /// Which events are sent: `start`, `progress`, `completed` (always sent).
+    pub events: Vec<String>,
+    /// Delivery attempts so far, all events together.
+    pub attempts: u32,
+    /// HTTP status of the last attempt (none when it got no answer).
+    pub last_status: Option<u16>,
+    #[serde(with = "rfc3339_millis::option")]
+    pub delivered_at: Option<UnixMillis>,
+    #[serde(with = "rfc3339_millis::option")]
+    pub gave_up_at: Option<UnixMillis>,
+}
+
+/// The kinds of job events, as SSE event names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    /// The job changed status (queued, running); `data` holds `{status, attempt?}`.
+    Status,
+    /// Progress of a running job; `data` holds the progress value.
+    Progress,
+    /// The job reached a terminal state; `data` holds `{status}` (SSE sends the full record).
+    Completed,
+}
+
+impl EventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Status => "status",
+            Self::Progress => "progress",
+            Self::Completed => "completed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "status" => Self::Status,
+            "progress" => Self::Progress,
+            "completed" => Self::Completed,
+            _ => return None,
+        })
+    }
+}
+
+/// One event of a job's log. `id` orders the log and resumes SSE streams (`Last-Event-ID`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobEvent {
+    pub id: String,
+    pub kind: EventKind,
+    pub data: serde_json::Value,
 }
 
 impl JobRecord {
@@ -108,6 +166,7 @@ impl JobRecord {
             metrics: JobMetrics::default(),
             metadata,
             deadline_at: None,
+            webhook: None,
         }
     }
 

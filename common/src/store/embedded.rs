@@ -1,15 +1,20 @@
-//! The in-process job store of `kiln dev`: the same transitions, fencing, leases and expiry as the
-//! Redis store, on maps guarded by one mutex.
+//! The in-process job store of `kiln dev`: the same transitions, fencing, leases, expiry, event
+//! logs, idempotency claims and webhook outbox as the Redis store, on maps guarded by one mutex.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use kiln_proto::{JobId, JobRecord, JobStatus, UnixMillis};
+use kiln_proto::{EventKind, JobEvent, JobId, JobRecord, JobStatus, UnixMillis};
+use serde_json::json;
+use tokio::sync::broadcast;
 use tokio::time::Instant;
 
-use super::{Lapsed, Outcome, Start, Store, StoreError, Transition, deadline_error};
+use super::{
+    Claim, Lapsed, Outcome, Start, Store, StoreError, Transition, WebhookAttempt, WebhookDelivery, canceled_error,
+    deadline_error,
+};
 
 pub struct EmbeddedStore {
     retention: Duration,
@@ -23,13 +28,32 @@ struct Inner {
     /// (lease deadline, job) of long jobs held by leases.
     leases: BTreeSet<(UnixMillis, JobId)>,
     writes_since_sweep: usize,
+    next_event: u64,
+    subscribers: HashMap<JobId, broadcast::Sender<JobEvent>>,
+    idempotency: HashMap<String, (JobId, String, bool, Instant)>,
+    /// (due time, delivery id) of webhook deliveries.
+    hooks_due: BTreeSet<(UnixMillis, String)>,
+    hooks: HashMap<String, Hook>,
+}
+
+struct Hook {
+    job: JobId,
+    event: String,
+    at: UnixMillis,
+    attempts: u32,
+    body: Option<String>,
+    due: UnixMillis,
 }
 
 struct Entry {
     record: JobRecord,
     expires: Instant,
     lease: Option<Lease>,
+    events: Vec<JobEvent>,
 }
+
+/// Most events kept per job, like the Redis stream's cap.
+const MAX_EVENTS: usize = 1000;
 
 struct Lease {
     owner: String,
@@ -59,6 +83,34 @@ impl Inner {
         if let Some(l) = self.records.get_mut(&id).and_then(|e| e.lease.take()) {
             self.leases.remove(&(l.until, id));
         }
+    }
+
+    /// Appends an event to the job's log, tells its subscribers, and queues its webhook delivery.
+    fn emit(&mut self, id: JobId, kind: EventKind, data: serde_json::Value, now: UnixMillis) {
+        self.next_event += 1;
+        let event = JobEvent { id: self.next_event.to_string(), kind, data };
+        let Some(entry) = self.records.get_mut(&id) else { return };
+        if entry.events.len() >= MAX_EVENTS {
+            entry.events.remove(0);
+        }
+        entry.events.push(event.clone());
+        if let Some(tx) = self.subscribers.get(&id) {
+            let _ = tx.send(event.clone());
+        }
+        let Some(hook) = &entry.record.webhook else { return };
+        let wants = |e: &str| hook.events.iter().any(|w| w == e);
+        let running = event.data["status"] == "running";
+        let (name, did) = match kind {
+            EventKind::Completed => ("job.completed", format!("{id}:completed:{}", event.id)),
+            EventKind::Progress if wants("progress") => ("job.progress", format!("{id}:progress")),
+            EventKind::Status if running && wants("start") => ("job.started", format!("{id}:started:{}", event.id)),
+            _ => return,
+        };
+        if let Some(old) = self.hooks.get(&did) {
+            self.hooks_due.remove(&(old.due, did.clone()));
+        }
+        self.hooks_due.insert((now, did.clone()));
+        self.hooks.insert(did, Hook { job: id, event: name.to_owned(), at: now, attempts: 0, body: None, due: now });
     }
 
     fn note_write(&mut self) {
@@ -111,8 +163,9 @@ impl Store for EmbeddedStore {
         if inner.live(record.id).is_some() {
             return Err(StoreError::Conflict(record.id));
         }
-        let entry = Entry { record: record.clone(), expires: Instant::now() + self.retention, lease: None };
+        let entry = Entry { record: record.clone(), expires: Instant::now() + self.retention, lease: None, events: Vec::new() };
         inner.records.insert(record.id, entry);
+        inner.emit(record.id, EventKind::Status, json!({"status": "queued"}), record.created_at);
         inner.note_write();
         Ok(())
     }
@@ -142,6 +195,7 @@ impl Store for EmbeddedStore {
             r.completed_at = Some(at);
             r.error = Some(deadline_error());
             entry.expires = Instant::now() + retention;
+            inner.emit(id, EventKind::Completed, json!({"status": "expired"}), at);
             return Ok(Start::Expired);
         }
         r.status = JobStatus::Running;
@@ -149,6 +203,7 @@ impl Store for EmbeddedStore {
         r.attempts += 1;
         let attempt = r.attempts;
         inner.release(id);
+        inner.emit(id, EventKind::Status, json!({"status": "running", "attempt": attempt}), at);
         Ok(Start::Started { attempt })
     }
 
@@ -165,6 +220,7 @@ impl Store for EmbeddedStore {
                 Outcome::Succeeded(out) => r.output = serde_json::from_str(out).ok(),
                 Outcome::Failed(err) => r.error = Some(err.clone()),
             }
+            inner.emit(id, EventKind::Completed, json!({"status": outcome.status()}), at);
             Transition::Applied
         }))
     }
@@ -173,6 +229,7 @@ impl Store for EmbeddedStore {
         Ok(self.transition(id, |inner, _| {
             inner.release(id);
             Self::record(inner, id).status = JobStatus::Queued;
+            inner.emit(id, EventKind::Status, json!({"status": "queued"}), kiln_proto::now_millis());
             Transition::Applied
         }))
     }
@@ -189,6 +246,7 @@ impl Store for EmbeddedStore {
             r.completed_at = Some(at);
             r.error = Some(deadline_error());
             entry.expires = expires;
+            inner.emit(id, EventKind::Completed, json!({"status": "expired"}), at);
             Transition::Applied
         }))
     }
@@ -196,6 +254,7 @@ impl Store for EmbeddedStore {
     async fn progress(&self, id: JobId, progress: &serde_json::Value) -> Result<Transition, StoreError> {
         Ok(self.transition(id, |inner, _| {
             Self::record(inner, id).progress = Some(progress.clone());
+            inner.emit(id, EventKind::Progress, progress.clone(), kiln_proto::now_millis());
             Transition::Applied
         }))
     }
@@ -269,6 +328,7 @@ impl Store for EmbeddedStore {
             }
             entry.record.status = JobStatus::Queued;
             inner.release(id);
+            inner.emit(id, EventKind::Status, json!({"status": "queued"}), kiln_proto::now_millis());
             Transition::Applied
         }))
     }
@@ -288,7 +348,113 @@ impl Store for EmbeddedStore {
         r.started_at = None;
         r.progress = None;
         entry.expires = expires;
+        inner.emit(id, EventKind::Status, json!({"status": "queued"}), kiln_proto::now_millis());
         Ok(Transition::Applied)
+    }
+
+    async fn cancel(&self, id: JobId, at: UnixMillis) -> Result<Transition, StoreError> {
+        let expires = Instant::now() + self.retention;
+        Ok(self.transition(id, |inner, _| {
+            inner.release(id);
+            let entry = inner.records.get_mut(&id).expect("checked live");
+            entry.expires = expires;
+            entry.record.status = JobStatus::Canceled;
+            entry.record.completed_at = Some(at);
+            entry.record.error = Some(canceled_error());
+            inner.emit(id, EventKind::Completed, json!({"status": "canceled"}), at);
+            Transition::Applied
+        }))
+    }
+
+    async fn events(&self, id: JobId, after: Option<&str>) -> Result<Vec<JobEvent>, StoreError> {
+        let after: u64 = after.and_then(|a| a.parse().ok()).unwrap_or(0);
+        let mut inner = self.lock();
+        Ok(inner
+            .live(id)
+            .map(|e| e.events.iter().filter(|ev| ev.id.parse::<u64>().unwrap_or(0) > after).cloned().collect())
+            .unwrap_or_default())
+    }
+
+    async fn subscribe(&self, id: JobId) -> broadcast::Receiver<JobEvent> {
+        let mut inner = self.lock();
+        inner.subscribers.retain(|_, tx| tx.receiver_count() > 0);
+        inner.subscribers.entry(id).or_insert_with(|| broadcast::channel(64).0).subscribe()
+    }
+
+    async fn claim_idempotency(&self, key: &str, fingerprint: &str, job: JobId, ttl: Duration) -> Result<Claim, StoreError> {
+        let mut inner = self.lock();
+        let now = Instant::now();
+        inner.idempotency.retain(|_, (_, _, _, until)| *until > now);
+        if let Some((held, fp, committed, _)) = inner.idempotency.get(key) {
+            return Ok(Claim::Held { job: *held, fingerprint: fp.clone(), committed: *committed });
+        }
+        inner.idempotency.insert(key.to_owned(), (job, fingerprint.to_owned(), false, now + ttl));
+        Ok(Claim::Claimed)
+    }
+
+    async fn commit_idempotency(&self, key: &str, job: JobId) -> Result<(), StoreError> {
+        if let Some(claim) = self.lock().idempotency.get_mut(key).filter(|c| c.0 == job) {
+            claim.2 = true;
+        }
+        Ok(())
+    }
+
+    async fn release_idempotency(&self, key: &str, job: JobId) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        if inner.idempotency.get(key).is_some_and(|c| c.0 == job) {
+            inner.idempotency.remove(key);
+        }
+        Ok(())
+    }
+
+    async fn due_webhooks(&self, now: UnixMillis, _owner: &str, claim_until: UnixMillis, limit: usize) -> Result<Vec<WebhookDelivery>, StoreError> {
+        let mut inner = self.lock();
+        let due: Vec<(UnixMillis, String)> =
+            inner.hooks_due.iter().take_while(|(t, _)| *t <= now).take(limit).cloned().collect();
+        let mut out = Vec::new();
+        for key in due {
+            inner.hooks_due.remove(&key);
+            let Some(hook) = inner.hooks.get_mut(&key.1) else { continue };
+            hook.due = claim_until;
+            out.push(WebhookDelivery {
+                id: key.1.clone(),
+                job: hook.job,
+                event: hook.event.clone(),
+                at: hook.at,
+                attempts: hook.attempts,
+                body: hook.body.clone(),
+            });
+            inner.hooks_due.insert((claim_until, key.1));
+        }
+        Ok(out)
+    }
+
+    async fn webhook_attempted(&self, d: &WebhookDelivery, a: &WebhookAttempt) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        if let Some(state) = inner.live(d.job).and_then(|e| e.record.webhook.as_mut()) {
+            state.attempts += 1;
+            state.last_status = a.status;
+            if a.ok {
+                state.delivered_at = Some(a.at);
+            } else if a.retry_at.is_none() {
+                state.gave_up_at = Some(a.at);
+            }
+        }
+        let Some(hook) = inner.hooks.get_mut(&d.id) else { return Ok(()) };
+        hook.attempts += 1;
+        hook.body = Some(a.body.clone());
+        let old = hook.due;
+        inner.hooks_due.remove(&(old, d.id.clone()));
+        match a.retry_at {
+            Some(at) if !a.ok => {
+                inner.hooks.get_mut(&d.id).expect("present").due = at;
+                inner.hooks_due.insert((at, d.id.clone()));
+            }
+            _ => {
+                inner.hooks.remove(&d.id);
+            }
+        }
+        Ok(())
     }
 
     async fn check(&self) -> Result<(), StoreError> {

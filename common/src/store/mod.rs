@@ -7,7 +7,9 @@ pub mod embedded;
 pub mod redis;
 
 use async_trait::async_trait;
-use kiln_proto::{JobError, JobId, JobRecord, JobStatus, UnixMillis};
+use std::time::Duration;
+
+use kiln_proto::{JobError, JobEvent, JobId, JobRecord, JobStatus, UnixMillis};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -137,10 +139,78 @@ pub trait Store: Send + Sync + 'static {
     /// queue, the one way out of a terminal state.
     async fn redrive(&self, id: JobId) -> Result<Transition, StoreError>;
 
+    /// `queued | running → canceled`: the fenced terminal write of a cancel. A worker still
+    /// running the job finds it terminal and drops its result.
+    async fn cancel(&self, id: JobId, at: UnixMillis) -> Result<Transition, StoreError>;
+
+    /// The job's event log after `after` (an event id), oldest first; from the start when `None`.
+    /// Every applied transition appends to it.
+    async fn events(&self, id: JobId, after: Option<&str>) -> Result<Vec<JobEvent>, StoreError>;
+
+    /// Live events of one job, from now on, wherever the transition was made. Subscribe before
+    /// reading [`Store::events`] and skip what the log already gave, and nothing is missed.
+    async fn subscribe(&self, id: JobId) -> tokio::sync::broadcast::Receiver<JobEvent>;
+
+    /// Claims `key` for a new job with this request `fingerprint`, or reports who holds it.
+    async fn claim_idempotency(&self, key: &str, fingerprint: &str, job: JobId, ttl: Duration) -> Result<Claim, StoreError>;
+
+    /// Marks the claim's job as durably accepted.
+    async fn commit_idempotency(&self, key: &str, job: JobId) -> Result<(), StoreError>;
+
+    /// Drops a claim whose job could not be accepted, so a retry can claim it again.
+    async fn release_idempotency(&self, key: &str, job: JobId) -> Result<(), StoreError>;
+
+    /// Claims up to `limit` webhook deliveries due at `now`, holding them for `owner` until
+    /// `claim_until` (a dispatcher that dies lets them lapse to another).
+    async fn due_webhooks(&self, now: UnixMillis, owner: &str, claim_until: UnixMillis, limit: usize) -> Result<Vec<WebhookDelivery>, StoreError>;
+
+    /// Records one delivery attempt. `retry_at: None` ends the delivery: delivered when `ok`, else
+    /// given up. The body is kept, so retries send the same bytes.
+    async fn webhook_attempted(&self, delivery: &WebhookDelivery, result: &WebhookAttempt) -> Result<(), StoreError>;
+
     /// Cheap liveness check, for readiness probes.
     async fn check(&self) -> Result<(), StoreError>;
 
     fn kind(&self) -> &'static str;
+}
+
+/// Who holds an idempotency key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// The key is now this request's.
+    Claimed,
+    /// Another request holds it: its job, its fingerprint, and whether that job was accepted.
+    Held { job: JobId, fingerprint: String, committed: bool },
+}
+
+/// A webhook delivery: one event of one job, retried until delivered or given up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookDelivery {
+    /// Stable across retries: the `webhook-id` header.
+    pub id: String,
+    pub job: JobId,
+    /// `job.started`, `job.progress` or `job.completed`.
+    pub event: String,
+    /// When the event happened (the `webhook-timestamp` of every attempt).
+    pub at: UnixMillis,
+    pub attempts: u32,
+    /// The body sent by the first attempt, reused by retries.
+    pub body: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookAttempt {
+    pub body: String,
+    pub status: Option<u16>,
+    pub ok: bool,
+    pub at: UnixMillis,
+    /// When to try again; `None` ends the delivery.
+    pub retry_at: Option<UnixMillis>,
+}
+
+/// The error recorded on a canceled job.
+pub fn canceled_error() -> JobError {
+    JobError { code: kiln_proto::ErrorCode::Canceled, message: "the job was canceled".into() }
 }
 
 /// The error recorded on a job whose deadline passed before it started.

@@ -1,13 +1,22 @@
-//! `POST /v1/jobs` and `GET /v1/jobs/{id}`: validate, record, publish with confirm, answer.
+//! `POST /v1/jobs` (validate, claim the idempotency key, record, publish with confirm, optionally
+//! wait for the result), `GET /v1/jobs/{id}` (optionally long-polling), and
+//! `POST /v1/jobs/{id}/cancel`.
+
+use std::time::Duration;
 
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use kiln_proto::{EmbeddingInput, Envelope, JobId, JobRecord, JobStatus, Task, json_type, now_millis};
+use kiln_common::store::{Claim, Transition};
+use kiln_common::webhooks;
+use kiln_proto::{
+    EmbeddingInput, Envelope, JobId, JobRecord, JobStatus, Task, WebhookState, json_type, now_millis,
+};
 use serde_json::Value;
+use sha2::{Digest, Sha256};
 
 use crate::error::ApiError;
 use crate::events;
@@ -15,17 +24,22 @@ use crate::state::AppState;
 
 /// Largest `metadata` object accepted, serialised.
 const MAX_METADATA_BYTES: usize = 4096;
+/// Longest `deadline_s` accepted: a week.
+const MAX_DEADLINE_S: f64 = 7.0 * 86_400.0;
+/// Longest accepted `Idempotency-Key`.
+const MAX_IDEMPOTENCY_KEY: usize = 255;
+const WEBHOOK_EVENTS: [&str; 3] = ["start", "progress", "completed"];
 
 /// A submission that passed validation.
 struct Submission {
     spec_name: kiln_proto::ModelName,
     input: Value,
     metadata: Option<Value>,
-    deadline: Option<std::time::Duration>,
+    deadline: Option<Duration>,
+    webhook: Option<WebhookState>,
+    /// Hash of the canonical request, for idempotency.
+    fingerprint: String,
 }
-
-/// Longest `deadline_s` accepted: a week.
-const MAX_DEADLINE_S: f64 = 7.0 * 86_400.0;
 
 pub async fn submit(
     State(state): State<AppState>,
@@ -41,46 +55,213 @@ pub async fn submit(
         return Err(ApiError::PayloadTooLarge { limit });
     }
     check_content_type(&headers)?;
-    let submission = validate(&state, &body)?;
+    let mut submission = validate(&state, &body)?;
+    if let Some(after) = cancel_after(&headers)? {
+        submission.deadline = Some(submission.deadline.map_or(after, |d| d.min(after)));
+    }
+    let wait = prefer_wait(&headers, state.config.max_wait_s);
+    let key = idempotency_key(&headers)?;
 
     let _permit =
         state.admission.clone().try_acquire_owned().map_err(|_| ApiError::Overloaded(state.config.retry_after))?;
-
-    let id = JobId::random();
-    let created_at = now_millis();
-    let deadline = submission.deadline.map(|d| created_at + d.as_millis() as i64);
-    let mut record = JobRecord::queued(id, submission.spec_name.clone(), created_at, submission.metadata);
-    record.deadline_at = deadline;
     let retry = state.config.retry_after;
+    let store = &state.backend.store;
+    let id = JobId::random();
+    if let Some(key) = &key {
+        match claim(&state, key, &submission.fingerprint, id).await? {
+            None => {}
+            Some(existing) => {
+                let record = store.get(existing).await.map_err(|e| ApiError::Store(e, retry))?;
+                let record = record.ok_or_else(|| ApiError::JobNotFound(existing.to_string()))?;
+                return respond(&state, record, wait, true).await;
+            }
+        }
+    }
+    let mut events = match wait {
+        Some(_) => Some(store.subscribe(id).await),
+        None => None,
+    };
+    let accepted = accept(&state, id, submission).await;
+    if let Some(key) = &key {
+        let settle = match &accepted {
+            Ok(_) => store.commit_idempotency(key, id).await,
+            Err(_) => store.release_idempotency(key, id).await,
+        };
+        settle.map_err(|e| ApiError::Store(e, retry))?;
+    }
+    let record = accepted?;
+    match (wait, events.as_mut()) {
+        (Some(wait), Some(rx)) => {
+            let done = crate::waiting::completion(&state, id, rx, wait).await;
+            let record = match done {
+                Some(record) => record,
+                None => store.get(id).await.map_err(|e| ApiError::Store(e, retry))?.unwrap_or(record),
+            };
+            Ok(with_wait_applied(job_response(record), wait))
+        }
+        _ => Ok(job_response(record)),
+    }
+}
+
+/// Records and publishes the job; only a job the broker confirmed gets an id out.
+async fn accept(state: &AppState, id: JobId, s: Submission) -> Result<JobRecord, ApiError> {
+    let retry = state.config.retry_after;
+    let created_at = now_millis();
+    let deadline = s.deadline.map(|d| created_at + d.as_millis() as i64);
+    let mut record = JobRecord::queued(id, s.spec_name.clone(), created_at, s.metadata);
+    record.deadline_at = deadline;
+    record.webhook = s.webhook;
     state.backend.store.create(&record).await.map_err(|e| ApiError::Store(e, retry))?;
 
-    let envelope = Envelope::new(id, submission.spec_name.clone(), submission.input, created_at, deadline);
+    let envelope = Envelope::new(id, s.spec_name.clone(), s.input, created_at, deadline);
     let payload = serde_json::to_vec(&envelope).map_err(|e| ApiError::Internal(format!("encoding envelope: {e}")))?;
-    if let Err(e) = state.backend.broker.publish(&submission.spec_name, payload).await {
-        // No id goes out for a job that was not durably enqueued.
+    if let Err(e) = state.backend.broker.publish(&s.spec_name, payload).await {
         let discarded = state.backend.store.discard(id).await.is_ok();
         events::enqueue_rolled_back(id, discarded);
         return Err(ApiError::Broker(e, retry));
     }
-    events::job_accepted(id, &submission.spec_name);
-
-    let location = format!("/v1/jobs/{id}");
-    Ok((StatusCode::ACCEPTED, [(header::LOCATION, location)], Json(record)).into_response())
+    events::job_accepted(id, &s.spec_name);
+    Ok(record)
 }
 
-pub async fn get(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<JobRecord>, ApiError> {
+/// Claims the idempotency key for `id`. Returns the job that already holds it, if any; waits a
+/// little for a concurrent request with the same key to finish accepting its job.
+async fn claim(state: &AppState, key: &str, fingerprint: &str, id: JobId) -> Result<Option<JobId>, ApiError> {
+    let retry = state.config.retry_after;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let mut pause = Duration::from_millis(5);
+    loop {
+        let claim = state
+            .backend
+            .store
+            .claim_idempotency(key, fingerprint, id, state.config.idempotency_ttl)
+            .await
+            .map_err(|e| ApiError::Store(e, retry))?;
+        match claim {
+            Claim::Claimed => return Ok(None),
+            Claim::Held { fingerprint: fp, .. } if fp != fingerprint => {
+                return Err(ApiError::IdempotencyKeyReused(key.to_owned()));
+            }
+            Claim::Held { job, committed: true, .. } => return Ok(Some(job)),
+            Claim::Held { .. } if tokio::time::Instant::now() >= deadline => {
+                return Err(ApiError::IdempotencyKeyInFlight(key.to_owned(), retry));
+            }
+            // The holder is still publishing: it will commit, or release so this one can claim.
+            Claim::Held { .. } => tokio::time::sleep(pause).await,
+        }
+        pause = (pause * 2).min(Duration::from_millis(100));
+    }
+}
+
+#[derive(serde::Deserialize)]
+pub struct GetParams {
+    wait: Option<u64>,
+}
+
+pub async fn get(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Query(params): Query<GetParams>,
+) -> Result<Response, ApiError> {
     let job_id: JobId = id.parse().map_err(|_| ApiError::JobNotFound(id.clone()))?;
+    let wait = params.wait.map(|w| Duration::from_secs(w.min(state.config.max_wait_s)));
+    let record = current(&state, job_id).await?.ok_or(ApiError::JobNotFound(id))?;
+    respond(&state, record, wait, false).await
+}
+
+/// Answers with `record`, after waiting for it to finish when asked to.
+async fn respond(state: &AppState, record: JobRecord, wait: Option<Duration>, as_submit: bool) -> Result<Response, ApiError> {
+    let id = record.id;
+    let record = match wait {
+        Some(wait) if !record.status.is_terminal() => {
+            let mut rx = state.backend.store.subscribe(id).await;
+            // Re-read after subscribing, so a completion in between is not missed.
+            let now = current(state, id).await?.unwrap_or(record);
+            if now.status.is_terminal() {
+                now
+            } else {
+                match crate::waiting::completion(state, id, &mut rx, wait).await {
+                    Some(r) => r,
+                    None => current(state, id).await?.unwrap_or(now),
+                }
+            }
+        }
+        _ => record,
+    };
+    let resp = if as_submit { job_response(record) } else { Json(record).into_response() };
+    Ok(match wait {
+        Some(w) if as_submit => with_wait_applied(resp, w),
+        _ => resp,
+    })
+}
+
+/// The record, with a queued job whose deadline passed reported (and stored) as expired.
+pub async fn current(state: &AppState, id: JobId) -> Result<Option<JobRecord>, ApiError> {
     let retry = state.config.retry_after;
     let store = &state.backend.store;
-    let mut record =
-        store.get(job_id).await.map_err(|e| ApiError::Store(e, retry))?.ok_or(ApiError::JobNotFound(id.clone()))?;
-    // A queued job whose deadline passed is expired whether or not a worker has looked at it yet.
+    let Some(record) = store.get(id).await.map_err(|e| ApiError::Store(e, retry))? else { return Ok(None) };
     let now = now_millis();
     if record.status == JobStatus::Queued && record.deadline_at.is_some_and(|d| d < now) {
-        store.expire_if_due(job_id, now).await.map_err(|e| ApiError::Store(e, retry))?;
-        record = store.get(job_id).await.map_err(|e| ApiError::Store(e, retry))?.ok_or(ApiError::JobNotFound(id))?;
+        store.expire_if_due(id, now).await.map_err(|e| ApiError::Store(e, retry))?;
+        return store.get(id).await.map_err(|e| ApiError::Store(e, retry));
     }
-    Ok(Json(record))
+    Ok(Some(record))
+}
+
+pub async fn cancel(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let job_id: JobId = id.parse().map_err(|_| ApiError::JobNotFound(id.clone()))?;
+    let retry = state.config.retry_after;
+    match state.backend.store.cancel(job_id, now_millis()).await.map_err(|e| ApiError::Store(e, retry))? {
+        Transition::Applied => {
+            events::job_canceled(job_id);
+            let record = current(&state, job_id).await?.ok_or(ApiError::JobNotFound(id))?;
+            Ok(Json(record).into_response())
+        }
+        Transition::AlreadyTerminal(status) | Transition::NotApplicable(status) => {
+            Err(ApiError::JobFinished(id, status.as_str()))
+        }
+        Transition::Missing => Err(ApiError::JobNotFound(id)),
+    }
+}
+
+/// `202` + `Location` for a job still on its way, `200` for a finished one.
+fn job_response(record: JobRecord) -> Response {
+    let status = if record.status.is_terminal() { StatusCode::OK } else { StatusCode::ACCEPTED };
+    let location = format!("/v1/jobs/{}", record.id);
+    (status, [(header::LOCATION, location)], Json(record)).into_response()
+}
+
+fn with_wait_applied(mut resp: Response, wait: Duration) -> Response {
+    if let Ok(v) = HeaderValue::from_str(&format!("wait={}", wait.as_secs())) {
+        resp.headers_mut().insert("preference-applied", v);
+    }
+    resp
+}
+
+/// `Prefer: wait=N` (RFC 7240), capped.
+fn prefer_wait(headers: &HeaderMap, max_s: u64) -> Option<Duration> {
+    headers.get_all("prefer").iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split([',', ';'])).find_map(|p| {
+        let (k, v) = p.trim().split_once('=')?;
+        (k.trim().eq_ignore_ascii_case("wait")).then(|| v.trim().trim_matches('"').parse::<u64>().ok()).flatten()
+    })
+    .map(|s| Duration::from_secs(s.min(max_s)))
+}
+
+/// `Cancel-After: <seconds>`: a deadline given as a header.
+fn cancel_after(headers: &HeaderMap) -> Result<Option<Duration>, ApiError> {
+    let Some(v) = headers.get("cancel-after") else { return Ok(None) };
+    let secs = v.to_str().ok().and_then(|s| s.trim().parse::<f64>().ok()).filter(|s| *s > 0.0 && *s <= MAX_DEADLINE_S);
+    secs.map(|s| Some(Duration::from_secs_f64(s)))
+        .ok_or_else(|| invalid("Cancel-After", format!("must be a number of seconds in (0, {MAX_DEADLINE_S}]")))
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(v) = headers.get("idempotency-key") else { return Ok(None) };
+    let key = v.to_str().map_err(|_| invalid("Idempotency-Key", "must be printable ASCII"))?.trim();
+    if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY {
+        return Err(invalid("Idempotency-Key", format!("must be 1 to {MAX_IDEMPOTENCY_KEY} characters")));
+    }
+    Ok(Some(key.to_owned()))
 }
 
 fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
@@ -100,22 +281,22 @@ fn invalid(field: &str, message: impl Into<String>) -> ApiError {
     ApiError::InvalidRequest { field: field.to_owned(), message: message.into() }
 }
 
+const FIELDS: [&str; 6] = ["model", "input", "metadata", "deadline_s", "webhook", "webhook_events"];
+
 fn validate(state: &AppState, body: &[u8]) -> Result<Submission, ApiError> {
     let value: Value = serde_json::from_slice(body).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
+    // serde_json's maps are ordered, so this text is canonical: the same request, the same hash.
+    let fingerprint = hex::encode(Sha256::digest(value.to_string().as_bytes()));
     let Value::Object(mut obj) = value else {
         return Err(invalid("body", format!("must be a JSON object, got {}", json_type(&value))));
     };
-    if let Some(unknown) = obj.keys().find(|k| !matches!(k.as_str(), "model" | "input" | "metadata" | "deadline_s")) {
-        return Err(invalid(unknown, "unknown field; accepted fields are model, input, metadata, deadline_s"));
+    if let Some(unknown) = obj.keys().find(|k| !FIELDS.contains(&k.as_str())) {
+        return Err(invalid(unknown, format!("unknown field; accepted fields are {}", FIELDS.join(", "))));
     }
     let model = match obj.remove("model") {
         Some(Value::String(m)) => m,
-        Some(other) => {
-            return Err(invalid("model", format!("must be a string, got {}", json_type(&other))));
-        }
-        None => {
-            return Err(invalid("model", "missing; name a model from GET /v1/models"));
-        }
+        Some(other) => return Err(invalid("model", format!("must be a string, got {}", json_type(&other)))),
+        None => return Err(invalid("model", "missing; name a model from GET /v1/models")),
     };
     let spec = state.models.get(&model).ok_or_else(|| ApiError::ModelNotFound(model.clone()))?;
     let input = obj.remove("input").ok_or_else(|| invalid("input", "missing"))?;
@@ -130,24 +311,56 @@ fn validate(state: &AppState, body: &[u8]) -> Result<Submission, ApiError> {
             }
             Some(m)
         }
-        Some(other) => {
-            return Err(invalid("metadata", format!("must be an object, got {}", json_type(&other))));
-        }
+        Some(other) => return Err(invalid("metadata", format!("must be an object, got {}", json_type(&other)))),
     };
     let deadline = match obj.remove("deadline_s") {
         None | Some(Value::Null) => None,
         Some(Value::Number(n)) => match n.as_f64() {
-            Some(secs) if secs > 0.0 && secs <= MAX_DEADLINE_S => Some(std::time::Duration::from_secs_f64(secs)),
-            _ => {
-                return Err(invalid(
-                    "deadline_s",
-                    format!("must be a number of seconds in (0, {MAX_DEADLINE_S}], got {n}"),
-                ));
-            }
+            Some(secs) if secs > 0.0 && secs <= MAX_DEADLINE_S => Some(Duration::from_secs_f64(secs)),
+            _ => return Err(invalid("deadline_s", format!("must be a number of seconds in (0, {MAX_DEADLINE_S}], got {n}"))),
         },
-        Some(other) => {
-            return Err(invalid("deadline_s", format!("must be a number of seconds, got {}", json_type(&other))));
-        }
+        Some(other) => return Err(invalid("deadline_s", format!("must be a number of seconds, got {}", json_type(&other)))),
     };
-    Ok(Submission { spec_name: spec.name.clone(), input, metadata, deadline })
+    let webhook = webhook(state, obj.remove("webhook"), obj.remove("webhook_events"))?;
+    Ok(Submission { spec_name: spec.name.clone(), input, metadata, deadline, webhook, fingerprint })
+}
+
+fn webhook(state: &AppState, url: Option<Value>, events: Option<Value>) -> Result<Option<WebhookState>, ApiError> {
+    let url = match url {
+        None | Some(Value::Null) => {
+            if events.is_some_and(|e| !e.is_null()) {
+                return Err(invalid("webhook_events", "given without a webhook"));
+            }
+            return Ok(None);
+        }
+        Some(Value::String(u)) => u,
+        Some(other) => return Err(invalid("webhook", format!("must be a URL string, got {}", json_type(&other)))),
+    };
+    if state.config.webhooks.webhook_secret.is_none() {
+        return Err(invalid("webhook", "webhooks are not configured on this server (KILN_WEBHOOK_SECRET is unset)"));
+    }
+    let url = webhooks::check_url(&url, &state.config.webhooks.webhook_allowed_hosts).map_err(|e| invalid("webhook", e.0))?;
+    let mut wanted = vec!["completed".to_owned()];
+    match events {
+        None | Some(Value::Null) => {}
+        Some(Value::Array(list)) => {
+            for (i, e) in list.iter().enumerate() {
+                match e.as_str() {
+                    Some(name) if WEBHOOK_EVENTS.contains(&name) => {
+                        if !wanted.iter().any(|w| w == name) {
+                            wanted.push(name.to_owned());
+                        }
+                    }
+                    _ => {
+                        return Err(invalid(
+                            &format!("webhook_events[{i}]"),
+                            format!("must be one of {}, got {e}", WEBHOOK_EVENTS.join(", ")),
+                        ));
+                    }
+                }
+            }
+        }
+        Some(other) => return Err(invalid("webhook_events", format!("must be an array, got {}", json_type(&other)))),
+    }
+    Ok(Some(WebhookState { url: url.to_string(), events: wanted, ..Default::default() }))
 }

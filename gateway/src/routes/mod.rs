@@ -1,7 +1,11 @@
 //! Route table and the per-request span.
 
-mod jobs;
+mod events;
+pub(crate) mod jobs;
+mod openapi;
 mod system;
+
+pub use jobs::current;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, Request};
@@ -21,6 +25,9 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/v1/jobs", post(jobs::submit))
         .route("/v1/jobs/{id}", get(jobs::get))
+        .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
+        .route("/v1/jobs/{id}/events", get(events::stream))
+        .route("/openapi.json", get(openapi::spec))
         .route("/v1/models", get(system::models))
         .route("/healthz", get(system::healthz))
         .route("/readyz", get(system::readyz))

@@ -1,0 +1,132 @@
+//! `GET /openapi.json`: the OpenAPI 3.1 description of the HTTP API — every endpoint, header and
+//! error code. Kept by hand next to the routes; a test checks it names every route and code.
+
+use axum::Json;
+use kiln_proto::ErrorCode;
+use serde_json::{Value, json};
+
+pub async fn spec() -> Json<Value> {
+    Json(document())
+}
+
+fn error_response(description: &str) -> Value {
+    json!({ "description": description, "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Error" } } } })
+}
+
+fn retry_error(description: &str) -> Value {
+    let mut r = error_response(description);
+    r["headers"] = json!({ "Retry-After": { "$ref": "#/components/headers/Retry-After" } });
+    r
+}
+
+fn job_id() -> Value {
+    json!({ "name": "id", "in": "path", "required": true, "schema": { "type": "string", "format": "uuid" } })
+}
+
+pub fn document() -> Value {
+    let codes: Vec<&str> = ErrorCode::ALL.iter().map(|c| c.as_str()).collect();
+    let job = json!({ "$ref": "#/components/schemas/Job" });
+    let job_content = json!({ "application/json": { "schema": job } });
+    json!({
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Kiln",
+            "version": env!("CARGO_PKG_VERSION"),
+            "description": "Inference jobs: submit, then poll, wait, stream events, or receive signed webhooks.",
+        },
+        "paths": {
+            "/v1/jobs": { "post": {
+                "summary": "Submit a job",
+                "parameters": [
+                    { "name": "Idempotency-Key", "in": "header", "schema": { "type": "string", "maxLength": 255 },
+                      "description": "The same key with the same body returns the same job (for KILN_IDEMPOTENCY_TTL); with another body, 409 idempotency_key_reused." },
+                    { "name": "Prefer", "in": "header", "schema": { "type": "string", "example": "wait=10" },
+                      "description": "wait=N (seconds, capped by KILN_MAX_WAIT): answer 200 with the finished job if it completes in time." },
+                    { "name": "Cancel-After", "in": "header", "schema": { "type": "number" },
+                      "description": "Seconds; a job not started by then ends expired (like deadline_s)." }
+                ],
+                "requestBody": { "required": true, "content": { "application/json": { "schema": { "$ref": "#/components/schemas/JobRequest" } } } },
+                "responses": {
+                    "200": { "description": "Finished within Prefer: wait, or an idempotent repeat of a finished job", "content": job_content,
+                             "headers": { "Location": { "$ref": "#/components/headers/Location" }, "Preference-Applied": { "schema": { "type": "string" } } } },
+                    "202": { "description": "Accepted: durably queued", "content": job_content,
+                             "headers": { "Location": { "$ref": "#/components/headers/Location" } } },
+                    "400": error_response("malformed_json"),
+                    "404": error_response("model_not_found"),
+                    "409": error_response("idempotency_key_reused, idempotency_key_in_flight"),
+                    "413": error_response("payload_too_large"),
+                    "415": error_response("unsupported_media_type"),
+                    "422": error_response("invalid_request, invalid_input: the message names the field"),
+                    "503": retry_error("broker_unavailable, store_unavailable, overloaded"),
+                },
+                "callbacks": { "webhook": { "{$request.body#/webhook}": { "post": {
+                    "summary": "Job event (Standard Webhooks)",
+                    "parameters": [
+                        { "name": "webhook-id", "in": "header", "required": true, "schema": { "type": "string" }, "description": "Stable across retries of one event." },
+                        { "name": "webhook-timestamp", "in": "header", "required": true, "schema": { "type": "integer" }, "description": "Unix seconds of the event." },
+                        { "name": "webhook-signature", "in": "header", "required": true, "schema": { "type": "string" },
+                          "description": "v1,<base64 HMAC-SHA256 of \"{webhook-id}.{webhook-timestamp}.{body}\"> with the whsec_ secret." }
+                    ],
+                    "requestBody": { "content": { "application/json": { "schema": { "$ref": "#/components/schemas/WebhookPayload" } } } },
+                    "responses": { "2XX": { "description": "Delivered; anything else is retried with backoff, honouring Retry-After" } }
+                } } } }
+            } },
+            "/v1/jobs/{id}": { "get": {
+                "summary": "A job's record",
+                "parameters": [ job_id(), { "name": "wait", "in": "query", "schema": { "type": "integer", "minimum": 0 },
+                                            "description": "Long-poll: return as soon as the job finishes, or after this many seconds." } ],
+                "responses": { "200": { "description": "The record", "content": job_content }, "404": error_response("job_not_found"), "503": retry_error("store_unavailable") }
+            } },
+            "/v1/jobs/{id}/cancel": { "post": {
+                "summary": "Cancel a queued or running job",
+                "parameters": [ job_id() ],
+                "responses": { "200": { "description": "Canceled", "content": job_content }, "404": error_response("job_not_found"),
+                               "409": error_response("job_finished: the job is already terminal"), "503": retry_error("store_unavailable") }
+            } },
+            "/v1/jobs/{id}/events": { "get": {
+                "summary": "Server-sent events of a job",
+                "description": "Events status, progress and completed, each with an id; the stream ends after completed. Without Last-Event-ID it starts with the current state.",
+                "parameters": [ job_id(), { "name": "Last-Event-ID", "in": "header", "schema": { "type": "string" }, "description": "Resume after this event." } ],
+                "responses": { "200": { "description": "text/event-stream", "content": { "text/event-stream": { "schema": { "type": "string" } } } },
+                               "404": error_response("job_not_found") }
+            } },
+            "/v1/models": { "get": { "summary": "Served models", "responses": { "200": { "description": "Models with task, version, max_batch and input JSON Schema" } } } },
+            "/healthz": { "get": { "summary": "Liveness", "responses": { "200": { "description": "Alive" } } } },
+            "/readyz": { "get": { "summary": "Readiness", "responses": { "200": { "description": "Broker and store reachable, not draining" }, "503": retry_error("not ready") } } },
+            "/openapi.json": { "get": { "summary": "This document", "responses": { "200": { "description": "OpenAPI 3.1" } } } },
+        },
+        "components": {
+            "headers": {
+                "Location": { "schema": { "type": "string" }, "description": "/v1/jobs/{id}" },
+                "Retry-After": { "schema": { "type": "integer" }, "description": "Seconds to wait before retrying." }
+            },
+            "schemas": {
+                "Error": { "type": "object", "required": ["error"], "properties": { "error": { "type": "object", "required": ["code", "message"], "properties": {
+                    "code": { "type": "string", "enum": codes }, "message": { "type": "string" } } } } },
+                "JobRequest": { "type": "object", "required": ["model", "input"], "additionalProperties": false, "properties": {
+                    "model": { "type": "string" },
+                    "input": { "description": "The model's task input; see GET /v1/models" },
+                    "metadata": { "type": "object", "description": "Echoed back on the record; at most 4 KiB." },
+                    "deadline_s": { "type": "number", "exclusiveMinimum": 0, "description": "Expire the job if not started within this many seconds." },
+                    "webhook": { "type": "string", "format": "uri", "description": "Receives signed job events; internal addresses are refused." },
+                    "webhook_events": { "type": "array", "items": { "enum": ["start", "progress", "completed"] }, "description": "completed is always sent." }
+                } },
+                "Job": { "type": "object", "properties": {
+                    "id": { "type": "string", "format": "uuid" }, "model": { "type": "string" },
+                    "status": { "enum": ["queued", "running", "succeeded", "failed", "canceled", "expired"] },
+                    "created_at": { "type": "string", "format": "date-time" }, "started_at": { "type": ["string", "null"] }, "completed_at": { "type": ["string", "null"] },
+                    "attempts": { "type": "integer" }, "progress": {}, "output": {}, "error": { "oneOf": [ { "type": "null" }, { "$ref": "#/components/schemas/JobError" } ] },
+                    "cached": { "type": "boolean" },
+                    "metrics": { "type": "object", "properties": { "queue_ms": { "type": ["integer", "null"] }, "run_ms": { "type": ["integer", "null"] } } },
+                    "metadata": { "type": "object" }, "deadline_at": { "type": "string", "format": "date-time" },
+                    "webhook": { "type": "object", "properties": { "url": { "type": "string" }, "events": { "type": "array" }, "attempts": { "type": "integer" },
+                                 "last_status": { "type": ["integer", "null"] }, "delivered_at": { "type": ["string", "null"] }, "gave_up_at": { "type": ["string", "null"] } } }
+                } },
+                "JobError": { "type": "object", "properties": { "code": { "type": "string", "enum": codes }, "message": { "type": "string" } } },
+                "WebhookPayload": { "type": "object", "properties": {
+                    "type": { "enum": ["job.started", "job.progress", "job.completed"] }, "timestamp": { "type": "string", "format": "date-time" },
+                    "data": { "$ref": "#/components/schemas/Job" } } }
+            }
+        }
+    })
+}
