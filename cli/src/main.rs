@@ -11,9 +11,9 @@ use kiln_cli::client::Client;
 use kiln_cli::system::{self, SystemConfig};
 use kiln_common::config::{BackendArgs, ModelArgs, TelemetryArgs, parse_duration};
 use kiln_common::models::ModelRepository;
+use kiln_common::webhooks::WebhookConfig;
 use kiln_common::{Backend, dlq, shutdown};
 use kiln_gateway::GatewayConfig;
-use kiln_common::webhooks::WebhookConfig;
 use kiln_worker::WorkerConfig;
 use tokio_util::sync::CancellationToken;
 

@@ -11,8 +11,8 @@ pub mod models;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;
-pub mod webhooks;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod webhooks;
 
 pub use backend::Backend;

@@ -115,7 +115,9 @@ pub fn check_url(raw: &str, allowed_hosts: &[String]) -> Result<url::Url, UrlRef
     let literal = host.trim_start_matches('[').trim_end_matches(']');
     let internal_name = host.eq_ignore_ascii_case("localhost") || host.to_ascii_lowercase().ends_with(".localhost");
     if internal_name || literal.parse::<IpAddr>().is_ok_and(is_internal) {
-        return Err(UrlRefused(format!("targets an internal address ({host}); refused unless allowed by KILN_WEBHOOK_ALLOWED_HOSTS")));
+        return Err(UrlRefused(format!(
+            "targets an internal address ({host}); refused unless allowed by KILN_WEBHOOK_ALLOWED_HOSTS"
+        )));
     }
     Ok(url)
 }
@@ -123,7 +125,8 @@ pub fn check_url(raw: &str, allowed_hosts: &[String]) -> Result<url::Url, UrlRef
 /// The signing key of a `whsec_` secret.
 pub fn secret_key(secret: &Secret) -> Result<Vec<u8>, String> {
     let s = secret.expose();
-    B64.decode(s.strip_prefix("whsec_").unwrap_or(s)).map_err(|e| format!("KILN_WEBHOOK_SECRET is not whsec_ + base64: {e}"))
+    B64.decode(s.strip_prefix("whsec_").unwrap_or(s))
+        .map_err(|e| format!("KILN_WEBHOOK_SECRET is not whsec_ + base64: {e}"))
 }
 
 /// `v1,<base64 HMAC-SHA256 over "{id}.{timestamp}.{body}">`.
@@ -149,7 +152,11 @@ pub async fn dispatch(store: Arc<dyn Store>, config: WebhookConfig, shutdown: Ca
         }
         None => return,
     };
-    let http = match reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).timeout(config.webhook_timeout).build() {
+    let http = match reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(config.webhook_timeout)
+        .build()
+    {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(target: "kiln::webhooks", error = %e, "webhook dispatcher not started");
@@ -215,14 +222,19 @@ async fn deliver(store: &dyn Store, http: &reqwest::Client, key: &[u8], config: 
     let attempts = d.attempts + 1;
     let give_up = now - d.at >= config.webhook_give_up_after.as_millis() as i64;
     let retry_at = (!ok && !give_up).then(|| {
-        let step = config.webhook_retry_base.saturating_mul(1 << attempts.saturating_sub(1).min(20)).min(config.webhook_retry_max);
+        let step = config
+            .webhook_retry_base
+            .saturating_mul(1 << attempts.saturating_sub(1).min(20))
+            .min(config.webhook_retry_max);
         let jittered = step / 2 + step.mul_f64(rand_unit() / 2.0);
         now + jittered.max(retry_after.unwrap_or_default()).as_millis() as i64
     });
     let attempt = WebhookAttempt { body, status, ok, at: now, retry_at };
     match (&attempt.ok, &attempt.retry_at) {
         (true, _) => tracing::debug!(target: "kiln::webhooks", delivery = %d.id, attempts, "webhook delivered"),
-        (false, Some(at)) => tracing::info!(target: "kiln::webhooks", delivery = %d.id, attempts, %why, retry_in_ms = at - now, "webhook failed, will retry"),
+        (false, Some(at)) => {
+            tracing::info!(target: "kiln::webhooks", delivery = %d.id, attempts, %why, retry_in_ms = at - now, "webhook failed, will retry")
+        }
         (false, None) => tracing::warn!(target: "kiln::webhooks", delivery = %d.id, attempts, %why, "webhook given up"),
     }
     if let Err(e) = store.webhook_attempted(&d, &attempt).await {

@@ -77,7 +77,9 @@ impl ApiError {
             },
             Self::Overloaded(retry) => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Overloaded, Some(*retry)),
             Self::IdempotencyKeyReused(_) => (StatusCode::CONFLICT, ErrorCode::IdempotencyKeyReused, None),
-            Self::IdempotencyKeyInFlight(_, retry) => (StatusCode::CONFLICT, ErrorCode::IdempotencyKeyInFlight, Some(*retry)),
+            Self::IdempotencyKeyInFlight(_, retry) => {
+                (StatusCode::CONFLICT, ErrorCode::IdempotencyKeyInFlight, Some(*retry))
+            }
             Self::JobFinished(..) => (StatusCode::CONFLICT, ErrorCode::JobFinished, None),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal, None),
         }

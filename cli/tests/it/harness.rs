@@ -318,3 +318,69 @@ pub fn completed_runs(workers: &[&ChildWorker]) -> std::collections::HashMap<Str
     }
     runs
 }
+
+/// One server-sent event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SseEvent {
+    pub event: String,
+    pub id: Option<String>,
+    pub data: Value,
+}
+
+/// A client of `GET /v1/jobs/{id}/events`.
+pub struct SseClient {
+    resp: reqwest::Response,
+    buf: String,
+}
+
+impl SseClient {
+    pub async fn open(gw: &Gateway, id: JobId, last_event_id: Option<&str>) -> Self {
+        let mut req = gw.http.get(gw.url(&format!("/v1/jobs/{id}/events"))).timeout(Duration::from_secs(300));
+        if let Some(last) = last_event_id {
+            req = req.header("last-event-id", last);
+        }
+        let resp = req.send().await.expect("SSE request");
+        assert_eq!(resp.status(), 200);
+        assert!(resp.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+        Self { resp, buf: String::new() }
+    }
+
+    /// The next event (keep-alive comments skipped), or None when the stream ended.
+    pub async fn next(&mut self) -> Option<SseEvent> {
+        loop {
+            if let Some(end) = self.buf.find("\n\n") {
+                let block: String = self.buf.drain(..end + 2).collect();
+                let (mut event, mut id, mut data) = (String::from("message"), None, String::new());
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("event:") {
+                        event = v.trim().to_owned();
+                    } else if let Some(v) = line.strip_prefix("id:") {
+                        id = Some(v.trim().to_owned());
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        data.push_str(v.trim_start());
+                    }
+                }
+                if data.is_empty() && id.is_none() {
+                    continue;
+                }
+                return Some(SseEvent { event, id, data: serde_json::from_str(&data).unwrap_or(Value::String(data)) });
+            }
+            let chunk = tokio::time::timeout(Duration::from_secs(120), self.resp.chunk())
+                .await
+                .expect("an SSE chunk within 120s");
+            match chunk.expect("SSE body") {
+                Some(bytes) => self.buf.push_str(&String::from_utf8_lossy(&bytes).replace("\r\n", "\n")),
+                None => return None,
+            }
+        }
+    }
+
+    /// Events until the stream ends.
+    pub async fn rest(&mut self) -> Vec<SseEvent> {
+        let mut out = Vec::new();
+        while let Some(e) = self.next().await {
+            out.push(e);
+        }
+        out
+    }
+}

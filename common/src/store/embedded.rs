@@ -163,7 +163,8 @@ impl Store for EmbeddedStore {
         if inner.live(record.id).is_some() {
             return Err(StoreError::Conflict(record.id));
         }
-        let entry = Entry { record: record.clone(), expires: Instant::now() + self.retention, lease: None, events: Vec::new() };
+        let entry =
+            Entry { record: record.clone(), expires: Instant::now() + self.retention, lease: None, events: Vec::new() };
         inner.records.insert(record.id, entry);
         inner.emit(record.id, EventKind::Status, json!({"status": "queued"}), record.created_at);
         inner.note_write();
@@ -381,7 +382,13 @@ impl Store for EmbeddedStore {
         inner.subscribers.entry(id).or_insert_with(|| broadcast::channel(64).0).subscribe()
     }
 
-    async fn claim_idempotency(&self, key: &str, fingerprint: &str, job: JobId, ttl: Duration) -> Result<Claim, StoreError> {
+    async fn claim_idempotency(
+        &self,
+        key: &str,
+        fingerprint: &str,
+        job: JobId,
+        ttl: Duration,
+    ) -> Result<Claim, StoreError> {
         let mut inner = self.lock();
         let now = Instant::now();
         inner.idempotency.retain(|_, (_, _, _, until)| *until > now);
@@ -407,7 +414,13 @@ impl Store for EmbeddedStore {
         Ok(())
     }
 
-    async fn due_webhooks(&self, now: UnixMillis, _owner: &str, claim_until: UnixMillis, limit: usize) -> Result<Vec<WebhookDelivery>, StoreError> {
+    async fn due_webhooks(
+        &self,
+        now: UnixMillis,
+        _owner: &str,
+        claim_until: UnixMillis,
+        limit: usize,
+    ) -> Result<Vec<WebhookDelivery>, StoreError> {
         let mut inner = self.lock();
         let due: Vec<(UnixMillis, String)> =
             inner.hooks_due.iter().take_while(|(t, _)| *t <= now).take(limit).cloned().collect();

@@ -152,7 +152,13 @@ pub trait Store: Send + Sync + 'static {
     async fn subscribe(&self, id: JobId) -> tokio::sync::broadcast::Receiver<JobEvent>;
 
     /// Claims `key` for a new job with this request `fingerprint`, or reports who holds it.
-    async fn claim_idempotency(&self, key: &str, fingerprint: &str, job: JobId, ttl: Duration) -> Result<Claim, StoreError>;
+    async fn claim_idempotency(
+        &self,
+        key: &str,
+        fingerprint: &str,
+        job: JobId,
+        ttl: Duration,
+    ) -> Result<Claim, StoreError>;
 
     /// Marks the claim's job as durably accepted.
     async fn commit_idempotency(&self, key: &str, job: JobId) -> Result<(), StoreError>;
@@ -162,7 +168,13 @@ pub trait Store: Send + Sync + 'static {
 
     /// Claims up to `limit` webhook deliveries due at `now`, holding them for `owner` until
     /// `claim_until` (a dispatcher that dies lets them lapse to another).
-    async fn due_webhooks(&self, now: UnixMillis, owner: &str, claim_until: UnixMillis, limit: usize) -> Result<Vec<WebhookDelivery>, StoreError>;
+    async fn due_webhooks(
+        &self,
+        now: UnixMillis,
+        owner: &str,
+        claim_until: UnixMillis,
+        limit: usize,
+    ) -> Result<Vec<WebhookDelivery>, StoreError>;
 
     /// Records one delivery attempt. `retry_at: None` ends the delivery: delivered when `ok`, else
     /// given up. The body is kept, so retries send the same bytes.

@@ -116,8 +116,8 @@ impl RedisStore {
     /// Creates the store without connecting: the first command connects, so a process can start
     /// while Redis is still down, and reconnects after Redis restarts.
     pub fn new(config: RedisConfig) -> Result<Self, StoreError> {
-        let client =
-            redis::Client::open(config.url.expose()).map_err(|e| StoreError::Unavailable(format!("bad Redis URL: {e}")))?;
+        let client = redis::Client::open(config.url.expose())
+            .map_err(|e| StoreError::Unavailable(format!("bad Redis URL: {e}")))?;
         let mgr_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(config.connect_timeout))
             .set_response_timeout(Some(config.response_timeout))
@@ -491,7 +491,13 @@ impl Store for RedisStore {
         self.apply(&inv).await
     }
 
-    async fn reap(&self, now: UnixMillis, owner: &str, claim_until: UnixMillis, limit: usize) -> Result<Vec<Lapsed>, StoreError> {
+    async fn reap(
+        &self,
+        now: UnixMillis,
+        owner: &str,
+        claim_until: UnixMillis,
+        limit: usize,
+    ) -> Result<Vec<Lapsed>, StoreError> {
         let mut inv = self.scripts.reap.key(self.leases_key());
         inv.arg(now).arg(limit).arg(format!("{}job:", self.config.key_prefix)).arg(owner).arg(claim_until);
         let flat: Vec<String> = self.invoke(&inv).await?;
@@ -527,7 +533,8 @@ impl Store for RedisStore {
     }
 
     async fn subscribe(&self, id: JobId) -> broadcast::Receiver<JobEvent> {
-        let rx = self.hub.subscribe(id, || spawn_listener(self.client.clone(), self.channel(), Arc::downgrade(&self.hub)));
+        let rx =
+            self.hub.subscribe(id, || spawn_listener(self.client.clone(), self.channel(), Arc::downgrade(&self.hub)));
         // The first subscriber waits (briefly) for the channel subscription, so no event published
         // after this returns is missed; callers re-read the log now and then to cover reconnects.
         let mut ready = self.hub.ready.subscribe();
@@ -535,7 +542,13 @@ impl Store for RedisStore {
         rx
     }
 
-    async fn claim_idempotency(&self, key: &str, fingerprint: &str, job: JobId, ttl: Duration) -> Result<Claim, StoreError> {
+    async fn claim_idempotency(
+        &self,
+        key: &str,
+        fingerprint: &str,
+        job: JobId,
+        ttl: Duration,
+    ) -> Result<Claim, StoreError> {
         let mut inv = self.scripts.claim.key(format!("{}idem:{key}", self.config.key_prefix));
         inv.arg(job.to_string()).arg(fingerprint).arg(ttl.as_millis() as u64);
         let held: Vec<Option<String>> = self.invoke(&inv).await?;
@@ -555,17 +568,36 @@ impl Store for RedisStore {
         let script = redis::Script::new(
             "if redis.call('HGET', KEYS[1], 'job') == ARGV[1] then redis.call('HSET', KEYS[1], 'committed', '1') end return 1",
         );
-        script.key(k).arg(job.to_string()).invoke_async::<i64>(&mut self.conn.clone()).await.map_err(unavailable).map(drop)
+        script
+            .key(k)
+            .arg(job.to_string())
+            .invoke_async::<i64>(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)
+            .map(drop)
     }
 
     async fn release_idempotency(&self, key: &str, job: JobId) -> Result<(), StoreError> {
         let k = format!("{}idem:{key}", self.config.key_prefix);
-        let script =
-            redis::Script::new("if redis.call('HGET', KEYS[1], 'job') == ARGV[1] then redis.call('DEL', KEYS[1]) end return 1");
-        script.key(k).arg(job.to_string()).invoke_async::<i64>(&mut self.conn.clone()).await.map_err(unavailable).map(drop)
+        let script = redis::Script::new(
+            "if redis.call('HGET', KEYS[1], 'job') == ARGV[1] then redis.call('DEL', KEYS[1]) end return 1",
+        );
+        script
+            .key(k)
+            .arg(job.to_string())
+            .invoke_async::<i64>(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)
+            .map(drop)
     }
 
-    async fn due_webhooks(&self, now: UnixMillis, _owner: &str, claim_until: UnixMillis, limit: usize) -> Result<Vec<WebhookDelivery>, StoreError> {
+    async fn due_webhooks(
+        &self,
+        now: UnixMillis,
+        _owner: &str,
+        claim_until: UnixMillis,
+        limit: usize,
+    ) -> Result<Vec<WebhookDelivery>, StoreError> {
         let mut inv = self.scripts.due_webhooks.key(self.webhooks_key());
         inv.arg(now).arg(limit).arg(claim_until).arg(self.webhook_prefix());
         let flat: Vec<String> = self.invoke(&inv).await?;
@@ -607,7 +639,11 @@ impl Store for RedisStore {
 }
 
 fn event(id: String, kind: &str, data: &str) -> Option<JobEvent> {
-    Some(JobEvent { id, kind: EventKind::parse(kind)?, data: serde_json::from_str(data).unwrap_or(serde_json::Value::Null) })
+    Some(JobEvent {
+        id,
+        kind: EventKind::parse(kind)?,
+        data: serde_json::from_str(data).unwrap_or(serde_json::Value::Null),
+    })
 }
 
 /// Fans the one pub/sub subscription of this process out to the subscribers of each job.
@@ -640,7 +676,8 @@ impl Hub {
 
     fn dispatch(&self, message: &str) {
         let mut parts = message.splitn(4, ' ');
-        let (Some(id), Some(eid), Some(kind), Some(data)) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+        let (Some(id), Some(eid), Some(kind), Some(data)) = (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
             return;
         };
         let Ok(id) = id.parse::<JobId>() else { return };
@@ -699,7 +736,10 @@ fn decode(id: JobId, f: &HashMap<String, String>) -> Result<JobRecord, String> {
         None => None,
         Some(url) => Some(WebhookState {
             url: url.clone(),
-            events: f.get("webhook_events").map(|e| e.split(',').filter(|s| !s.is_empty()).map(str::to_owned).collect()).unwrap_or_default(),
+            events: f
+                .get("webhook_events")
+                .map(|e| e.split(',').filter(|s| !s.is_empty()).map(str::to_owned).collect())
+                .unwrap_or_default(),
             attempts: f.get("wh_attempts").and_then(|a| a.parse().ok()).unwrap_or(0),
             last_status: f.get("wh_last_status").and_then(|s| s.parse().ok()),
             delivered_at: millis("wh_delivered_at")?,
@@ -716,7 +756,10 @@ fn decode(id: JobId, f: &HashMap<String, String>) -> Result<JobRecord, String> {
         attempts: f.get("attempts").map(|a| a.parse().map_err(|e| format!("attempts: {e}"))).transpose()?.unwrap_or(0),
         progress: json("progress")?,
         output: json("output")?,
-        error: f.get("error").map(|e| serde_json::from_str::<JobError>(e).map_err(|e| format!("error: {e}"))).transpose()?,
+        error: f
+            .get("error")
+            .map(|e| serde_json::from_str::<JobError>(e).map_err(|e| format!("error: {e}")))
+            .transpose()?,
         cached: false,
         metrics: Default::default(),
         metadata: json("metadata")?,

@@ -25,7 +25,11 @@ const RESYNC: Duration = Duration::from_secs(5);
 
 type Tx = mpsc::Sender<Result<Event, Infallible>>;
 
-pub async fn stream(State(state): State<AppState>, Path(id): Path<String>, headers: HeaderMap) -> Result<Response, ApiError> {
+pub async fn stream(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     let job_id: JobId = id.parse().map_err(|_| ApiError::JobNotFound(id.clone()))?;
     let last_event_id = headers.get("last-event-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
     let rx = state.backend.store.subscribe(job_id).await;
@@ -70,7 +74,10 @@ async fn feed(
     };
     loop {
         // Replay whatever the log holds after the last event sent.
-        let missed = store.events(id, Some(&last).filter(|l| !l.is_empty()).map(String::as_str)).await.map_err(|e| ApiError::Store(e, state.config.retry_after))?;
+        let missed = store
+            .events(id, Some(&last).filter(|l| !l.is_empty()).map(String::as_str))
+            .await
+            .map_err(|e| ApiError::Store(e, state.config.retry_after))?;
         for event in missed {
             if forward(state, id, &mut tx, &mut last, event).await? {
                 return Ok(());
@@ -97,7 +104,13 @@ async fn feed(
 }
 
 /// Sends `event` unless it was sent already. Returns whether the stream is over.
-async fn forward(state: &AppState, id: JobId, tx: &mut Tx, last: &mut String, event: JobEvent) -> Result<bool, ApiError> {
+async fn forward(
+    state: &AppState,
+    id: JobId,
+    tx: &mut Tx,
+    last: &mut String,
+    event: JobEvent,
+) -> Result<bool, ApiError> {
     if !last.is_empty() && order(&event.id) <= order(last) {
         return Ok(false);
     }

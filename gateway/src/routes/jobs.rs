@@ -12,9 +12,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use kiln_common::store::{Claim, Transition};
 use kiln_common::webhooks;
-use kiln_proto::{
-    EmbeddingInput, Envelope, JobId, JobRecord, JobStatus, Task, WebhookState, json_type, now_millis,
-};
+use kiln_proto::{EmbeddingInput, Envelope, JobId, JobRecord, JobStatus, Task, WebhookState, json_type, now_millis};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -170,7 +168,12 @@ pub async fn get(
 }
 
 /// Answers with `record`, after waiting for it to finish when asked to.
-async fn respond(state: &AppState, record: JobRecord, wait: Option<Duration>, as_submit: bool) -> Result<Response, ApiError> {
+async fn respond(
+    state: &AppState,
+    record: JobRecord,
+    wait: Option<Duration>,
+    as_submit: bool,
+) -> Result<Response, ApiError> {
     let id = record.id;
     let record = match wait {
         Some(wait) if !record.status.is_terminal() => {
@@ -240,11 +243,16 @@ fn with_wait_applied(mut resp: Response, wait: Duration) -> Response {
 
 /// `Prefer: wait=N` (RFC 7240), capped.
 fn prefer_wait(headers: &HeaderMap, max_s: u64) -> Option<Duration> {
-    headers.get_all("prefer").iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split([',', ';'])).find_map(|p| {
-        let (k, v) = p.trim().split_once('=')?;
-        (k.trim().eq_ignore_ascii_case("wait")).then(|| v.trim().trim_matches('"').parse::<u64>().ok()).flatten()
-    })
-    .map(|s| Duration::from_secs(s.min(max_s)))
+    headers
+        .get_all("prefer")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split([',', ';']))
+        .find_map(|p| {
+            let (k, v) = p.trim().split_once('=')?;
+            (k.trim().eq_ignore_ascii_case("wait")).then(|| v.trim().trim_matches('"').parse::<u64>().ok()).flatten()
+        })
+        .map(|s| Duration::from_secs(s.min(max_s)))
 }
 
 /// `Cancel-After: <seconds>`: a deadline given as a header.
@@ -317,9 +325,16 @@ fn validate(state: &AppState, body: &[u8]) -> Result<Submission, ApiError> {
         None | Some(Value::Null) => None,
         Some(Value::Number(n)) => match n.as_f64() {
             Some(secs) if secs > 0.0 && secs <= MAX_DEADLINE_S => Some(Duration::from_secs_f64(secs)),
-            _ => return Err(invalid("deadline_s", format!("must be a number of seconds in (0, {MAX_DEADLINE_S}], got {n}"))),
+            _ => {
+                return Err(invalid(
+                    "deadline_s",
+                    format!("must be a number of seconds in (0, {MAX_DEADLINE_S}], got {n}"),
+                ));
+            }
         },
-        Some(other) => return Err(invalid("deadline_s", format!("must be a number of seconds, got {}", json_type(&other)))),
+        Some(other) => {
+            return Err(invalid("deadline_s", format!("must be a number of seconds, got {}", json_type(&other))));
+        }
     };
     let webhook = webhook(state, obj.remove("webhook"), obj.remove("webhook_events"))?;
     Ok(Submission { spec_name: spec.name.clone(), input, metadata, deadline, webhook, fingerprint })
@@ -339,7 +354,8 @@ fn webhook(state: &AppState, url: Option<Value>, events: Option<Value>) -> Resul
     if state.config.webhooks.webhook_secret.is_none() {
         return Err(invalid("webhook", "webhooks are not configured on this server (KILN_WEBHOOK_SECRET is unset)"));
     }
-    let url = webhooks::check_url(&url, &state.config.webhooks.webhook_allowed_hosts).map_err(|e| invalid("webhook", e.0))?;
+    let url =
+        webhooks::check_url(&url, &state.config.webhooks.webhook_allowed_hosts).map_err(|e| invalid("webhook", e.0))?;
     let mut wanted = vec!["completed".to_owned()];
     match events {
         None | Some(Value::Null) => {}

@@ -83,3 +83,36 @@ async fn wrong_method_is_a_json_405() {
     assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
     assert_eq!(body["error"]["code"], "method_not_allowed");
 }
+
+#[tokio::test]
+async fn openapi_describes_every_route_header_and_error_code() {
+    let (status, _, doc) = call(&state(), Request::get("/openapi.json").body(Body::empty()).unwrap()).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(doc["openapi"], "3.1.0");
+    for (path, method) in [
+        ("/v1/jobs", "post"),
+        ("/v1/jobs/{id}", "get"),
+        ("/v1/jobs/{id}/cancel", "post"),
+        ("/v1/jobs/{id}/events", "get"),
+        ("/v1/models", "get"),
+        ("/healthz", "get"),
+        ("/readyz", "get"),
+        ("/openapi.json", "get"),
+    ] {
+        assert!(doc["paths"][path][method].is_object(), "{method} {path} is not described");
+    }
+    let text = doc.to_string();
+    for header in
+        ["Idempotency-Key", "Prefer", "Cancel-After", "Last-Event-ID", "Location", "Retry-After", "webhook-signature"]
+    {
+        assert!(text.contains(header), "header {header} is not described");
+    }
+    let codes = &doc["components"]["schemas"]["Error"]["properties"]["error"]["properties"]["code"]["enum"];
+    for code in kiln_proto::ErrorCode::ALL {
+        assert!(
+            codes.as_array().unwrap().iter().any(|c| c == code.as_str()),
+            "error code {} is not described",
+            code.as_str()
+        );
+    }
+}
