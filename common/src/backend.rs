@@ -6,6 +6,7 @@ use std::time::Duration;
 use crate::broker::Broker;
 use crate::broker::amqp::{AmqpBroker, AmqpConfig, Topology};
 use crate::broker::embedded::EmbeddedBroker;
+use crate::cache::{Cache, EmbeddedCache, RedisCache};
 use crate::config::BackendArgs;
 use crate::store::embedded::EmbeddedStore;
 use crate::store::redis::{RedisConfig, RedisStore};
@@ -15,12 +16,24 @@ use crate::store::{Store, StoreError};
 pub struct Backend {
     pub broker: Arc<dyn Broker>,
     pub store: Arc<dyn Store>,
+    pub cache: Arc<dyn Cache>,
 }
 
+/// Entries the embedded cache holds at most.
+const EMBEDDED_CACHE_ENTRIES: usize = 100_000;
+
 impl Backend {
-    /// In-process broker and store: `kiln dev`, no RabbitMQ or Redis.
+    /// In-process broker, store and cache: `kiln dev`, no RabbitMQ or Redis.
     pub fn embedded(retention: Duration) -> Self {
-        Self { broker: Arc::new(EmbeddedBroker::default()), store: Arc::new(EmbeddedStore::new(retention)) }
+        Self::embedded_with_cache(retention, Duration::from_secs(3600))
+    }
+
+    pub fn embedded_with_cache(retention: Duration, cache_ttl: Duration) -> Self {
+        Self {
+            broker: Arc::new(EmbeddedBroker::default()),
+            store: Arc::new(EmbeddedStore::new(retention)),
+            cache: Arc::new(EmbeddedCache::new(cache_ttl, EMBEDDED_CACHE_ENTRIES)),
+        }
     }
 
     /// RabbitMQ and Redis. Nothing connects yet: a process starts while they are down and
@@ -40,6 +53,8 @@ impl Backend {
             connect_timeout: args.connect_timeout,
             response_timeout: args.io_timeout,
         })?;
-        Ok(Self { broker: Arc::new(broker), store: Arc::new(store) })
+        let cache_url = args.cache_redis_url.as_ref().unwrap_or(&args.redis_url);
+        let cache = RedisCache::new(cache_url, &args.key_prefix, args.cache_ttl, args.io_timeout)?;
+        Ok(Self { broker: Arc::new(broker), store: Arc::new(store), cache: Arc::new(cache) })
     }
 }

@@ -96,6 +96,14 @@ pub struct BackendArgs {
     /// How long job records are kept after acceptance and after completion (`24h`, `30m`, ...).
     #[arg(long, env = "KILN_JOB_RETENTION", default_value = "24h", value_parser = parse_duration)]
     pub job_retention: Duration,
+    /// Redis URL of the result cache; default: the job store's Redis. Give the cache its own
+    /// instance with `maxmemory-policy allkeys-lfu` in production.
+    #[arg(long, env = "KILN_CACHE_REDIS_URL")]
+    pub cache_redis_url: Option<Secret>,
+    /// How long a finished output is served from the cache; `0s` turns the cache and in-flight
+    /// coalescing off.
+    #[arg(long, env = "KILN_CACHE_TTL", default_value = "1h", value_parser = parse_duration)]
+    pub cache_ttl: Duration,
     /// Bound on connecting to RabbitMQ or Redis; a request that would wait longer gets a 503.
     #[arg(long, env = "KILN_CONNECT_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
     pub connect_timeout: Duration,

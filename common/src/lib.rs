@@ -4,6 +4,7 @@
 
 pub mod assets;
 pub mod backend;
+pub mod cache;
 pub mod broker;
 pub mod config;
 pub mod dlq;

@@ -30,3 +30,15 @@ pub fn enqueue_rolled_back(id: JobId, discarded: bool) {
 pub fn job_canceled(id: JobId) {
     tracing::info!(target: "kiln::gateway", job_id = %id, "job canceled");
 }
+
+pub fn cache_hit(id: JobId, model: &ModelName) {
+    tracing::debug!(target: "kiln::gateway", job_id = %id, %model, "answered from the cache");
+}
+
+pub fn coalesced(id: JobId, leader: JobId) {
+    tracing::debug!(target: "kiln::gateway", job_id = %id, %leader, "attached to an identical job in flight");
+}
+
+pub fn cache_unavailable(error: &dyn std::fmt::Display) {
+    tracing::warn!(target: "kiln::gateway", %error, "result cache unavailable; running the job");
+}

@@ -197,6 +197,9 @@ pub struct Envelope {
     /// dead-letter queue.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub history: Vec<AttemptRecord>,
+    /// Where the output goes in the result cache; none when the job opted out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_key: Option<String>,
 }
 
 impl Envelope {
@@ -207,7 +210,7 @@ impl Envelope {
         created_at: UnixMillis,
         deadline: Option<UnixMillis>,
     ) -> Self {
-        Self { v: ENVELOPE_VERSION, id, model, input, created_at, deadline, history: Vec::new() }
+        Self { v: ENVELOPE_VERSION, id, model, input, created_at, deadline, history: Vec::new(), cache_key: None }
     }
 }
 

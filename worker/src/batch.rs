@@ -175,6 +175,11 @@ async fn settle(ctx: &Ctx, mut job: Job, result: Result<Vec<Vec<f32>>, Failure>)
     match ctx.backend.store.finish(id, &outcome, now_millis()).await {
         Ok(Transition::Applied) => {
             events::run_completed(id, job.attempt, ok, true);
+            if let (Outcome::Succeeded(output), Some(key)) = (&outcome, &job.envelope.cache_key)
+                && let Err(e) = ctx.backend.cache.put(key, output).await
+            {
+                events::cache_unavailable(&e);
+            }
             ack(job).await
         }
         Ok(other) => {

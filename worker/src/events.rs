@@ -82,3 +82,7 @@ pub fn reaper_failed(error: &dyn Display) {
 pub fn draining(grace: Duration) {
     tracing::info!(target: "kiln::worker", ?grace, "draining: no new jobs, finishing the batches in hand");
 }
+
+pub fn cache_unavailable(error: &dyn Display) {
+    tracing::warn!(target: "kiln::worker", %error, "result not cached");
+}

@@ -93,8 +93,8 @@ async fn scenario_worker_killed_mid_run() {
     let gw = env.gateway().await;
     let mut a = ChildWorker::spawn(&args, &repo_dir(), &worker_env(&[]));
     let b = ChildWorker::spawn(&args, &repo_dir(), &worker_env(&[]));
-    let texts: Vec<String> = (0..4).map(|i| format!("Sentence {i} of a job that must survive its worker.")).collect();
-    let tally = submit_all(&gw, (0..1000).map(|_| json!({ "texts": texts })).collect(), 64).await;
+    let inputs = (0..1000).map(|j| json!({ "texts": (0..4).map(|i| format!("Sentence {i} of job {j}, which must survive its worker.")).collect::<Vec<_>>() }));
+    let tally = submit_all(&gw, inputs.collect(), 64).await;
     a.wait_for("worker A has finished some runs", DONE_TIMEOUT, |l| l["target"] == "kiln::worker::runs").await;
     wait_until("worker A is in the middle of the run", DONE_TIMEOUT, || async {
         let n = a.lines().iter().filter(|l| l["target"] == "kiln::worker::runs").count();
@@ -179,8 +179,8 @@ async fn scenario_redis_restarted_during_run() {
     let env = Env::from_parts(Backend::external(&args).unwrap(), Some(args.clone()));
     let gw = env.gateway().await;
     let worker = ChildWorker::spawn(&args, &repo_dir(), &worker_env(&[]));
-    let texts: Vec<String> = (0..4).map(|i| format!("Sentence {i} of a job that outlives a Redis restart.")).collect();
-    let mut tally = submit_all(&gw, (0..500).map(|_| json!({ "texts": texts })).collect(), 32).await;
+    let texts = |j: usize| (0..4).map(|i| format!("Sentence {i} of job {j}, which outlives a Redis restart.")).collect::<Vec<_>>();
+    let mut tally = submit_all(&gw, (0..500).map(|j| json!({ "texts": texts(j) })).collect(), 32).await;
     worker.wait_for("the worker is busy", DONE_TIMEOUT, |l| l["target"] == "kiln::worker::runs").await;
     redis.stop().await;
     // While Redis is down, submissions are refused quickly, never accepted.
@@ -190,7 +190,7 @@ async fn scenario_redis_restarted_during_run() {
     assert!(started.elapsed() < Duration::from_secs(1) + Duration::from_millis(500), "{:?}", started.elapsed());
     tally.submitted += 1;
     redis.restart().await;
-    let more = submit_all(&gw, (0..100).map(|_| json!({ "texts": texts })).collect(), 32).await;
+    let more = submit_all(&gw, (500..600).map(|j| json!({ "texts": texts(j) })).collect(), 32).await;
     tally.submitted += more.submitted;
     tally.accepted.extend(more.accepted);
     report("redis-restart", &gw, &tally, &[&worker], succeeded).await;
@@ -229,8 +229,8 @@ async fn scenario_worker_terminated_with_a_full_batch() {
     let args = env.args.clone().unwrap();
     let gw = env.gateway().await;
     let mut a = ChildWorker::spawn(&args, &repo_dir(), &worker_env(&[]));
-    let texts: Vec<String> = (0..8).map(|i| format!("Sentence {i} of a job in a batch being drained.")).collect();
-    let tally = submit_all(&gw, (0..300).map(|_| json!({ "texts": texts })).collect(), 64).await;
+    let inputs = (0..300).map(|j| json!({ "texts": (0..8).map(|i| format!("Sentence {i} of job {j}, in a batch being drained.")).collect::<Vec<_>>() }));
+    let tally = submit_all(&gw, inputs.collect(), 64).await;
     a.wait_for("worker A has started on the run", DONE_TIMEOUT, |l| l["target"] == "kiln::worker::runs").await;
     a.terminate();
     let status = a.wait().await;
@@ -269,7 +269,7 @@ async fn scenario_job_longer_than_the_consumer_timeout() {
     assert_eq!(job["attempts"], 1, "{job}");
 
     // The same, with the worker killed after it took the lease: another worker runs it, once.
-    let second = gw.submit_ok(json!({ "texts": texts })).await;
+    let second = gw.submit_ok(json!({ "texts": texts.iter().map(|t| format!("again: {t}")).collect::<Vec<_>>() })).await;
     a.wait_for("worker A leased the job", DONE_TIMEOUT, |l| {
         l["message"].as_str().is_some_and(|m| m.contains("lease taken")) && l["job_id"] == second.to_string()
     })

@@ -12,7 +12,7 @@ use tokio::sync::broadcast;
 use tokio::time::Instant;
 
 use super::{
-    Claim, Lapsed, Outcome, Start, Store, StoreError, Transition, WebhookAttempt, WebhookDelivery, canceled_error,
+    Claim, Coalesced, Lapsed, Outcome, Start, Store, StoreError, Transition, WebhookAttempt, WebhookDelivery, canceled_error,
     deadline_error,
 };
 
@@ -34,6 +34,8 @@ struct Inner {
     /// (due time, delivery id) of webhook deliveries.
     hooks_due: BTreeSet<(UnixMillis, String)>,
     hooks: HashMap<String, Hook>,
+    /// Cache key → the job computing it, for in-flight coalescing.
+    inflight: HashMap<String, JobId>,
 }
 
 struct Hook {
@@ -50,6 +52,18 @@ struct Entry {
     expires: Instant,
     lease: Option<Lease>,
     events: Vec<JobEvent>,
+    /// Jobs coalesced onto this one.
+    followers: Vec<JobId>,
+    /// The in-flight key this job leads.
+    inflight: Option<String>,
+    /// A follower's envelope, to queue it on its own if its leader ends without an outcome.
+    envelope: Option<String>,
+}
+
+impl Entry {
+    fn new(record: JobRecord, expires: Instant) -> Self {
+        Self { record, expires, lease: None, events: Vec::new(), followers: Vec::new(), inflight: None, envelope: None }
+    }
 }
 
 /// Most events kept per job, like the Redis stream's cap.
@@ -113,6 +127,43 @@ impl Inner {
         self.hooks.insert(did, Hook { job: id, event: name.to_owned(), at: now, attempts: 0, body: None, due: now });
     }
 
+    /// Completes the followers of `id` with its outcome, or — `None` — hands them to the lease
+    /// reaper to be queued on their own.
+    fn settle_followers(&mut self, id: JobId, outcome: Option<&Outcome>, now: UnixMillis, expires: Instant) {
+        let Some(entry) = self.records.get_mut(&id) else { return };
+        let followers = std::mem::take(&mut entry.followers);
+        if let Some(key) = entry.inflight.take()
+            && self.inflight.get(&key) == Some(&id)
+        {
+            self.inflight.remove(&key);
+        }
+        for fid in followers {
+            let Some(f) = self.live(fid) else { continue };
+            if f.record.status.is_terminal() {
+                continue;
+            }
+            match outcome {
+                Some(outcome) => {
+                    f.record.status = outcome.status();
+                    f.record.completed_at = Some(now);
+                    f.expires = expires;
+                    f.envelope = None;
+                    match outcome {
+                        Outcome::Succeeded(out) => f.record.output = serde_json::from_str(out).ok(),
+                        Outcome::Failed(err) => f.record.error = Some(err.clone()),
+                    }
+                    self.emit(fid, EventKind::Completed, json!({"status": outcome.status()}), now);
+                }
+                None => {
+                    let envelope = f.envelope.take().unwrap_or_default();
+                    f.record.status = JobStatus::Running;
+                    f.lease = Some(Lease { owner: "orphan".into(), until: 0, envelope });
+                    self.leases.insert((0, fid));
+                }
+            }
+        }
+    }
+
     fn note_write(&mut self) {
         self.writes_since_sweep += 1;
         if self.writes_since_sweep >= SWEEP_EVERY {
@@ -163,12 +214,42 @@ impl Store for EmbeddedStore {
         if inner.live(record.id).is_some() {
             return Err(StoreError::Conflict(record.id));
         }
-        let entry =
-            Entry { record: record.clone(), expires: Instant::now() + self.retention, lease: None, events: Vec::new() };
+        inner.records.insert(record.id, Entry::new(record.clone(), Instant::now() + self.retention));
+        let (kind, data) = if record.status.is_terminal() {
+            (EventKind::Completed, json!({"status": record.status}))
+        } else {
+            (EventKind::Status, json!({"status": "queued"}))
+        };
+        inner.emit(record.id, kind, data, record.created_at);
+        inner.note_write();
+        Ok(())
+    }
+
+    async fn create_coalesced(&self, record: &JobRecord, inflight: &str, envelope: &str) -> Result<Coalesced, StoreError> {
+        let mut inner = self.lock();
+        if inner.live(record.id).is_some() {
+            return Err(StoreError::Conflict(record.id));
+        }
+        let expires = Instant::now() + self.retention;
+        let leader = inner.inflight.get(inflight).copied();
+        let active = leader.and_then(|l| inner.live(l).filter(|e| !e.record.status.is_terminal()).map(|_| l));
+        let mut entry = Entry::new(record.clone(), expires);
+        let result = match active {
+            Some(leader) => {
+                entry.envelope = Some(envelope.to_owned());
+                inner.records.get_mut(&leader).expect("live").followers.push(record.id);
+                Coalesced::Follower(leader)
+            }
+            None => {
+                entry.inflight = Some(inflight.to_owned());
+                inner.inflight.insert(inflight.to_owned(), record.id);
+                Coalesced::Leader
+            }
+        };
         inner.records.insert(record.id, entry);
         inner.emit(record.id, EventKind::Status, json!({"status": "queued"}), record.created_at);
         inner.note_write();
-        Ok(())
+        Ok(result)
     }
 
     async fn get(&self, id: JobId) -> Result<Option<JobRecord>, StoreError> {
@@ -197,6 +278,7 @@ impl Store for EmbeddedStore {
             r.error = Some(deadline_error());
             entry.expires = Instant::now() + retention;
             inner.emit(id, EventKind::Completed, json!({"status": "expired"}), at);
+            inner.settle_followers(id, None, at, Instant::now() + retention);
             return Ok(Start::Expired);
         }
         r.status = JobStatus::Running;
@@ -222,6 +304,7 @@ impl Store for EmbeddedStore {
                 Outcome::Failed(err) => r.error = Some(err.clone()),
             }
             inner.emit(id, EventKind::Completed, json!({"status": outcome.status()}), at);
+            inner.settle_followers(id, Some(outcome), at, expires);
             Transition::Applied
         }))
     }
@@ -248,6 +331,7 @@ impl Store for EmbeddedStore {
             r.error = Some(deadline_error());
             entry.expires = expires;
             inner.emit(id, EventKind::Completed, json!({"status": "expired"}), at);
+            inner.settle_followers(id, None, at, expires);
             Transition::Applied
         }))
     }
@@ -262,6 +346,7 @@ impl Store for EmbeddedStore {
 
     async fn discard(&self, id: JobId) -> Result<(), StoreError> {
         let mut inner = self.lock();
+        inner.settle_followers(id, None, kiln_proto::now_millis(), Instant::now() + self.retention);
         inner.drop_entry(id);
         inner.withdrawn.insert(id, Instant::now() + self.retention);
         Ok(())
@@ -363,6 +448,7 @@ impl Store for EmbeddedStore {
             entry.record.completed_at = Some(at);
             entry.record.error = Some(canceled_error());
             inner.emit(id, EventKind::Completed, json!({"status": "canceled"}), at);
+            inner.settle_followers(id, None, at, expires);
             Transition::Applied
         }))
     }

@@ -88,8 +88,16 @@ pub struct Lapsed {
 
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// Writes a new queued record; fails with `Conflict` if the id exists.
+    /// Writes a new record (queued, or finished for a cache hit); fails with `Conflict` if the id
+    /// exists.
     async fn create(&self, record: &JobRecord) -> Result<(), StoreError>;
+
+    /// Writes a new queued record for a job whose identical twin may already be queued or running
+    /// under `inflight` (its cache key). If so, the new job follows it: it completes with the
+    /// twin's outcome, and must not be published. Otherwise it becomes the twin others follow.
+    /// `envelope` is kept on a follower, to queue it on its own if its leader ends without an
+    /// outcome (canceled, expired, withdrawn).
+    async fn create_coalesced(&self, record: &JobRecord, inflight: &str, envelope: &str) -> Result<Coalesced, StoreError>;
 
     async fn get(&self, id: JobId) -> Result<Option<JobRecord>, StoreError>;
 
@@ -184,6 +192,15 @@ pub trait Store: Send + Sync + 'static {
     async fn check(&self) -> Result<(), StoreError>;
 
     fn kind(&self) -> &'static str;
+}
+
+/// What [`Store::create_coalesced`] made of a new job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Coalesced {
+    /// No twin in flight: publish this job.
+    Leader,
+    /// Attached to this in-flight twin: do not publish.
+    Follower(JobId),
 }
 
 /// Who holds an idempotency key.

@@ -20,7 +20,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::broadcast;
 
 use super::{
-    Claim, Lapsed, Outcome, Start, Store, StoreError, Transition, WebhookAttempt, WebhookDelivery, canceled_error,
+    Claim, Coalesced, Lapsed, Outcome, Start, Store, StoreError, Transition, WebhookAttempt, WebhookDelivery, canceled_error,
     deadline_error,
 };
 use crate::config::Secret;
@@ -48,6 +48,8 @@ pub struct RedisStore {
 
 struct Scripts {
     create: redis::Script,
+    coalesce: redis::Script,
+    discard: redis::Script,
     start: redis::Script,
     finish: redis::Script,
     retry: redis::Script,
@@ -68,32 +70,57 @@ struct Scripts {
 /// retention, webhook key prefix, then the script's own. `emit` appends an event to the job's log,
 /// publishes it, and queues a webhook delivery when the job has a webhook that wants it.
 const PRELUDE: &str = r#"
-local now, id, channel, retention, hookprefix = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local function emit(kind, data)
-  local eid = redis.call('XADD', KEYS[3], 'MAXLEN', '~', '1000', '*', 'kind', kind, 'data', data)
-  redis.call('PEXPIRE', KEYS[3], retention)
-  redis.call('PUBLISH', channel, id .. ' ' .. eid .. ' ' .. kind .. ' ' .. data)
-  if not redis.call('HGET', KEYS[1], 'webhook_url') then return end
-  local wanted = ',' .. (redis.call('HGET', KEYS[1], 'webhook_events') or '') .. ','
+local now, id, channel, retention, prefix = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local function emit_for(jk, jid, kind, data)
+  local ek = jk .. ':events'
+  local eid = redis.call('XADD', ek, 'MAXLEN', '~', '1000', '*', 'kind', kind, 'data', data)
+  redis.call('PEXPIRE', ek, retention)
+  redis.call('PUBLISH', channel, jid .. ' ' .. eid .. ' ' .. kind .. ' ' .. data)
+  if not redis.call('HGET', jk, 'webhook_url') then return end
+  local wanted = ',' .. (redis.call('HGET', jk, 'webhook_events') or '') .. ','
   local hook, did
   if kind == 'completed' then
-    hook, did = 'job.completed', id .. ':completed:' .. eid
+    hook, did = 'job.completed', jid .. ':completed:' .. eid
   elseif kind == 'progress' and string.find(wanted, ',progress,', 1, true) then
-    hook, did = 'job.progress', id .. ':progress'
+    hook, did = 'job.progress', jid .. ':progress'
   elseif kind == 'status' and string.find(data, '"running"', 1, true) and string.find(wanted, ',start,', 1, true) then
-    hook, did = 'job.started', id .. ':started:' .. eid
+    hook, did = 'job.started', jid .. ':started:' .. eid
   end
   if hook then
-    local hk = hookprefix .. did
-    redis.call('HSET', hk, 'job', id, 'event', hook, 'at', now, 'attempts', 0)
+    local hk = prefix .. 'webhook:' .. did
+    redis.call('HSET', hk, 'job', jid, 'event', hook, 'at', now, 'attempts', 0)
     redis.call('HDEL', hk, 'body')
     redis.call('PEXPIRE', hk, 604800000)
     redis.call('ZADD', KEYS[4], now, did)
   end
 end
+local function emit(kind, data) emit_for(KEYS[1], id, kind, data) end
 local function clear_lease()
   redis.call('HDEL', KEYS[1], 'lease_owner', 'envelope')
   redis.call('ZREM', KEYS[2], id)
+end
+-- Jobs coalesced onto this one: complete them with its outcome, or (when it ended without one)
+-- hand them to the lease reaper, which queues each on its own.
+local function settle_followers(status, field, value)
+  local fk = KEYS[1] .. ':followers'
+  for _, fid in ipairs(redis.call('SMEMBERS', fk)) do
+    local k = prefix .. 'job:' .. fid
+    local fs = redis.call('HGET', k, 'status')
+    if fs == 'queued' or fs == 'running' then
+      if status then
+        redis.call('HSET', k, 'status', status, 'completed_at', now, field, value)
+        redis.call('HDEL', k, 'envelope')
+        redis.call('PEXPIRE', k, retention)
+        emit_for(k, fid, 'completed', '{"status":"' .. status .. '"}')
+      else
+        redis.call('HSET', k, 'status', 'running', 'lease_owner', 'orphan')
+        redis.call('ZADD', KEYS[2], 0, fid)
+      end
+    end
+  end
+  redis.call('DEL', fk)
+  local ik = redis.call('HGET', KEYS[1], 'inflight')
+  if ik and redis.call('GET', ik) == id then redis.call('DEL', ik) end
 end
 local s = redis.call('HGET', KEYS[1], 'status')
 "#;
@@ -125,14 +152,39 @@ impl RedisStore {
             .set_max_delay(Duration::from_secs(2));
         let conn = ConnectionManager::new_lazy_with_config(client.clone(), mgr_config).map_err(unavailable)?;
         let scripts = Scripts {
-            // ARGV[6..]: field/value pairs.
+            // ARGV[6]: event kind, [7]: event data, [8..]: field/value pairs.
             create: prelude_script(
                 r#"
 if s then return {'exists'} end
-redis.call('HSET', KEYS[1], unpack(ARGV, 6))
+redis.call('HSET', KEYS[1], unpack(ARGV, 8))
+redis.call('PEXPIRE', KEYS[1], retention)
+emit(ARGV[6], ARGV[7])
+return {'ok'}"#,
+            ),
+            // KEYS[5]: in-flight key. ARGV[6]: envelope, [7..]: field/value pairs.
+            coalesce: prelude_script(
+                r#"
+if s then return {'exists'} end
+local leader = redis.call('GET', KEYS[5])
+if leader then
+  local lk = prefix .. 'job:' .. leader
+  local ls = redis.call('HGET', lk, 'status')
+  if ls == 'queued' or ls == 'running' then
+    redis.call('HSET', KEYS[1], unpack(ARGV, 7))
+    redis.call('HSET', KEYS[1], 'follows', leader, 'envelope', ARGV[6])
+    redis.call('PEXPIRE', KEYS[1], retention)
+    redis.call('SADD', lk .. ':followers', id)
+    redis.call('PEXPIRE', lk .. ':followers', retention)
+    emit('status', '{"status":"queued"}')
+    return {'follower', leader}
+  end
+end
+redis.call('SET', KEYS[5], id, 'PX', retention)
+redis.call('HSET', KEYS[1], unpack(ARGV, 7))
+redis.call('HSET', KEYS[1], 'inflight', KEYS[5])
 redis.call('PEXPIRE', KEYS[1], retention)
 emit('status', '{"status":"queued"}')
-return {'ok'}"#,
+return {'leader'}"#,
             ),
             // KEYS[5]: withdrawn marker. ARGV[6]: deadline error.
             start: prelude_script(
@@ -147,6 +199,7 @@ if s == 'queued' and d and tonumber(d) < tonumber(now) then
   redis.call('HSET', KEYS[1], 'status', 'expired', 'completed_at', now, 'error', ARGV[6])
   redis.call('PEXPIRE', KEYS[1], retention)
   emit('completed', '{"status":"expired"}')
+  settle_followers(nil)
   return {'expired'}
 end
 redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', now)
@@ -162,6 +215,7 @@ redis.call('HSET', KEYS[1], 'status', ARGV[6], 'completed_at', now, ARGV[7], ARG
 clear_lease()
 redis.call('PEXPIRE', KEYS[1], retention)
 emit('completed', '{"status":"' .. ARGV[6] .. '"}')
+settle_followers(ARGV[6], ARGV[7], ARGV[8])
 return {'ok'}"#,
             ),
             retry: transition_script(
@@ -179,6 +233,7 @@ if s ~= 'queued' or not d or tonumber(d) >= tonumber(now) then return {'na', s} 
 redis.call('HSET', KEYS[1], 'status', 'expired', 'completed_at', now, 'error', ARGV[6])
 redis.call('PEXPIRE', KEYS[1], retention)
 emit('completed', '{"status":"expired"}')
+settle_followers(nil)
 return {'ok'}"#,
             ),
             // ARGV[6]: progress.
@@ -195,7 +250,16 @@ redis.call('HSET', KEYS[1], 'status', 'canceled', 'completed_at', now, 'error', 
 clear_lease()
 redis.call('PEXPIRE', KEYS[1], retention)
 emit('completed', '{"status":"canceled"}')
+settle_followers(nil)
 return {'ok'}"#,
+            ),
+            // KEYS[5]: withdrawn marker.
+            discard: prelude_script(
+                r"
+if s then settle_followers(nil) end
+redis.call('DEL', KEYS[1], KEYS[3])
+redis.call('SET', KEYS[5], 1, 'PX', retention)
+return {'ok'}",
             ),
             // ARGV[6]: owner, [7]: until, [8]: envelope.
             lease: transition_script(
@@ -345,7 +409,7 @@ return 1",
             .arg(id.to_string())
             .arg(self.channel())
             .arg(self.retention_ms())
-            .arg(self.webhook_prefix());
+            .arg(&self.config.key_prefix);
         inv
     }
 
@@ -383,10 +447,47 @@ fn now() -> UnixMillis {
     kiln_proto::now_millis()
 }
 
-#[async_trait]
-impl Store for RedisStore {
-    async fn create(&self, r: &JobRecord) -> Result<(), StoreError> {
+impl RedisStore {
+    async fn create_record(&self, r: &JobRecord) -> Result<(), StoreError> {
         let mut inv = self.transition(&self.scripts.create, r.id, r.created_at);
+        let (kind, data) = creation_event(r);
+        inv.arg(kind).arg(data);
+        record_fields(&mut inv, r);
+        match self.apply(&inv).await? {
+            Transition::Applied => Ok(()),
+            _ => Err(StoreError::Conflict(r.id)),
+        }
+    }
+
+    async fn coalesce_record(&self, r: &JobRecord, inflight: &str, envelope: &str) -> Result<Coalesced, StoreError> {
+        let mut inv = self.transition(&self.scripts.coalesce, r.id, r.created_at);
+        inv.key(format!("{}inflight:{inflight}", self.config.key_prefix)).arg(envelope);
+        record_fields(&mut inv, r);
+        let reply: Vec<String> = self.invoke(&inv).await?;
+        match reply.first().map(String::as_str) {
+            Some("leader") => Ok(Coalesced::Leader),
+            Some("follower") => reply
+                .get(1)
+                .and_then(|l| l.parse().ok())
+                .map(Coalesced::Follower)
+                .ok_or_else(|| StoreError::Unavailable("bad coalesce reply".into())),
+            _ => Err(StoreError::Conflict(r.id)),
+        }
+    }
+}
+
+/// The event that announces a new record: `queued`, or `completed` for one born finished (a cache hit).
+fn creation_event(r: &JobRecord) -> (&'static str, String) {
+    if r.status.is_terminal() {
+        ("completed", format!("{{\"status\":\"{}\"}}", r.status.as_str()))
+    } else {
+        ("status", r#"{"status":"queued"}"#.to_owned())
+    }
+}
+
+/// A new record's hash fields, appended to a script invocation.
+fn record_fields(inv: &mut redis::ScriptInvocation<'_>, r: &JobRecord) {
+    {
         inv.arg("model")
             .arg(r.model.as_str())
             .arg("status")
@@ -404,10 +505,28 @@ impl Store for RedisStore {
         if let Some(w) = &r.webhook {
             inv.arg("webhook_url").arg(&w.url).arg("webhook_events").arg(w.events.join(","));
         }
-        match self.apply(&inv).await? {
-            Transition::Applied => Ok(()),
-            _ => Err(StoreError::Conflict(r.id)),
+        if let Some(out) = &r.output {
+            inv.arg("output").arg(out.to_string());
         }
+        for (field, at) in [("started_at", r.started_at), ("completed_at", r.completed_at)] {
+            if let Some(at) = at {
+                inv.arg(field).arg(at);
+            }
+        }
+        if r.cached {
+            inv.arg("cached").arg(1);
+        }
+    }
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    async fn create(&self, r: &JobRecord) -> Result<(), StoreError> {
+        self.create_record(r).await
+    }
+
+    async fn create_coalesced(&self, r: &JobRecord, inflight: &str, envelope: &str) -> Result<Coalesced, StoreError> {
+        self.coalesce_record(r, inflight, envelope).await
     }
 
     async fn get(&self, id: JobId) -> Result<Option<JobRecord>, StoreError> {
@@ -465,18 +584,9 @@ impl Store for RedisStore {
     }
 
     async fn discard(&self, id: JobId) -> Result<(), StoreError> {
-        redis::pipe()
-            .atomic()
-            .del(self.key(id))
-            .del(self.events_key(id))
-            .cmd("SET")
-            .arg(self.withdrawn_key(id))
-            .arg(1)
-            .arg("PX")
-            .arg(self.retention_ms())
-            .query_async::<()>(&mut self.conn.clone())
-            .await
-            .map_err(unavailable)
+        let mut inv = self.transition(&self.scripts.discard, id, now());
+        inv.key(self.withdrawn_key(id));
+        self.apply(&inv).await.map(drop)
     }
 
     async fn lease(&self, id: JobId, owner: &str, until: UnixMillis, envelope: &str) -> Result<Transition, StoreError> {
@@ -760,7 +870,7 @@ fn decode(id: JobId, f: &HashMap<String, String>) -> Result<JobRecord, String> {
             .get("error")
             .map(|e| serde_json::from_str::<JobError>(e).map_err(|e| format!("error: {e}")))
             .transpose()?,
-        cached: false,
+        cached: f.get("cached").is_some_and(|c| c == "1"),
         metrics: Default::default(),
         metadata: json("metadata")?,
         deadline_at: millis("deadline")?,

@@ -36,6 +36,8 @@ pub fn backend_args(retention: Duration) -> BackendArgs {
         queue_prefix: prefix.clone(),
         key_prefix: format!("{prefix}:"),
         job_retention: retention,
+        cache_redis_url: None,
+        cache_ttl: Duration::from_secs(3600),
         connect_timeout: Duration::from_secs(1),
         io_timeout: Duration::from_secs(5),
     }

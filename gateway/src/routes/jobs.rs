@@ -10,7 +10,8 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use kiln_common::store::{Claim, Transition};
+use kiln_common::cache;
+use kiln_common::store::{Claim, Coalesced, Transition};
 use kiln_common::webhooks;
 use kiln_proto::{EmbeddingInput, Envelope, JobId, JobRecord, JobStatus, Task, WebhookState, json_type, now_millis};
 use serde_json::Value;
@@ -37,6 +38,8 @@ struct Submission {
     webhook: Option<WebhookState>,
     /// Hash of the canonical request, for idempotency.
     fingerprint: String,
+    /// The result-cache key, unless the request opted out (`"cache": false`).
+    cache_key: Option<String>,
 }
 
 pub async fn submit(
@@ -75,6 +78,12 @@ pub async fn submit(
             }
         }
     }
+    if let Some(record) = cached(&state, id, &submission).await? {
+        if let Some(key) = &key {
+            store.commit_idempotency(key, id).await.map_err(|e| ApiError::Store(e, retry))?;
+        }
+        return Ok(job_response(record));
+    }
     let mut events = match wait {
         Some(_) => Some(store.subscribe(id).await),
         None => None,
@@ -101,7 +110,35 @@ pub async fn submit(
     }
 }
 
-/// Records and publishes the job; only a job the broker confirmed gets an id out.
+/// A cache hit answered at once, as a finished job, without touching the broker.
+async fn cached(state: &AppState, id: JobId, s: &Submission) -> Result<Option<JobRecord>, ApiError> {
+    let Some(key) = &s.cache_key else { return Ok(None) };
+    let output = match state.backend.cache.get(key).await {
+        Ok(Some(output)) => output,
+        Ok(None) => return Ok(None),
+        Err(e) => {
+            // The cache is an optimisation: when it is down, jobs simply run.
+            events::cache_unavailable(&e);
+            return Ok(None);
+        }
+    };
+    let Ok(output) = serde_json::from_str::<Value>(&output) else { return Ok(None) };
+    let now = now_millis();
+    let mut record = JobRecord::queued(id, s.spec_name.clone(), now, s.metadata.clone());
+    record.status = JobStatus::Succeeded;
+    record.started_at = Some(now);
+    record.completed_at = Some(now);
+    record.output = Some(output);
+    record.cached = true;
+    record.webhook = s.webhook.clone();
+    state.backend.store.create(&record).await.map_err(|e| ApiError::Store(e, state.config.retry_after))?;
+    events::cache_hit(id, &s.spec_name);
+    record.derive_metrics();
+    Ok(Some(record))
+}
+
+/// Records and publishes the job — or attaches it to an identical job in flight, which then
+/// completes both. Only a job the broker confirmed (or that follows one) gets an id out.
 async fn accept(state: &AppState, id: JobId, s: Submission) -> Result<JobRecord, ApiError> {
     let retry = state.config.retry_after;
     let created_at = now_millis();
@@ -109,10 +146,21 @@ async fn accept(state: &AppState, id: JobId, s: Submission) -> Result<JobRecord,
     let mut record = JobRecord::queued(id, s.spec_name.clone(), created_at, s.metadata);
     record.deadline_at = deadline;
     record.webhook = s.webhook;
-    state.backend.store.create(&record).await.map_err(|e| ApiError::Store(e, retry))?;
-
-    let envelope = Envelope::new(id, s.spec_name.clone(), s.input, created_at, deadline);
+    let mut envelope = Envelope::new(id, s.spec_name.clone(), s.input, created_at, deadline);
+    envelope.cache_key = s.cache_key.clone();
     let payload = serde_json::to_vec(&envelope).map_err(|e| ApiError::Internal(format!("encoding envelope: {e}")))?;
+    match &s.cache_key {
+        // A deadline is the job's own: such jobs neither lead nor follow.
+        Some(key) if deadline.is_none() => {
+            let text = String::from_utf8_lossy(&payload);
+            let role = state.backend.store.create_coalesced(&record, key, &text).await.map_err(|e| ApiError::Store(e, retry))?;
+            if let Coalesced::Follower(leader) = role {
+                events::coalesced(id, leader);
+                return Ok(record);
+            }
+        }
+        _ => state.backend.store.create(&record).await.map_err(|e| ApiError::Store(e, retry))?,
+    }
     if let Err(e) = state.backend.broker.publish(&s.spec_name, payload).await {
         let discarded = state.backend.store.discard(id).await.is_ok();
         events::enqueue_rolled_back(id, discarded);
@@ -289,7 +337,7 @@ fn invalid(field: &str, message: impl Into<String>) -> ApiError {
     ApiError::InvalidRequest { field: field.to_owned(), message: message.into() }
 }
 
-const FIELDS: [&str; 6] = ["model", "input", "metadata", "deadline_s", "webhook", "webhook_events"];
+const FIELDS: [&str; 7] = ["model", "input", "metadata", "deadline_s", "webhook", "webhook_events", "cache"];
 
 fn validate(state: &AppState, body: &[u8]) -> Result<Submission, ApiError> {
     let value: Value = serde_json::from_slice(body).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
@@ -337,7 +385,13 @@ fn validate(state: &AppState, body: &[u8]) -> Result<Submission, ApiError> {
         }
     };
     let webhook = webhook(state, obj.remove("webhook"), obj.remove("webhook_events"))?;
-    Ok(Submission { spec_name: spec.name.clone(), input, metadata, deadline, webhook, fingerprint })
+    let use_cache = match obj.remove("cache") {
+        None | Some(Value::Null) => true,
+        Some(Value::Bool(b)) => b,
+        Some(other) => return Err(invalid("cache", format!("must be a boolean, got {}", json_type(&other)))),
+    };
+    let cache_key = (use_cache && state.backend.cache.enabled()).then(|| cache::key(spec.name.as_str(), &spec.version, &input));
+    Ok(Submission { spec_name: spec.name.clone(), input, metadata, deadline, webhook, fingerprint, cache_key })
 }
 
 fn webhook(state: &AppState, url: Option<Value>, events: Option<Value>) -> Result<Option<WebhookState>, ApiError> {
