@@ -3,6 +3,7 @@
 //! `scripts/test.sh`, serving the real all-MiniLM-L6-v2 model on ONNX Runtime.
 
 mod behaviour;
+mod cache;
 mod delivery;
 mod faults;
 mod harness;

@@ -50,8 +50,13 @@ async fn span(req: Request, next: Next) -> Response {
     let span =
         tracing::info_span!("http", method = %req.method(), path = %req.uri().path(), status = tracing::field::Empty);
     let started = std::time::Instant::now();
-    let resp = next.run(req).instrument(span.clone()).await;
+    let mut resp = next.run(req).instrument(span.clone()).await;
+    let elapsed = started.elapsed();
     span.record("status", resp.status().as_u16());
-    tracing::debug!(parent: &span, elapsed_us = started.elapsed().as_micros() as u64, "request done");
+    tracing::debug!(parent: &span, elapsed_us = elapsed.as_micros() as u64, "request done");
+    // Server time, for clients and benchmarks (waits such as `Prefer: wait` included).
+    if let Ok(v) = axum::http::HeaderValue::from_str(&format!("app;dur={:.3}", elapsed.as_secs_f64() * 1e3)) {
+        resp.headers_mut().insert("server-timing", v);
+    }
     resp
 }
