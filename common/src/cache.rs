@@ -44,12 +44,14 @@ pub struct RedisCache {
 
 impl RedisCache {
     pub fn new(url: &Secret, prefix: &str, ttl: Duration, timeout: Duration) -> Result<Self, StoreError> {
-        let client = redis::Client::open(url.expose()).map_err(|e| StoreError::Unavailable(format!("bad cache Redis URL: {e}")))?;
+        let client = redis::Client::open(url.expose())
+            .map_err(|e| StoreError::Unavailable(format!("bad cache Redis URL: {e}")))?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout))
             .set_response_timeout(Some(timeout))
             .set_number_of_retries(1);
-        let conn = ConnectionManager::new_lazy_with_config(client, config).map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let conn = ConnectionManager::new_lazy_with_config(client, config)
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
         Ok(Self { conn, prefix: format!("{prefix}cache:"), ttl })
     }
 }

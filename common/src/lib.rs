@@ -4,8 +4,8 @@
 
 pub mod assets;
 pub mod backend;
-pub mod cache;
 pub mod broker;
+pub mod cache;
 pub mod config;
 pub mod dlq;
 pub mod models;

@@ -14,12 +14,18 @@ pub struct WorkerConfig {
     /// Unacknowledged jobs a worker holds per model (RabbitMQ prefetch).
     #[arg(long, env = "KILN_PREFETCH", default_value_t = 64)]
     pub prefetch: u16,
-    /// How long a batch waits for more jobs when the queue is thin.
-    #[arg(long, env = "KILN_BATCH_WAIT", default_value = "2ms", value_parser = parse_duration)]
+    /// How long a batch waits for more jobs when the queue is thin. At 0 (the default) a batch
+    /// takes what has already arrived — under load, all the jobs that queued while the previous
+    /// batch ran — and a lone job is never delayed.
+    #[arg(long, env = "KILN_BATCH_WAIT", default_value = "0ms", value_parser = parse_duration)]
     pub batch_wait: Duration,
     /// ONNX Runtime intra-op threads per model; default: all available cores.
     #[arg(long, env = "KILN_INTRA_THREADS")]
     pub intra_threads: Option<usize>,
+    /// Let ONNX Runtime's idle threads spin waiting for work: a little faster when the worker has
+    /// the machine to itself, slower when it shares cores with the broker, store or gateway.
+    #[arg(long, env = "KILN_ORT_SPIN", default_value_t = false, action = clap::ArgAction::Set)]
+    pub ort_spin: bool,
     /// Absolute path of the ONNX Runtime shared library (also read from `ORT_DYLIB_PATH`); when
     /// unset, the pinned build is fetched into the cache folder.
     #[arg(long, env = "KILN_ORT_DYLIB_PATH")]
@@ -61,8 +67,9 @@ impl Default for WorkerConfig {
         Self {
             models: Vec::new(),
             prefetch: 64,
-            batch_wait: Duration::from_millis(2),
+            batch_wait: Duration::ZERO,
             intra_threads: None,
+            ort_spin: false,
             ort_dylib_path: None,
             drain_timeout: Duration::from_secs(30),
             max_attempts: 5,

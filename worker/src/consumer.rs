@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use kiln_common::Backend;
 use kiln_common::broker::Deliveries;
 use kiln_common::models::ModelSpec;
@@ -76,15 +77,33 @@ enum Stop {
     Lost(String),
 }
 
+/// Batches in flight at once: while one runs on the model, the next is admitted (its jobs started
+/// in the store) and queued behind it, so the inference thread never waits on the store.
+const PIPELINE: usize = 2;
+
 async fn serve(ctx: &Ctx, shutdown: &CancellationToken, mut deliveries: Deliveries) -> Stop {
     let mut tick = tokio::time::interval(IDLE_TICK);
-    loop {
+    let mut in_flight = FuturesUnordered::new();
+    let mut store_trouble = false;
+    let stop = loop {
+        if store_trouble && pause(BACKOFF_MIN, shutdown).await {
+            break Stop::Shutdown;
+        }
+        while in_flight.len() >= PIPELINE {
+            store_trouble = in_flight.next().await.unwrap_or(false);
+            ctx.health.beat(&ctx.spec.name);
+        }
         let first = tokio::select! {
             biased;
-            _ = shutdown.cancelled() => return Stop::Shutdown,
+            _ = shutdown.cancelled() => break Stop::Shutdown,
+            Some(trouble) = in_flight.next(), if !in_flight.is_empty() => {
+                store_trouble = trouble;
+                ctx.health.beat(&ctx.spec.name);
+                continue;
+            }
             _ = tick.tick() => {
                 if !deliveries.is_alive() {
-                    return Stop::Lost("the consumer's channel closed".into());
+                    break Stop::Lost("the consumer's channel closed".into());
                 }
                 ctx.health.beat(&ctx.spec.name);
                 continue;
@@ -93,8 +112,8 @@ async fn serve(ctx: &Ctx, shutdown: &CancellationToken, mut deliveries: Deliveri
         };
         let first = match first {
             Some(Ok(d)) => d,
-            Some(Err(e)) => return Stop::Lost(e.to_string()),
-            None => return Stop::Lost("delivery stream ended".into()),
+            Some(Err(e)) => break Stop::Lost(e.to_string()),
+            None => break Stop::Lost("delivery stream ended".into()),
         };
         let mut batch = vec![first];
         let mut broken = None;
@@ -113,16 +132,16 @@ async fn serve(ctx: &Ctx, shutdown: &CancellationToken, mut deliveries: Deliveri
                 Err(_) => break,
             }
         }
+        events::batch_gathered(&ctx.spec.name, batch.len());
         let span = tracing::info_span!("batch", model = %ctx.spec.name, jobs = batch.len());
-        let store_trouble = crate::batch::process(ctx, batch).instrument(span).await;
-        ctx.health.beat(&ctx.spec.name);
+        in_flight.push(crate::batch::process(ctx, batch).instrument(span));
         if let Some(e) = broken {
-            return Stop::Lost(e);
+            break Stop::Lost(e);
         }
-        if store_trouble && pause(BACKOFF_MIN, shutdown).await {
-            return Stop::Shutdown;
-        }
-    }
+    };
+    // Batches in hand finish before the consumer closes (which hands back the rest).
+    while in_flight.next().await.is_some() {}
+    stop
 }
 
 /// Waits `d` unless shutdown comes first; returns whether it did.

@@ -9,8 +9,8 @@ use kiln_common::models::{ExecutionProvider, ModelSpec};
 use kiln_common::store::Start;
 use kiln_proto::{JobId, ModelName};
 
-pub fn model_loaded(spec: &ModelSpec, provider: ExecutionProvider, threads: usize) {
-    tracing::info!(target: "kiln::worker", model = %spec.name, version = %spec.version, execution_provider = ?provider, intra_threads = threads, max_batch = spec.max_batch, "model loaded");
+pub fn model_loaded(spec: &ModelSpec, provider: ExecutionProvider, threads: crate::Threads) {
+    tracing::info!(target: "kiln::worker", model = %spec.name, version = %spec.version, execution_provider = ?provider, intra_threads = threads.intra, spinning = threads.spin, max_batch = spec.max_batch, "model loaded");
 }
 
 pub fn consuming(model: &ModelName, prefetch: u16) {
@@ -85,4 +85,8 @@ pub fn draining(grace: Duration) {
 
 pub fn cache_unavailable(error: &dyn Display) {
     tracing::warn!(target: "kiln::worker", %error, "result not cached");
+}
+
+pub fn batch_gathered(model: &ModelName, jobs: usize) {
+    tracing::debug!(target: "kiln::worker", %model, jobs, "batch gathered");
 }

@@ -32,18 +32,7 @@ impl InferenceHandle {
         std::thread::Builder::new().name(format!("infer-{}", spec.name)).spawn(move || {
             while let Some(req) = rx.blocking_recv() {
                 let _enter = req.span.enter();
-                let mut out = Vec::with_capacity(req.texts.len());
-                let mut result = Ok(());
-                for chunk in req.texts.chunks(max_batch) {
-                    match pipeline.embed(chunk) {
-                        Ok(v) => out.extend(v),
-                        Err(e) => {
-                            result = Err(e);
-                            break;
-                        }
-                    }
-                }
-                let _ = req.reply.send(result.map(|()| out));
+                let _ = req.reply.send(run_bucketed(&mut pipeline, req.texts, max_batch));
             }
         })?;
         Ok(Self { tx, provider })
@@ -55,4 +44,23 @@ impl InferenceHandle {
         self.tx.send(Request { texts, reply, span: Span::current() }).await.map_err(|_| gone())?;
         rx.await.map_err(|_| gone())?
     }
+}
+
+/// Runs `texts` in model-sized chunks of similar length (so short texts are not padded to the
+/// longest of the request), and returns the vectors in the original order.
+fn run_bucketed(
+    pipeline: &mut EmbeddingPipeline,
+    texts: Vec<String>,
+    max_batch: usize,
+) -> Result<Vec<Vec<f32>>, PipelineError> {
+    let mut order: Vec<usize> = (0..texts.len()).collect();
+    order.sort_by_key(|&i| texts[i].len());
+    let mut out: Vec<Vec<f32>> = vec![Vec::new(); texts.len()];
+    for chunk in order.chunks(max_batch) {
+        let batch: Vec<String> = chunk.iter().map(|&i| texts[i].clone()).collect();
+        for (&i, v) in chunk.iter().zip(pipeline.embed(&batch)?) {
+            out[i] = v;
+        }
+    }
+    Ok(out)
 }

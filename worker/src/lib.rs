@@ -25,7 +25,7 @@ use tokio_util::task::TaskTracker;
 pub use config::WorkerConfig;
 pub use embedding::PipelineError;
 pub use inference::InferenceHandle;
-pub use runtime::RuntimeError;
+pub use runtime::{RuntimeError, Threads};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -55,7 +55,7 @@ pub fn load_model(
     spec: &ModelSpec,
     dylib: &Path,
     cache_dir: &Path,
-    intra_threads: usize,
+    threads: Threads,
 ) -> Result<InferenceHandle, WorkerError> {
     let model_err = |reason: String| WorkerError::Model { model: spec.name.to_string(), reason };
     if let Some(source) = &spec.source {
@@ -66,14 +66,14 @@ pub fn load_model(
         |logical: &str| spec.file(cache_dir, logical).ok_or_else(|| model_err(format!("files.{logical} is not set")));
     match spec.task {
         Task::Embedding => {
-            let loaded = runtime::load_session(env, &file("model")?, &spec.execution_providers, intra_threads)?;
+            let loaded = runtime::load_session(env, &file("model")?, &spec.execution_providers, threads)?;
             let emb = spec
                 .embedding
                 .clone()
                 .ok_or_else(|| model_err("an embedding model needs an [embedding] section".into()))?;
             let pipeline =
                 embedding::EmbeddingPipeline::new(&file("tokenizer")?, loaded.session, emb).map_err(model_err)?;
-            events::model_loaded(spec, loaded.provider, intra_threads);
+            events::model_loaded(spec, loaded.provider, threads);
             InferenceHandle::spawn(spec, pipeline, loaded.provider)
                 .map_err(|e| model_err(format!("cannot start its inference thread: {e}")))
         }
@@ -95,7 +95,8 @@ pub async fn run(
         let (config, cache_dir) = (config.clone(), cache_dir.clone());
         tokio::task::spawn_blocking(move || resolve_onnxruntime(&config, &cache_dir)).await.expect("fetch task")?
     };
-    let threads = config.intra_threads.unwrap_or_else(runtime::default_threads);
+    let threads =
+        Threads { intra: config.intra_threads.unwrap_or_else(runtime::default_threads), spin: config.ort_spin };
     let health = health::Health::new(config.liveness_grace);
     let tracker = TaskTracker::new();
     // Probes and the reaper outlive the drain of the consume loops.

@@ -50,11 +50,11 @@ pub fn load_session(
     env: &Environment,
     model: &Path,
     providers: &[ExecutionProvider],
-    intra_threads: usize,
+    threads: Threads,
 ) -> Result<LoadedSession, RuntimeError> {
     let mut reasons = Vec::new();
     for &provider in providers {
-        match try_load(env, model, provider, intra_threads) {
+        match try_load(env, model, provider, threads) {
             Ok(session) => return Ok(LoadedSession { session, provider }),
             Err(reason) => {
                 tracing::info!(model = %model.display(), ?provider, %reason, "execution provider unavailable here, trying the next");
@@ -65,17 +65,16 @@ pub fn load_session(
     Err(RuntimeError::NoProvider { path: model.to_owned(), wanted: providers.to_vec(), reasons: reasons.join("; ") })
 }
 
-fn try_load(
-    env: &Environment,
-    model: &Path,
-    provider: ExecutionProvider,
-    intra_threads: usize,
-) -> Result<Session, String> {
+fn try_load(env: &Environment, model: &Path, provider: ExecutionProvider, threads: Threads) -> Result<Session, String> {
     let builder = Session::builder(env)
         .map_err(|e| e.to_string())?
         .with_optimization_level(GraphOptimizationLevel::Level3)
         .map_err(|e| e.to_string())?
-        .with_intra_threads(intra_threads)
+        .with_intra_threads(threads.intra)
+        .map_err(|e| e.to_string())?
+        .with_intra_op_spinning(threads.spin)
+        .map_err(|e| e.to_string())?
+        .with_inter_op_spinning(threads.spin)
         .map_err(|e| e.to_string())?;
     let mut builder = match provider {
         ExecutionProvider::Cpu => builder,
@@ -92,6 +91,15 @@ fn cuda(builder: ort::session::builder::SessionBuilder) -> Result<ort::session::
 #[cfg(not(feature = "cuda"))]
 fn cuda(_: ort::session::builder::SessionBuilder) -> Result<ort::session::builder::SessionBuilder, String> {
     Err("this worker was built without the `cuda` feature".into())
+}
+
+/// How a session uses threads.
+#[derive(Debug, Clone, Copy)]
+pub struct Threads {
+    pub intra: usize,
+    /// Whether idle pool threads spin waiting for work (faster alone on a machine; steals CPU from
+    /// the broker, store and gateway when they share it).
+    pub spin: bool,
 }
 
 /// Intra-op threads when not configured: every core this process may use.

@@ -263,7 +263,7 @@ async fn health_readiness_and_models(kind: Kind) {
     let m = &models.body["models"][0];
     assert_eq!(
         (m["name"].as_str(), m["task"].as_str(), m["max_batch"].as_u64()),
-        (Some(MODEL), Some("embedding"), Some(32))
+        (Some(MODEL), Some("embedding"), Some(16))
     );
     assert!(m["input_schema"]["oneOf"].is_array());
     gw.stop().await;

@@ -61,7 +61,11 @@ async fn identical_concurrent_jobs_run_once_and_repeats_hit_the_cache(kind: Kind
 
     // Later repeats are answered from the cache: 200, at once, no run.
     let (status, hit) = submit(&gw, input, true).await;
-    assert_eq!((status, hit["status"].as_str(), hit["cached"].as_bool()), (200, Some("succeeded"), Some(true)), "{hit}");
+    assert_eq!(
+        (status, hit["status"].as_str(), hit["cached"].as_bool()),
+        (200, Some("succeeded"), Some(true)),
+        "{hit}"
+    );
     assert_eq!(embeddings(&hit), first);
     assert_eq!(hit["attempts"], 0);
     let again = gw.job(id_of(&hit)).await;
@@ -138,8 +142,9 @@ async fn batched_inference_equals_one_at_a_time(kind: Kind) {
     let gw = env.gateway().await;
     let worker = env.worker();
     let long = "This is a considerably longer sentence, with several clauses and commas, that pads a batch well beyond the shortest of its neighbours. ";
-    let texts: Vec<String> =
-        (0..12).map(|i| if i % 3 == 0 { format!("{long}{}", long.repeat(i % 4)) } else { format!("short {i}") }).collect();
+    let texts: Vec<String> = (0..12)
+        .map(|i| if i % 3 == 0 { format!("{long}{}", long.repeat(i % 4)) } else { format!("short {i}") })
+        .collect();
     let (_, batch) = submit(&gw, json!({ "texts": texts }), false).await;
     let batched = embeddings(&gw.finished(id_of(&batch), T).await);
     for (i, text) in texts.iter().enumerate() {

@@ -179,7 +179,9 @@ async fn scenario_redis_restarted_during_run() {
     let env = Env::from_parts(Backend::external(&args).unwrap(), Some(args.clone()));
     let gw = env.gateway().await;
     let worker = ChildWorker::spawn(&args, &repo_dir(), &worker_env(&[]));
-    let texts = |j: usize| (0..4).map(|i| format!("Sentence {i} of job {j}, which outlives a Redis restart.")).collect::<Vec<_>>();
+    let texts = |j: usize| {
+        (0..4).map(|i| format!("Sentence {i} of job {j}, which outlives a Redis restart.")).collect::<Vec<_>>()
+    };
     let mut tally = submit_all(&gw, (0..500).map(|j| json!({ "texts": texts(j) })).collect(), 32).await;
     worker.wait_for("the worker is busy", DONE_TIMEOUT, |l| l["target"] == "kiln::worker::runs").await;
     redis.stop().await;
@@ -269,7 +271,8 @@ async fn scenario_job_longer_than_the_consumer_timeout() {
     assert_eq!(job["attempts"], 1, "{job}");
 
     // The same, with the worker killed after it took the lease: another worker runs it, once.
-    let second = gw.submit_ok(json!({ "texts": texts.iter().map(|t| format!("again: {t}")).collect::<Vec<_>>() })).await;
+    let second =
+        gw.submit_ok(json!({ "texts": texts.iter().map(|t| format!("again: {t}")).collect::<Vec<_>>() })).await;
     a.wait_for("worker A leased the job", DONE_TIMEOUT, |l| {
         l["message"].as_str().is_some_and(|m| m.contains("lease taken")) && l["job_id"] == second.to_string()
     })

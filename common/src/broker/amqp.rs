@@ -108,6 +108,9 @@ pub struct AmqpConfig {
 pub struct AmqpBroker {
     config: AmqpConfig,
     link: Mutex<Link>,
+    /// The open publisher channel, read without the async lock on every publish; the lock is
+    /// only taken to (re)connect.
+    fast: std::sync::Mutex<Option<Channel>>,
 }
 
 #[derive(Default)]
@@ -122,7 +125,7 @@ impl AmqpBroker {
     /// Creates the broker without connecting: the first use (or [`Broker::check`]) connects, so a
     /// process can start while RabbitMQ is still down.
     pub fn new(config: AmqpConfig) -> Self {
-        Self { config, link: Mutex::new(Link::default()) }
+        Self { config, link: Mutex::new(Link::default()), fast: std::sync::Mutex::new(None) }
     }
 
     pub fn topology(&self) -> &Topology {
@@ -137,6 +140,7 @@ impl AmqpBroker {
         }
         link.connection = None;
         link.publisher = None;
+        *self.fast.lock().expect("publisher lock") = None;
         if let Some((at, why)) = &link.last_failure
             && at.elapsed() < self.config.retry_interval
         {
@@ -164,6 +168,9 @@ impl AmqpBroker {
     }
 
     async fn publisher(&self) -> Result<Channel, BrokerError> {
+        if let Some(ch) = self.fast.lock().expect("publisher lock").as_ref().filter(|ch| ch.status().connected()) {
+            return Ok(ch.clone());
+        }
         let mut link = self.link.lock().await;
         if let Some(ch) = &link.publisher
             && ch.status().connected()
@@ -175,6 +182,7 @@ impl AmqpBroker {
         ch.confirm_select(ConfirmSelectOptions::default()).await?;
         self.config.topology.declare(&ch, &link.declared).await?;
         link.publisher = Some(ch.clone());
+        *self.fast.lock().expect("publisher lock") = Some(ch.clone());
         Ok(ch)
     }
 
@@ -183,6 +191,7 @@ impl AmqpBroker {
         let mut link = self.link.lock().await;
         if link.publisher.as_ref().is_some_and(|p| p.id() == ch.id()) {
             link.publisher = None;
+            *self.fast.lock().expect("publisher lock") = None;
         }
     }
 
@@ -249,6 +258,7 @@ impl Broker for AmqpBroker {
             }
             // Declared on the next (re)connect if the current channel predates these models.
             link.publisher = None;
+            *self.fast.lock().expect("publisher lock") = None;
         }
         self.publisher().await.map(drop)
     }

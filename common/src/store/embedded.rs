@@ -12,8 +12,8 @@ use tokio::sync::broadcast;
 use tokio::time::Instant;
 
 use super::{
-    Claim, Coalesced, Lapsed, Outcome, Start, Store, StoreError, Transition, WebhookAttempt, WebhookDelivery, canceled_error,
-    deadline_error,
+    Claim, Coalesced, Lapsed, Outcome, Start, Store, StoreError, Transition, WebhookAttempt, WebhookDelivery,
+    canceled_error, deadline_error,
 };
 
 pub struct EmbeddedStore {
@@ -225,7 +225,12 @@ impl Store for EmbeddedStore {
         Ok(())
     }
 
-    async fn create_coalesced(&self, record: &JobRecord, inflight: &str, envelope: &str) -> Result<Coalesced, StoreError> {
+    async fn create_coalesced(
+        &self,
+        record: &JobRecord,
+        inflight: &str,
+        envelope: &str,
+    ) -> Result<Coalesced, StoreError> {
         let mut inner = self.lock();
         if inner.live(record.id).is_some() {
             return Err(StoreError::Conflict(record.id));

@@ -97,7 +97,12 @@ pub trait Store: Send + Sync + 'static {
     /// twin's outcome, and must not be published. Otherwise it becomes the twin others follow.
     /// `envelope` is kept on a follower, to queue it on its own if its leader ends without an
     /// outcome (canceled, expired, withdrawn).
-    async fn create_coalesced(&self, record: &JobRecord, inflight: &str, envelope: &str) -> Result<Coalesced, StoreError>;
+    async fn create_coalesced(
+        &self,
+        record: &JobRecord,
+        inflight: &str,
+        envelope: &str,
+    ) -> Result<Coalesced, StoreError>;
 
     async fn get(&self, id: JobId) -> Result<Option<JobRecord>, StoreError>;
 

@@ -20,8 +20,8 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::broadcast;
 
 use super::{
-    Claim, Coalesced, Lapsed, Outcome, Start, Store, StoreError, Transition, WebhookAttempt, WebhookDelivery, canceled_error,
-    deadline_error,
+    Claim, Coalesced, Lapsed, Outcome, Start, Store, StoreError, Transition, WebhookAttempt, WebhookDelivery,
+    canceled_error, deadline_error,
 };
 use crate::config::Secret;
 

@@ -153,7 +153,12 @@ async fn accept(state: &AppState, id: JobId, s: Submission) -> Result<JobRecord,
         // A deadline is the job's own: such jobs neither lead nor follow.
         Some(key) if deadline.is_none() => {
             let text = String::from_utf8_lossy(&payload);
-            let role = state.backend.store.create_coalesced(&record, key, &text).await.map_err(|e| ApiError::Store(e, retry))?;
+            let role = state
+                .backend
+                .store
+                .create_coalesced(&record, key, &text)
+                .await
+                .map_err(|e| ApiError::Store(e, retry))?;
             if let Coalesced::Follower(leader) = role {
                 events::coalesced(id, leader);
                 return Ok(record);
@@ -390,7 +395,8 @@ fn validate(state: &AppState, body: &[u8]) -> Result<Submission, ApiError> {
         Some(Value::Bool(b)) => b,
         Some(other) => return Err(invalid("cache", format!("must be a boolean, got {}", json_type(&other)))),
     };
-    let cache_key = (use_cache && state.backend.cache.enabled()).then(|| cache::key(spec.name.as_str(), &spec.version, &input));
+    let cache_key =
+        (use_cache && state.backend.cache.enabled()).then(|| cache::key(spec.name.as_str(), &spec.version, &input));
     Ok(Submission { spec_name: spec.name.clone(), input, metadata, deadline, webhook, fingerprint, cache_key })
 }
 
