@@ -1,11 +1,11 @@
 //! `kiln-gateway`: parse config, init telemetry, bind, serve until SIGTERM, drain.
 
+use std::process::ExitCode;
+
 use clap::Parser;
 use kiln_common::config::{BackendArgs, ModelArgs, TelemetryArgs};
-use kiln_common::models::ModelRepository;
-use kiln_common::{Backend, shutdown};
+use kiln_common::process::prepare;
 use kiln_gateway::GatewayConfig;
-use tokio_util::sync::CancellationToken;
 
 /// The Kiln HTTP gateway: accepts jobs, puts them on RabbitMQ, serves their status from Redis.
 #[derive(Parser, Debug)]
@@ -22,38 +22,24 @@ struct Cli {
 }
 
 #[tokio::main]
-async fn main() -> std::process::ExitCode {
+async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let models = match ModelRepository::load(&cli.models.models_dir) {
-        Ok(m) => m,
-        Err(e) => {
-            eprintln!("kiln-gateway: {e}");
-            return std::process::ExitCode::from(64);
-        }
-    };
-    kiln_common::telemetry::init(&cli.telemetry);
-    tracing::info!(config = ?cli, "starting");
-    let backend = match Backend::external(&cli.backend) {
-        Ok(b) => b,
-        Err(e) => {
-            eprintln!("kiln-gateway: {e}");
-            return std::process::ExitCode::from(64);
-        }
+    let p = match prepare("kiln-gateway", &cli.models, &cli.backend, &cli.telemetry, &cli) {
+        Ok(p) => p,
+        Err(code) => return code,
     };
     let listener = match tokio::net::TcpListener::bind(cli.gateway.listen).await {
         Ok(l) => l,
         Err(e) => {
             eprintln!("kiln-gateway: cannot listen on {}: {e}", cli.gateway.listen);
-            return std::process::ExitCode::from(69);
+            return ExitCode::from(69);
         }
     };
-    let token = CancellationToken::new();
-    shutdown::cancel_on_signal(token.clone());
-    match kiln_gateway::run(cli.gateway, backend, models, listener, token).await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+    match kiln_gateway::run(cli.gateway, p.backend, p.models, listener, p.shutdown).await {
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "gateway failed");
-            std::process::ExitCode::FAILURE
+            ExitCode::FAILURE
         }
     }
 }

@@ -11,7 +11,7 @@ use serde_json::json;
 
 use crate::harness::{Env, MODEL, cosine, embeddings, norm};
 
-crate::both_backends!(
+kiln_common::both_backends!(
     embeddings_match_the_reference_model,
     two_hundred_concurrent_jobs_all_succeed,
     bad_input_gets_a_clear_error,

@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 
 use crate::harness::{Env, MODEL, embeddings};
 
-crate::both_backends!(
+kiln_common::both_backends!(
     identical_concurrent_jobs_run_once_and_repeats_hit_the_cache,
     cache_false_always_runs,
     a_cache_hit_never_touches_the_broker,

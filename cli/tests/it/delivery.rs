@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 
 use crate::harness::{Env, Gateway, MODEL, SseClient, TempRepo, embeddings, set};
 
-crate::both_backends!(
+kiln_common::both_backends!(
     prefer_wait_answers_with_the_finished_job,
     get_with_wait_long_polls_until_done,
     sse_streams_events_and_resumes_without_loss,

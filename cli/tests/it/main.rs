@@ -9,18 +9,3 @@ mod faults;
 mod harness;
 mod reliability;
 mod suite;
-
-/// Generates one test per backend from an `async fn scenario(kind: Kind)`.
-macro_rules! both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod embedded {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(kiln_common::testing::Kind::Embedded).await })*
-        }
-        mod external {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(kiln_common::testing::Kind::External).await })*
-        }
-    };
-}
-pub(crate) use both_backends;

@@ -12,7 +12,7 @@ use serde_json::json;
 
 use crate::harness::{Env, TempRepo, embeddings, set};
 
-crate::both_backends!(
+kiln_common::both_backends!(
     poison_job_is_retried_then_dead_lettered_while_its_batch_mates_succeed,
     deadline_passed_in_the_queue_expires_the_job_without_running_it,
     long_job_is_taken_over_by_a_lease_and_completes_once,

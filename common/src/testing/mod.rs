@@ -77,3 +77,19 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Generates one `#[tokio::test]` per backend (modules `embedded` and `external`) from each
+/// `async fn scenario(kind: Kind)` named, so every behaviour runs on both.
+#[macro_export]
+macro_rules! both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod embedded {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name($crate::testing::Kind::Embedded).await })*
+        }
+        mod external {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name($crate::testing::Kind::External).await })*
+        }
+    };
+}

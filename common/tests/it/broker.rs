@@ -8,7 +8,7 @@ use kiln_common::broker::{Deliveries, Delivery};
 use kiln_common::testing::{self, Kind, backend};
 use kiln_proto::ModelName;
 
-crate::both_backends!(
+kiln_common::both_backends!(
     prefetch_bounds_unacked_deliveries,
     closed_consumer_hands_back_what_it_held,
     requeue_redelivers,

@@ -7,7 +7,7 @@ use kiln_common::store::{Outcome, Start, Transition};
 use kiln_common::testing::{Kind, backend, wait_until};
 use kiln_proto::{ErrorCode, JobError, JobId, JobRecord, JobStatus, ModelName};
 
-crate::both_backends!(
+kiln_common::both_backends!(
     lifecycle_and_fenced_terminal_write,
     unknown_jobs_are_missing,
     records_expire_after_retention,
