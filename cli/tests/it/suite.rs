@@ -121,12 +121,14 @@ async fn scenario_broker_restarted_during_submission() {
     let submitter = {
         let (gw, accepted) = (gw.clone(), accepted.clone());
         tokio::spawn(async move {
-            // Paced, so that submissions keep arriving before, during and after the outage.
+            // The arrival schedule: job i is submitted 10·i ms after the start, so submissions keep
+            // arriving before, during and after the outage (a load profile, not a wait).
+            let start = tokio::time::Instant::now();
             let results: Vec<(u16, Duration, bool, Value)> = futures::stream::iter(0..2000)
                 .map(|i| {
                     let (gw, accepted) = (gw.clone(), accepted.clone());
                     async move {
-                        tokio::time::sleep(Duration::from_millis(10 * i)).await;
+                        tokio::time::sleep_until(start + Duration::from_millis(10 * i)).await;
                         let started = Instant::now();
                         let r = gw.submit(&json!({ "model": MODEL, "input": { "text": format!("job {i}") } })).await;
                         if r.status == 202 {

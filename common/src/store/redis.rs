@@ -62,6 +62,8 @@ struct Scripts {
     release: redis::Script,
     redrive: redis::Script,
     claim: redis::Script,
+    idem_commit: redis::Script,
+    idem_release: redis::Script,
     due_webhooks: redis::Script,
     webhook_attempted: redis::Script,
 }
@@ -323,6 +325,13 @@ redis.call('HSET', KEYS[1], 'job', ARGV[1], 'fp', ARGV[2], 'committed', '0')
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return {}",
             ),
+            // KEYS: claim. ARGV: job. Only the claim's holder may commit or release it.
+            idem_commit: redis::Script::new(
+                "if redis.call('HGET', KEYS[1], 'job') == ARGV[1] then redis.call('HSET', KEYS[1], 'committed', '1') end return 1",
+            ),
+            idem_release: redis::Script::new(
+                "if redis.call('HGET', KEYS[1], 'job') == ARGV[1] then redis.call('DEL', KEYS[1]) end return 1",
+            ),
             // KEYS: due. ARGV: now, limit, claim until, delivery key prefix.
             due_webhooks: redis::Script::new(
                 r"
@@ -411,6 +420,12 @@ return 1",
             .arg(self.retention_ms())
             .arg(&self.config.key_prefix);
         inv
+    }
+
+    async fn idempotency_holder(&self, script: &redis::Script, key: &str, job: JobId) -> Result<(), StoreError> {
+        let mut inv = script.key(format!("{}idem:{key}", self.config.key_prefix));
+        inv.arg(job.to_string());
+        self.invoke::<i64>(&inv).await.map(drop)
     }
 
     async fn invoke<T: redis::FromRedisValue>(&self, inv: &redis::ScriptInvocation<'_>) -> Result<T, StoreError> {
@@ -674,31 +689,11 @@ impl Store for RedisStore {
     }
 
     async fn commit_idempotency(&self, key: &str, job: JobId) -> Result<(), StoreError> {
-        let k = format!("{}idem:{key}", self.config.key_prefix);
-        let script = redis::Script::new(
-            "if redis.call('HGET', KEYS[1], 'job') == ARGV[1] then redis.call('HSET', KEYS[1], 'committed', '1') end return 1",
-        );
-        script
-            .key(k)
-            .arg(job.to_string())
-            .invoke_async::<i64>(&mut self.conn.clone())
-            .await
-            .map_err(unavailable)
-            .map(drop)
+        self.idempotency_holder(&self.scripts.idem_commit, key, job).await
     }
 
     async fn release_idempotency(&self, key: &str, job: JobId) -> Result<(), StoreError> {
-        let k = format!("{}idem:{key}", self.config.key_prefix);
-        let script = redis::Script::new(
-            "if redis.call('HGET', KEYS[1], 'job') == ARGV[1] then redis.call('DEL', KEYS[1]) end return 1",
-        );
-        script
-            .key(k)
-            .arg(job.to_string())
-            .invoke_async::<i64>(&mut self.conn.clone())
-            .await
-            .map_err(unavailable)
-            .map(drop)
+        self.idempotency_holder(&self.scripts.idem_release, key, job).await
     }
 
     async fn due_webhooks(
