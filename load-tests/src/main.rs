@@ -78,7 +78,8 @@ async fn main() -> anyhow::Result<()> {
 
     // The system under test, as separate processes.
     let run = uuid::Uuid::new_v4().simple().to_string();
-    let submit_gw = Proc::gateway(&args, &format!("bs{}", &run[..8])).await?;
+    let submit_prefix = format!("bs{}", &run[..8]);
+    let submit_gw = Proc::gateway(&args, &submit_prefix).await?;
     let e2e_gw = Proc::gateway(&args, &format!("be{}", &run[..8])).await?;
     let _worker = Proc::worker(&args, &format!("be{}", &run[..8]))?;
     let http = reqwest::Client::builder().pool_max_idle_per_host(512).timeout(Duration::from_secs(120)).build()?;
@@ -103,6 +104,10 @@ async fn main() -> anyhow::Result<()> {
             format!("{:.2} / {:.2}", paced_lat.ms(50.0), paced_lat.ms(99.0)),
         );
     }
+    // The submit scenario's backlog (no worker drains it) would otherwise keep RabbitMQ busy
+    // during the end-to-end runs: stop that gateway and delete its queue first.
+    drop(submit_gw);
+    delete_queue(&args, &format!("{submit_prefix}.jobs.{}", args.model)).await?;
     if wants("e2e") {
         best_e2e = 0.0;
         let mut offset = 2_000_000;
@@ -285,6 +290,13 @@ async fn raw_publish(args: &Args, queue: &str) -> anyhow::Result<f64> {
     let rate = sent.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64();
     ch.queue_delete(queue.into(), QueueDeleteOptions::default()).await?;
     Ok(rate)
+}
+
+async fn delete_queue(args: &Args, queue: &str) -> anyhow::Result<()> {
+    let conn = Connection::connect(&args.amqp_url, ConnectionProperties::default()).await?;
+    let ch = conn.create_channel().await?;
+    ch.queue_delete(queue.into(), QueueDeleteOptions::default()).await?;
+    Ok(())
 }
 
 /// Submissions without waiting, by `args.submitters` clients: as fast as they go, or paced to `rate`.
