@@ -151,6 +151,7 @@ impl ModelSpec {
             task: self.task,
             max_batch: self.max_batch,
             input_schema: self.task.input_schema(&self.limits),
+            workers: Vec::new(),
         }
     }
 }

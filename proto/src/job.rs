@@ -240,6 +240,9 @@ pub struct ModelInfo {
     pub task: Task,
     pub max_batch: usize,
     pub input_schema: serde_json::Value,
+    /// Workers that consumed this model's queue in the last seconds.
+    #[serde(default)]
+    pub workers: Vec<String>,
 }
 
 mod rfc3339_millis {

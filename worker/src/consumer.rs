@@ -23,7 +23,7 @@ use crate::lease::LeasePolicy;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
-/// How often an idle consumer checks its channel and reports progress.
+/// How often a consumer checks its channel, reports progress and announces itself.
 const IDLE_TICK: Duration = Duration::from_secs(5);
 
 /// Everything one model's loop needs.
@@ -48,6 +48,7 @@ pub async fn consume(ctx: Ctx, shutdown: CancellationToken) {
             Ok(d) => {
                 events::consuming(&name, ctx.config.prefetch);
                 ctx.health.set(&name, LoopState::Consuming);
+                announce(&ctx).await;
                 backoff = BACKOFF_MIN;
                 d
             }
@@ -106,6 +107,7 @@ async fn serve(ctx: &Ctx, shutdown: &CancellationToken, mut deliveries: Deliveri
                     break Stop::Lost("the consumer's channel closed".into());
                 }
                 ctx.health.beat(&ctx.spec.name);
+                announce(ctx).await;
                 continue;
             }
             next = deliveries.next() => next,
@@ -142,6 +144,11 @@ async fn serve(ctx: &Ctx, shutdown: &CancellationToken, mut deliveries: Deliveri
     // Batches in hand finish before the consumer closes (which hands back the rest).
     while in_flight.next().await.is_some() {}
     stop
+}
+
+/// Tells the store this worker serves the model, for `GET /v1/models`; best effort.
+async fn announce(ctx: &Ctx) {
+    let _ = ctx.backend.store.worker_seen(&ctx.spec.name, &ctx.owner, kiln_proto::now_millis()).await;
 }
 
 /// Waits `d` unless shutdown comes first; returns whether it did.

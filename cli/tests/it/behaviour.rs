@@ -266,6 +266,15 @@ async fn health_readiness_and_models(kind: Kind) {
         (Some(MODEL), Some("embedding"), Some(16))
     );
     assert!(m["input_schema"]["oneOf"].is_array());
+    assert_eq!(m["workers"], json!([]), "no worker runs yet: {m}");
+    let worker = env.worker();
+    let listed = wait_until("the worker is listed under its model", Duration::from_secs(60), || async {
+        let m = gw.get("/v1/models").await.body["models"][0].clone();
+        if m["workers"].as_array().is_some_and(|w| w.len() == 1) { Ok(m) } else { Err(m["workers"].clone()) }
+    })
+    .await;
+    assert!(listed["workers"][0].is_string(), "{listed}");
+    worker.stop().await;
     gw.stop().await;
 }
 

@@ -6,7 +6,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use kiln_proto::{EventKind, JobEvent, JobId, JobRecord, JobStatus, UnixMillis};
+use kiln_proto::{EventKind, JobEvent, JobId, JobRecord, JobStatus, ModelName, UnixMillis};
 use serde_json::json;
 use tokio::sync::broadcast;
 use tokio::time::Instant;
@@ -36,6 +36,8 @@ struct Inner {
     hooks: HashMap<String, Hook>,
     /// Cache key → the job computing it, for in-flight coalescing.
     inflight: HashMap<String, JobId>,
+    /// Model → worker → last seen.
+    workers: HashMap<ModelName, HashMap<String, UnixMillis>>,
 }
 
 struct Hook {
@@ -559,6 +561,20 @@ impl Store for EmbeddedStore {
             }
         }
         Ok(())
+    }
+
+    async fn worker_seen(&self, model: &ModelName, worker: &str, at: UnixMillis) -> Result<(), StoreError> {
+        self.lock().workers.entry(model.clone()).or_default().insert(worker.to_owned(), at);
+        Ok(())
+    }
+
+    async fn workers(&self, model: &ModelName, since: UnixMillis) -> Result<Vec<String>, StoreError> {
+        let mut inner = self.lock();
+        let Some(seen) = inner.workers.get_mut(model) else { return Ok(Vec::new()) };
+        seen.retain(|_, at| *at >= since);
+        let mut names: Vec<String> = seen.keys().cloned().collect();
+        names.sort();
+        Ok(names)
     }
 
     async fn check(&self) -> Result<(), StoreError> {

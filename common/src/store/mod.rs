@@ -9,7 +9,7 @@ pub mod redis;
 use async_trait::async_trait;
 use std::time::Duration;
 
-use kiln_proto::{JobError, JobEvent, JobId, JobRecord, JobStatus, UnixMillis};
+use kiln_proto::{JobError, JobEvent, JobId, JobRecord, JobStatus, ModelName, UnixMillis};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -192,6 +192,12 @@ pub trait Store: Send + Sync + 'static {
     /// Records one delivery attempt. `retry_at: None` ends the delivery: delivered when `ok`, else
     /// given up. The body is kept, so retries send the same bytes.
     async fn webhook_attempted(&self, delivery: &WebhookDelivery, result: &WebhookAttempt) -> Result<(), StoreError>;
+
+    /// Notes that `worker` is consuming `model`'s queue (called every few seconds by workers).
+    async fn worker_seen(&self, model: &ModelName, worker: &str, at: UnixMillis) -> Result<(), StoreError>;
+
+    /// Workers that consumed `model`'s queue since `since`, for `GET /v1/models`.
+    async fn workers(&self, model: &ModelName, since: UnixMillis) -> Result<Vec<String>, StoreError>;
 
     /// Cheap liveness check, for readiness probes.
     async fn check(&self) -> Result<(), StoreError>;

@@ -734,6 +734,38 @@ impl Store for RedisStore {
         self.invoke::<i64>(&inv).await.map(drop)
     }
 
+    async fn worker_seen(&self, model: &ModelName, worker: &str, at: UnixMillis) -> Result<(), StoreError> {
+        let key = format!("{}workers:{model}", self.config.key_prefix);
+        redis::pipe()
+            .zadd(&key, worker, at)
+            .ignore()
+            .cmd("PEXPIRE")
+            .arg(&key)
+            .arg(self.retention_ms())
+            .ignore()
+            .query_async::<()>(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn workers(&self, model: &ModelName, since: UnixMillis) -> Result<Vec<String>, StoreError> {
+        let key = format!("{}workers:{model}", self.config.key_prefix);
+        let (seen,): (Vec<String>,) = redis::pipe()
+            .cmd("ZREMRANGEBYSCORE")
+            .arg(&key)
+            .arg("-inf")
+            .arg(format!("({since}"))
+            .ignore()
+            .cmd("ZRANGE")
+            .arg(&key)
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)?;
+        Ok(seen)
+    }
+
     async fn check(&self) -> Result<(), StoreError> {
         redis::cmd("PING").query_async::<()>(&mut self.conn.clone()).await.map_err(unavailable)
     }

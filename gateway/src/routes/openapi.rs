@@ -90,7 +90,7 @@ pub fn document() -> Value {
                 "responses": { "200": { "description": "text/event-stream", "content": { "text/event-stream": { "schema": { "type": "string" } } } },
                                "404": error_response("job_not_found") }
             } },
-            "/v1/models": { "get": { "summary": "Served models", "responses": { "200": { "description": "Models with task, version, max_batch and input JSON Schema" } } } },
+            "/v1/models": { "get": { "summary": "Served models", "responses": { "200": { "description": "Models with task, version, max_batch, input JSON Schema, and the workers serving each" } } } },
             "/healthz": { "get": { "summary": "Liveness", "responses": { "200": { "description": "Alive" } } } },
             "/readyz": { "get": { "summary": "Readiness", "responses": { "200": { "description": "Broker and store reachable, not draining" }, "503": retry_error("not ready") } } },
             "/openapi.json": { "get": { "summary": "This document", "responses": { "200": { "description": "OpenAPI 3.1" } } } },

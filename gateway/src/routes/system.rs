@@ -51,7 +51,17 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
     }
 }
 
+/// A worker that has not announced itself for this long is no longer listed (they announce every 5 s).
+const WORKER_SEEN_WITHIN_MS: i64 = 20_000;
+
 pub async fn models(State(state): State<AppState>) -> Json<serde_json::Value> {
-    let models: Vec<ModelInfo> = state.models.iter().map(|m| m.info()).collect();
+    let since = kiln_proto::now_millis() - WORKER_SEEN_WITHIN_MS;
+    let mut models: Vec<ModelInfo> = Vec::new();
+    for spec in state.models.iter() {
+        let mut info = spec.info();
+        // The list is informative: with the store down, models are still listed.
+        info.workers = state.backend.store.workers(&spec.name, since).await.unwrap_or_default();
+        models.push(info);
+    }
     Json(json!({ "models": models }))
 }
