@@ -223,6 +223,39 @@ async fn scenario_poison_job() {
     .await;
     let letters = dlq::list(&env.backend, 10).await.unwrap();
     assert_eq!(letters.iter().map(|l| l.envelope.id).collect::<Vec<_>>(), vec![poison], "dead letters: {letters:?}");
+
+    // The operator's view, through the command line.
+    let kiln_dlq = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .arg("dlq")
+            .args(args)
+            .env("KILN_AMQP_URL", env.args.as_ref().unwrap().amqp_url.expose())
+            .env("KILN_REDIS_URL", env.args.as_ref().unwrap().redis_url.expose())
+            .env("KILN_QUEUE_PREFIX", &env.args.as_ref().unwrap().queue_prefix)
+            .env("KILN_KEY_PREFIX", &env.args.as_ref().unwrap().key_prefix)
+            .env("KILN_LOG", "warn")
+            .output()
+            .expect("run kiln dlq");
+        assert!(out.status.success(), "kiln dlq {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let listed = kiln_dlq(&["list"]);
+    let line: Value = serde_json::from_str(listed.lines().next().unwrap_or("null")).unwrap();
+    assert_eq!(
+        (line["id"].as_str(), line["attempts"].as_u64()),
+        (Some(poison.to_string().as_str()), Some(3)),
+        "{listed}"
+    );
+    assert_eq!(line["reason"]["code"], "inference_failed", "{listed}");
+    let redriven = kiln_dlq(&["redrive", "--id", &poison.to_string()]);
+    assert!(redriven.starts_with("redriven 1,"), "{redriven}");
+    // Still poison: it fails again after its attempts, and is back in the queue.
+    wait_until("the redriven poison job is dead again", DONE_TIMEOUT, || async {
+        let job = gw.job(poison).await;
+        let back = dlq::list(&env.backend, 10).await.unwrap().len();
+        if job["status"] == "failed" && back == 1 { Ok(()) } else { Err((job["status"].clone(), back)) }
+    })
+    .await;
     gw.stop().await;
 }
 
