@@ -64,8 +64,12 @@ impl RabbitMq {
     }
 
     fn command(&self, program: &str) -> Command {
+        Command::from(self.std_command(program))
+    }
+
+    fn std_command(&self, program: &str) -> std::process::Command {
         let sbin = rabbit_sbin();
-        let mut cmd = Command::new(sbin.join(program));
+        let mut cmd = std::process::Command::new(sbin.join(program));
         let path = format!("{}:{}", sbin.display(), std::env::var("PATH").unwrap_or_default());
         cmd.env("PATH", path)
             .env("HOME", self.dir.join("home"))
@@ -80,6 +84,8 @@ impl RabbitMq {
             .env("RABBITMQ_ENABLED_PLUGINS_FILE", self.dir.join("plugins"))
             .env("RABBITMQ_CONFIG_FILE", self.dir.join("rabbitmq"))
             .env("RABBITMQ_ADVANCED_CONFIG_FILE", self.dir.join("advanced.config"))
+            // Crash dumps land in the node's own folder, removed with it.
+            .current_dir(&self.dir)
             .stdin(Stdio::null());
         cmd
     }
@@ -138,7 +144,15 @@ impl RabbitMq {
 
 impl Drop for RabbitMq {
     fn drop(&mut self) {
-        if let Some(child) = self.child.as_mut() {
+        if let Some(mut child) = self.child.take() {
+            // The Erlang VM is a grandchild of the script: killing the script would leave the node
+            // running, so stop the node itself (a second or two), then make sure of the script.
+            let _ = self
+                .std_command("rabbitmqctl")
+                .args(["-n", &self.node, "stop"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
             let _ = child.start_kill();
         }
         let _ = std::process::Command::new("epmd")
