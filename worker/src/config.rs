@@ -11,8 +11,9 @@ pub struct WorkerConfig {
     /// Models this worker serves (comma-separated); empty serves every model of the repository.
     #[arg(long = "serve", env = "KILN_WORKER_MODELS", value_delimiter = ',')]
     pub models: Vec<String>,
-    /// Unacknowledged jobs a worker holds per model (RabbitMQ prefetch).
-    #[arg(long, env = "KILN_PREFETCH", default_value_t = 64)]
+    /// Unacknowledged jobs a worker holds per model (RabbitMQ prefetch); keep it at least twice
+    /// the model's `max_batch`, so the next batch can gather while one runs.
+    #[arg(long, env = "KILN_PREFETCH", default_value_t = 128)]
     pub prefetch: u16,
     /// How long a batch waits for more jobs when the queue is thin. At 0 (the default) a batch
     /// takes what has already arrived — under load, all the jobs that queued while the previous
@@ -66,7 +67,7 @@ impl Default for WorkerConfig {
     fn default() -> Self {
         Self {
             models: Vec::new(),
-            prefetch: 64,
+            prefetch: 128,
             batch_wait: Duration::ZERO,
             intra_threads: None,
             ort_spin: false,

@@ -263,7 +263,7 @@ async fn health_readiness_and_models(kind: Kind) {
     let m = &models.body["models"][0];
     assert_eq!(
         (m["name"].as_str(), m["task"].as_str(), m["max_batch"].as_u64()),
-        (Some(MODEL), Some("embedding"), Some(16))
+        (Some(MODEL), Some("embedding"), Some(64))
     );
     assert!(m["input_schema"]["oneOf"].is_array());
     assert_eq!(m["workers"], json!([]), "no worker runs yet: {m}");
