@@ -128,10 +128,6 @@ impl AmqpBroker {
         Self { config, link: Mutex::new(Link::default()), fast: std::sync::Mutex::new(None) }
     }
 
-    pub fn topology(&self) -> &Topology {
-        &self.config.topology
-    }
-
     async fn connection(&self, link: &mut Link) -> Result<Arc<Connection>, BrokerError> {
         if let Some(conn) = &link.connection
             && conn.status().connected()

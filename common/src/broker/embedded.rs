@@ -49,13 +49,6 @@ impl EmbeddedBroker {
     fn queue(&self, model: &ModelName) -> Arc<Queue> {
         self.queues.lock().expect("broker lock").entry(model.clone()).or_insert_with(Queue::new).clone()
     }
-
-    /// Messages ready for delivery plus those delivered and not yet acknowledged.
-    pub fn depth(&self, model: &ModelName) -> (usize, usize) {
-        let q = self.queue(model);
-        let s = q.state.lock().expect("queue lock");
-        (s.ready.len(), s.unacked.len())
-    }
 }
 
 impl Default for EmbeddedBroker {

@@ -25,16 +25,6 @@ pub enum BrokerError {
     Amqp(#[from] lapin::Error),
 }
 
-impl BrokerError {
-    /// Whether retrying the same operation later can succeed.
-    pub fn is_transient(&self) -> bool {
-        match self {
-            Self::Unavailable(_) | Self::ConfirmTimeout(_) | Self::Amqp(_) => true,
-            Self::Rejected(_) => false,
-        }
-    }
-}
-
 /// A message taken from a queue, to be acknowledged once its effects are stored.
 pub struct Delivery {
     pub body: Vec<u8>,

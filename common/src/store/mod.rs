@@ -24,15 +24,6 @@ pub enum StoreError {
     Conflict(JobId),
 }
 
-impl StoreError {
-    pub fn is_transient(&self) -> bool {
-        match self {
-            Self::Unavailable(_) => true,
-            Self::Corrupt { .. } | Self::Conflict(_) => false,
-        }
-    }
-}
-
 /// How a run ended.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
