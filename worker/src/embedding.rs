@@ -52,12 +52,11 @@ impl EmbeddingPipeline {
     }
 
     /// Embeds `texts` as one batch.
-    pub fn embed(&mut self, texts: &[String]) -> Result<Vec<Vec<f32>>, PipelineError> {
+    pub fn embed(&mut self, texts: &[&str]) -> Result<Vec<Vec<f32>>, PipelineError> {
         if texts.is_empty() {
             return Ok(Vec::new());
         }
-        let inputs: Vec<&str> = texts.iter().map(String::as_str).collect();
-        let encodings = self.tokenizer.encode_batch(inputs, true).map_err(|e| PipelineError::Input(e.to_string()))?;
+        let encodings = self.tokenizer.encode_batch(texts.to_vec(), true).map_err(|e| PipelineError::Input(e.to_string()))?;
         let batch = encodings.len();
         let seq = encodings.iter().map(|e| e.len()).max().unwrap_or(0).max(1);
         let mut ids = Array2::<i64>::zeros((batch, seq));

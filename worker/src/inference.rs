@@ -57,7 +57,7 @@ fn run_bucketed(
     order.sort_by_key(|&i| texts[i].len());
     let mut out: Vec<Vec<f32>> = vec![Vec::new(); texts.len()];
     for chunk in order.chunks(max_batch) {
-        let batch: Vec<String> = chunk.iter().map(|&i| texts[i].clone()).collect();
+        let batch: Vec<&str> = chunk.iter().map(|&i| texts[i].as_str()).collect();
         for (&i, v) in chunk.iter().zip(pipeline.embed(&batch)?) {
             out[i] = v;
         }
