@@ -11,6 +11,7 @@ use kiln_cli::client::Client;
 use kiln_cli::system::{self, SystemConfig};
 use kiln_common::config::{BackendArgs, ModelArgs, TelemetryArgs, parse_duration};
 use kiln_common::models::ModelRepository;
+use kiln_common::process::prepare;
 use kiln_common::webhooks::WebhookConfig;
 use kiln_common::{Backend, dlq, shutdown};
 use kiln_gateway::GatewayConfig;
@@ -175,21 +176,15 @@ async fn run(command: Command) -> anyhow::Result<()> {
             running.join().await
         }
         Command::Gateway { gateway, backend, models } => {
-            let repo = ModelRepository::load(&models.models_dir)?;
-            let backend = Backend::external(&backend)?;
+            let p = prepare(&models, &backend)?;
             let listener = tokio::net::TcpListener::bind(gateway.listen)
                 .await
                 .with_context(|| format!("cannot listen on {}", gateway.listen))?;
-            let token = CancellationToken::new();
-            shutdown::cancel_on_signal(token.clone());
-            Ok(kiln_gateway::run(gateway, backend, repo, listener, token).await?)
+            Ok(kiln_gateway::run(gateway, p.backend, p.models, listener, p.shutdown).await?)
         }
         Command::Worker { worker, backend, models } => {
-            let repo = ModelRepository::load(&models.models_dir)?;
-            let backend = Backend::external(&backend)?;
-            let token = CancellationToken::new();
-            shutdown::cancel_on_signal(token.clone());
-            Ok(kiln_worker::run(worker, backend, repo, models.cache_dir(), token).await?)
+            let p = prepare(&models, &backend)?;
+            Ok(kiln_worker::run(worker, p.backend, p.models, models.cache_dir(), p.shutdown).await?)
         }
         Command::Dlq { action, backend } => {
             let backend = Backend::external(&backend)?;

@@ -1,17 +1,28 @@
-//! What every Kiln binary does before it serves: load the model repository and build the backend
-//! from validated config (a bad config is one line on stderr and exit code 64), start telemetry,
-//! and arm the shutdown signal.
+//! What every Kiln role does before it serves against RabbitMQ and Redis: load the model
+//! repository, validate the backend settings and build the backend (nothing connects yet), and arm
+//! the shutdown signal. A bad config is one line on stderr and exit code 64.
 
 use std::process::ExitCode;
 
 use tokio_util::sync::CancellationToken;
 
 use crate::Backend;
-use crate::config::{BackendArgs, ModelArgs, TelemetryArgs};
-use crate::models::ModelRepository;
+use crate::config::{BackendArgs, ModelArgs};
+use crate::models::{ModelConfigError, ModelRepository};
+use crate::store::StoreError;
 
 /// Exit code for a configuration error (EX_CONFIG-style usage error).
 pub const EXIT_CONFIG: u8 = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(transparent)]
+    Models(#[from] ModelConfigError),
+    #[error("KILN_AMQP_URL {url} is not an AMQP URL: {reason}")]
+    AmqpUrl { url: String, reason: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
 
 /// Everything a role needs to start.
 pub struct Prepared {
@@ -20,29 +31,23 @@ pub struct Prepared {
     pub shutdown: CancellationToken,
 }
 
-/// Loads config-derived state for the binary `name` against RabbitMQ and Redis, logging `config`
-/// (whose secrets print redacted) once telemetry is up.
-pub fn prepare(
-    name: &str,
-    models: &ModelArgs,
-    backend: &BackendArgs,
-    telemetry: &TelemetryArgs,
-    config: &dyn std::fmt::Debug,
-) -> Result<Prepared, ExitCode> {
-    let fail = |e: &dyn std::fmt::Display| {
-        eprintln!("{name}: {e}");
-        ExitCode::from(EXIT_CONFIG)
-    };
-    let repo = ModelRepository::load(&models.models_dir).map_err(|e| fail(&e))?;
+/// Validates the config and builds what the roles run on. Call it inside the async runtime (it
+/// spawns the signal handler).
+pub fn prepare(models: &ModelArgs, backend: &BackendArgs) -> Result<Prepared, ConfigError> {
+    let repo = ModelRepository::load(&models.models_dir)?;
     backend
         .amqp_url
         .expose()
         .parse::<lapin::uri::AMQPUri>()
-        .map_err(|e| fail(&format!("KILN_AMQP_URL {} is not an AMQP URL: {e}", backend.amqp_url)))?;
-    crate::telemetry::init(telemetry);
-    tracing::info!(config = ?config, "starting");
-    let backend = Backend::external(backend).map_err(|e| fail(&e))?;
+        .map_err(|reason| ConfigError::AmqpUrl { url: backend.amqp_url.to_string(), reason })?;
+    let backend = Backend::external(backend)?;
     let shutdown = CancellationToken::new();
     crate::shutdown::cancel_on_signal(shutdown.clone());
     Ok(Prepared { models: repo, backend, shutdown })
+}
+
+/// Reports a configuration error of the binary `name` and gives its exit code.
+pub fn config_error(name: &str, e: &ConfigError) -> ExitCode {
+    eprintln!("{name}: {e}");
+    ExitCode::from(EXIT_CONFIG)
 }

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use kiln_common::config::{BackendArgs, ModelArgs, TelemetryArgs};
-use kiln_common::process::prepare;
+use kiln_common::process::{config_error, prepare};
 use kiln_gateway::GatewayConfig;
 
 /// The Kiln HTTP gateway: accepts jobs, puts them on RabbitMQ, serves their status from Redis.
@@ -24,10 +24,12 @@ struct Cli {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let p = match prepare("kiln-gateway", &cli.models, &cli.backend, &cli.telemetry, &cli) {
+    let p = match prepare(&cli.models, &cli.backend) {
         Ok(p) => p,
-        Err(code) => return code,
+        Err(e) => return config_error("kiln-gateway", &e),
     };
+    kiln_common::telemetry::init(&cli.telemetry);
+    tracing::info!(config = ?cli, "starting");
     let listener = match tokio::net::TcpListener::bind(cli.gateway.listen).await {
         Ok(l) => l,
         Err(e) => {

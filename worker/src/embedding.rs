@@ -56,7 +56,8 @@ impl EmbeddingPipeline {
         if texts.is_empty() {
             return Ok(Vec::new());
         }
-        let encodings = self.tokenizer.encode_batch(texts.to_vec(), true).map_err(|e| PipelineError::Input(e.to_string()))?;
+        let encodings =
+            self.tokenizer.encode_batch(texts.to_vec(), true).map_err(|e| PipelineError::Input(e.to_string()))?;
         let batch = encodings.len();
         let seq = encodings.iter().map(|e| e.len()).max().unwrap_or(0).max(1);
         let mut ids = Array2::<i64>::zeros((batch, seq));

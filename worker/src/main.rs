@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use kiln_common::config::{BackendArgs, ModelArgs, TelemetryArgs};
-use kiln_common::process::prepare;
+use kiln_common::process::{config_error, prepare};
 use kiln_worker::WorkerConfig;
 
 /// The Kiln worker: consumes jobs from RabbitMQ, runs them with ONNX Runtime, stores results in Redis.
@@ -24,10 +24,12 @@ struct Cli {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let p = match prepare("kiln-worker", &cli.models, &cli.backend, &cli.telemetry, &cli) {
+    let p = match prepare(&cli.models, &cli.backend) {
         Ok(p) => p,
-        Err(code) => return code,
+        Err(e) => return config_error("kiln-worker", &e),
     };
+    kiln_common::telemetry::init(&cli.telemetry);
+    tracing::info!(config = ?cli, "starting");
     match kiln_worker::run(cli.worker, p.backend, p.models, cli.models.cache_dir(), p.shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

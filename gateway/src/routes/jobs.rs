@@ -84,7 +84,7 @@ pub async fn submit(
         }
         return Ok(job_response(record));
     }
-    let mut events = match wait {
+    let mut completion_rx = match wait {
         Some(_) => Some(store.subscribe(id).await),
         None => None,
     };
@@ -97,7 +97,7 @@ pub async fn submit(
         settle.map_err(|e| ApiError::Store(e, retry))?;
     }
     let record = accepted?;
-    match (wait, events.as_mut()) {
+    match (wait, completion_rx.as_mut()) {
         (Some(wait), Some(rx)) => {
             let done = crate::waiting::completion(&state, id, rx, wait).await;
             let record = match done {
