@@ -10,6 +10,7 @@ mod events;
 mod health;
 mod inference;
 mod lease;
+mod noise;
 mod runtime;
 
 use std::path::{Path, PathBuf};
