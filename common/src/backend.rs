@@ -8,6 +8,8 @@ use crate::broker::amqp::{AmqpBroker, AmqpConfig, Topology};
 use crate::broker::embedded::EmbeddedBroker;
 use crate::cache::{Cache, EmbeddedCache, RedisCache};
 use crate::config::BackendArgs;
+use crate::outputs::redis::RedisOutputs;
+use crate::outputs::{EmbeddedOutputs, FsOutputs, OutputStore};
 use crate::store::embedded::EmbeddedStore;
 use crate::store::redis::{RedisConfig, RedisStore};
 use crate::store::{Store, StoreError};
@@ -17,10 +19,14 @@ pub struct Backend {
     pub broker: Arc<dyn Broker>,
     pub store: Arc<dyn Store>,
     pub cache: Arc<dyn Cache>,
+    /// Binary job outputs.
+    pub outputs: Arc<dyn OutputStore>,
 }
 
 /// Entries the embedded cache holds at most.
 const EMBEDDED_CACHE_ENTRIES: usize = 100_000;
+/// Bytes of outputs the embedded store holds at most; the oldest go first.
+const EMBEDDED_OUTPUT_BYTES: usize = 1 << 30;
 
 impl Backend {
     /// In-process broker, store and cache: `kiln dev`, no RabbitMQ or Redis.
@@ -33,6 +39,7 @@ impl Backend {
             broker: Arc::new(EmbeddedBroker::default()),
             store: Arc::new(EmbeddedStore::new(retention)),
             cache: Arc::new(EmbeddedCache::new(cache_ttl, EMBEDDED_CACHE_ENTRIES)),
+            outputs: Arc::new(EmbeddedOutputs::new(retention, EMBEDDED_OUTPUT_BYTES)),
         }
     }
 
@@ -55,6 +62,13 @@ impl Backend {
         })?;
         let cache_url = args.cache_redis_url.as_ref().unwrap_or(&args.redis_url);
         let cache = RedisCache::new(cache_url, &args.key_prefix, args.cache_ttl, args.io_timeout)?;
-        Ok(Self { broker: Arc::new(broker), store: Arc::new(store), cache: Arc::new(cache) })
+        let outputs: Arc<dyn OutputStore> = match &args.output_dir {
+            Some(dir) => Arc::new(FsOutputs::new(dir.clone(), args.job_retention)),
+            None => Arc::new(
+                RedisOutputs::new(&args.redis_url, &args.key_prefix, args.job_retention, args.io_timeout)
+                    .map_err(|e| StoreError::Unavailable(e.to_string()))?,
+            ),
+        };
+        Ok(Self { broker: Arc::new(broker), store: Arc::new(store), cache: Arc::new(cache), outputs })
     }
 }

@@ -110,6 +110,10 @@ pub struct BackendArgs {
     /// Bound on waiting for RabbitMQ's publisher confirm or a Redis reply.
     #[arg(long, env = "KILN_IO_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub io_timeout: Duration,
+    /// Keep binary job outputs (generated images) in this directory, shared by every gateway and
+    /// worker, instead of in the job store's Redis. Files expire with the job retention.
+    #[arg(long, env = "KILN_OUTPUT_DIR")]
+    pub output_dir: Option<PathBuf>,
 }
 
 /// Where the model repository and the cache of fetched assets are.

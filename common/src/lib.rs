@@ -9,6 +9,7 @@ pub mod cache;
 pub mod config;
 pub mod dlq;
 pub mod models;
+pub mod outputs;
 pub mod process;
 pub mod shutdown;
 pub mod store;

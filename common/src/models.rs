@@ -12,7 +12,10 @@ use crate::assets::WheelSource;
 
 /// The built-in repository, served when the configured folder does not exist (an installed `kiln`
 /// run outside a checkout).
-const BUILTIN: &[(&str, &str)] = &[("all-minilm-l6-v2", include_str!("../../models/all-minilm-l6-v2/kiln.toml"))];
+const BUILTIN: &[(&str, &str)] = &[
+    ("all-minilm-l6-v2", include_str!("../../models/all-minilm-l6-v2/kiln.toml")),
+    ("terrain-diffusion", include_str!("../../models/terrain-diffusion/kiln.toml")),
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelConfigError {
@@ -60,6 +63,25 @@ fn yes() -> bool {
     true
 }
 
+/// Settings of a one-step consistency image model (`[consistency]`; the defaults are the terrain
+/// model's): the model takes pure noise at `sigma` and returns the denoised field in about −1..1,
+/// which becomes heights through `h = scale·sinh(u·asinh(max_height/scale))`, `u = (v+1)/2`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsistencySpec {
+    pub sigma: f32,
+    pub height_scale: f64,
+    pub max_height: f64,
+    /// The model's native output size; other requested sizes are resampled.
+    pub native_size: u32,
+}
+
+impl Default for ConsistencySpec {
+    fn default() -> Self {
+        Self { sigma: 80.0, height_scale: 0.1, max_height: 22.168_640_136_718_75, native_size: 128 }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawSpec {
@@ -71,8 +93,12 @@ struct RawSpec {
     files: BTreeMap<String, String>,
     source: Option<WheelSource>,
     embedding: Option<EmbeddingSpec>,
+    consistency: Option<ConsistencySpec>,
     #[serde(default)]
     limits: InputLimits,
+    /// Deliveries a worker holds for this model; default: the worker's `KILN_PREFETCH` for
+    /// embeddings, 2 for image tasks (one running, one ready: long jobs are not hoarded).
+    prefetch: Option<u16>,
 }
 
 fn default_eps() -> Vec<ExecutionProvider> {
@@ -92,7 +118,10 @@ pub struct ModelSpec {
     /// Where the files come from when they are not in the model's folder.
     pub source: Option<WheelSource>,
     pub embedding: Option<EmbeddingSpec>,
+    pub consistency: ConsistencySpec,
     pub limits: InputLimits,
+    /// Deliveries a worker holds for this model, when the model sets it.
+    pub prefetch: Option<u16>,
     /// The model's folder in the repository (None for a built-in model).
     pub folder: Option<PathBuf>,
 }
@@ -108,15 +137,24 @@ impl ModelSpec {
         if raw.execution_providers.is_empty() {
             return Err(invalid("execution_providers must name at least one provider".into()));
         }
-        match raw.task {
-            Task::Embedding => {
-                for f in ["model", "tokenizer"] {
-                    if !raw.files.contains_key(f) {
-                        return Err(invalid(format!("an embedding model needs files.{f}")));
-                    }
-                }
+        let needs: &[&str] = match raw.task {
+            Task::Embedding => &["model", "tokenizer"],
+            Task::ImageGeneration => &["model"],
+            // The export's own folder layout (text_encoder/, unet/, vae_decoder/, tokenizer/).
+            Task::TextToImage => &[],
+        };
+        for f in needs {
+            if !raw.files.contains_key(*f) {
+                return Err(invalid(format!("a {} model needs files.{f}", raw.task.as_str())));
             }
         }
+        if raw.prefetch == Some(0) {
+            return Err(invalid("prefetch must be at least 1".into()));
+        }
+        let prefetch = raw.prefetch.or(match raw.task {
+            Task::Embedding => None,
+            Task::ImageGeneration | Task::TextToImage => Some(2),
+        });
         Ok(Self {
             name,
             version: raw.version,
@@ -126,7 +164,9 @@ impl ModelSpec {
             files: raw.files,
             source: raw.source,
             embedding: raw.embedding,
+            consistency: raw.consistency.unwrap_or_default(),
             limits: raw.limits,
+            prefetch,
             folder,
         })
     }
@@ -239,7 +279,18 @@ mod tests {
     }
 
     #[test]
+    fn builtin_repository_serves_terrain() {
+        let repo = ModelRepository::builtin().unwrap();
+        let m = repo.get("terrain-diffusion").unwrap();
+        assert_eq!(m.task, Task::ImageGeneration);
+        assert_eq!((m.prefetch, m.max_batch, m.limits.default_width), (Some(2), 1, 128));
+        assert_eq!(m.consistency.sigma, 80.0);
+    }
+
+    #[test]
     fn rejects_bad_specs_with_the_path() {
+        let t2i = "task = \"text-to-image\"\nversion = \"1\"\nmax_batch = 1\n[files]\n";
+        assert_eq!(ModelSpec::parse("m", t2i, Path::new("k"), None).unwrap().prefetch, Some(2));
         let bad = "task = \"embedding\"\nversion = \"1\"\nmax_batch = 0\n[files]\nmodel=\"m\"\ntokenizer=\"t\"\n";
         let err = ModelSpec::parse("m", bad, Path::new("x/kiln.toml"), None).unwrap_err().to_string();
         assert!(err.contains("x/kiln.toml") && err.contains("max_batch"), "{err}");

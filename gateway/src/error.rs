@@ -7,6 +7,7 @@ use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use kiln_common::broker::BrokerError;
+use kiln_common::outputs::OutputError;
 use kiln_common::store::StoreError;
 use kiln_proto::{ApiErrorBody, ErrorCode, ErrorDetail, InputError};
 
@@ -26,6 +27,10 @@ pub enum ApiError {
     ModelNotFound(String),
     #[error("job {0} not found")]
     JobNotFound(String),
+    #[error("job {0} has no output named {1:?}")]
+    OutputNotFound(String, String),
+    #[error("the output store is unavailable, retry later")]
+    Outputs(#[source] OutputError, Duration),
     #[error("no route for {0}")]
     NotFound(String),
     #[error("method not allowed")]
@@ -59,6 +64,13 @@ impl ApiError {
             }
             Self::ModelNotFound(_) => (StatusCode::NOT_FOUND, ErrorCode::ModelNotFound, None),
             Self::JobNotFound(_) => (StatusCode::NOT_FOUND, ErrorCode::JobNotFound, None),
+            Self::OutputNotFound(..) => (StatusCode::NOT_FOUND, ErrorCode::OutputNotFound, None),
+            Self::Outputs(e, retry) => match e {
+                OutputError::Unavailable(_) => {
+                    (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::StoreUnavailable, Some(*retry))
+                }
+                OutputError::Invalid(_) => (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal, None),
+            },
             Self::NotFound(_) => (StatusCode::NOT_FOUND, ErrorCode::NotFound, None),
             Self::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, ErrorCode::MethodNotAllowed, None),
             Self::Broker(e, retry) => match e {

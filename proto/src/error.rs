@@ -21,6 +21,8 @@ pub enum ErrorCode {
     ModelNotFound,
     /// No job with that id exists (or it expired).
     JobNotFound,
+    /// The job has no output file of that name (not produced yet, or expired).
+    OutputNotFound,
     /// No such route.
     NotFound,
     /// The route exists but not for this method.
@@ -51,7 +53,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, for documentation (the OpenAPI description lists them).
-    pub const ALL: [ErrorCode; 20] = [
+    pub const ALL: [ErrorCode; 21] = [
         Self::MalformedJson,
         Self::InvalidRequest,
         Self::InvalidInput,
@@ -59,6 +61,7 @@ impl ErrorCode {
         Self::UnsupportedMediaType,
         Self::ModelNotFound,
         Self::JobNotFound,
+        Self::OutputNotFound,
         Self::NotFound,
         Self::MethodNotAllowed,
         Self::BrokerUnavailable,
@@ -83,6 +86,7 @@ impl ErrorCode {
             Self::UnsupportedMediaType => "unsupported_media_type",
             Self::ModelNotFound => "model_not_found",
             Self::JobNotFound => "job_not_found",
+            Self::OutputNotFound => "output_not_found",
             Self::NotFound => "not_found",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::BrokerUnavailable => "broker_unavailable",

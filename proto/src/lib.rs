@@ -12,7 +12,10 @@ pub use job::{
     AttemptRecord, DeadLetter, ENVELOPE_VERSION, Envelope, EventKind, JobError, JobEvent, JobMetrics, JobRecord,
     JobStatus, ModelInfo, WebhookState,
 };
-pub use task::{EmbeddingInput, EmbeddingOutput, InputError, InputLimits, Task, json_type};
+pub use task::{
+    Colormap, EmbeddingInput, EmbeddingOutput, ImageGenerationInput, ImageOutput, InputError, InputLimits, MAX_SEED,
+    OutputFile, Scheduler, Task, TextToImageInput, json_type,
+};
 
 /// Milliseconds since the Unix epoch, the one time representation stored and queued.
 pub type UnixMillis = i64;

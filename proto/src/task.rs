@@ -6,7 +6,12 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Task {
+    /// Texts → unit vectors.
     Embedding,
+    /// Seeded, unconditional image generation (the terrain heightmap model): PNG files.
+    ImageGeneration,
+    /// Prompt → image through a multi-step diffusion pipeline (Stable-Diffusion-style export).
+    TextToImage,
 }
 
 impl Task {
@@ -23,24 +28,95 @@ impl Task {
                 ],
                 "additionalProperties": false
             }),
+            Task::ImageGeneration => serde_json::json!({
+                "type": "object",
+                "required": ["difficulty"],
+                "properties": {
+                    "seed": {"type": "integer", "minimum": 0, "maximum": MAX_SEED,
+                             "description": "Chosen at random (and reported) when absent."},
+                    "difficulty": {"type": "integer", "minimum": 1, "maximum": 100},
+                    "count": {"type": "integer", "minimum": 1, "maximum": limits.max_images, "default": 1},
+                    "width": {"type": "integer", "minimum": MIN_SIDE, "maximum": limits.max_width, "default": limits.default_width},
+                    "height": {"type": "integer", "minimum": MIN_SIDE, "maximum": limits.max_height, "default": limits.default_height},
+                    "colormap": {"enum": ["gray", "terrain"], "default": "gray"}
+                },
+                "additionalProperties": false
+            }),
+            Task::TextToImage => serde_json::json!({
+                "type": "object",
+                "required": ["prompt"],
+                "properties": {
+                    "prompt": {"type": "string", "minLength": 1, "maxLength": limits.max_text_chars},
+                    "negative_prompt": {"type": "string", "maxLength": limits.max_text_chars, "default": ""},
+                    "steps": {"type": "integer", "minimum": 1, "maximum": limits.max_steps, "default": DEFAULT_STEPS},
+                    "guidance_scale": {"type": "number", "minimum": 0, "maximum": MAX_GUIDANCE, "default": DEFAULT_GUIDANCE},
+                    "scheduler": {"enum": ["euler", "ddim"], "default": "euler"},
+                    "seed": {"type": "integer", "minimum": 0, "maximum": MAX_SEED},
+                    "count": {"type": "integer", "minimum": 1, "maximum": limits.max_images, "default": 1},
+                    "width": {"type": "integer", "multipleOf": 8, "minimum": MIN_SIDE, "maximum": limits.max_width, "default": limits.default_width},
+                    "height": {"type": "integer", "multipleOf": 8, "minimum": MIN_SIDE, "maximum": limits.max_height, "default": limits.default_height}
+                },
+                "additionalProperties": false
+            }),
         }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Task::Embedding => "embedding",
+            Task::ImageGeneration => "image-generation",
+            Task::TextToImage => "text-to-image",
+        }
+    }
+
+    /// Whether the task's results are files (served from the output store), not inline JSON.
+    pub fn produces_files(self) -> bool {
+        !matches!(self, Task::Embedding)
     }
 }
 
-/// Bounds on one job's input, set per model.
+/// Bounds on one job's input, set per model (`[limits]` in `kiln.toml`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct InputLimits {
     /// Most texts in one embedding job.
     pub max_texts: usize,
-    /// Most characters in one text.
+    /// Most characters in one text (or prompt).
     pub max_text_chars: usize,
+    /// Most images in one image job.
+    pub max_images: u32,
+    /// Largest image width and height accepted.
+    pub max_width: u32,
+    pub max_height: u32,
+    /// Image size when the input gives none (the model's native size).
+    pub default_width: u32,
+    pub default_height: u32,
+    /// Most denoising steps of a text-to-image job.
+    pub max_steps: u32,
 }
 
 impl Default for InputLimits {
     fn default() -> Self {
-        Self { max_texts: 256, max_text_chars: 20_000 }
+        Self {
+            max_texts: 256,
+            max_text_chars: 20_000,
+            max_images: 64,
+            max_width: 1024,
+            max_height: 1024,
+            default_width: 512,
+            default_height: 512,
+            max_steps: 150,
+        }
     }
 }
+
+/// Largest seed: the largest integer every JSON client represents exactly (2^53 − 1).
+pub const MAX_SEED: u64 = (1 << 53) - 1;
+/// Smallest image side accepted.
+const MIN_SIDE: u32 = 16;
+const DEFAULT_STEPS: u32 = 25;
+const DEFAULT_GUIDANCE: f64 = 7.5;
+const MAX_GUIDANCE: f64 = 30.0;
 
 /// An input that does not fit the task's schema, naming the field at fault (`input.text`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -133,6 +209,225 @@ pub fn json_type(v: &serde_json::Value) -> &'static str {
     }
 }
 
+/// How heights become pixels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Colormap {
+    /// 16-bit grayscale, stretched from the lowest to the highest point of the image.
+    Gray,
+    /// 8-bit RGB through a terrain colour ramp (sea, lowland, hills, rock, snow).
+    Terrain,
+}
+
+/// The canonical `image-generation` input: every field filled in, the seed included, so a
+/// retried or redelivered job draws exactly the same images.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageGenerationInput {
+    pub seed: u64,
+    pub difficulty: u32,
+    pub count: u32,
+    pub width: u32,
+    pub height: u32,
+    pub colormap: Colormap,
+}
+
+impl ImageGenerationInput {
+    /// Validates `input`; a missing seed is drawn from `random_seed`.
+    pub fn parse(
+        input: &serde_json::Value,
+        limits: &InputLimits,
+        random_seed: impl FnOnce() -> u64,
+    ) -> Result<Self, InputError> {
+        let obj = Fields::new(input, &["seed", "difficulty", "count", "width", "height", "colormap"])?;
+        let difficulty = obj
+            .int("difficulty", 1, 100)?
+            .ok_or_else(|| InputError::new("input.difficulty", "missing; give an integer from 1 to 100"))?;
+        Ok(Self {
+            seed: obj.int("seed", 0, MAX_SEED)?.unwrap_or_else(random_seed),
+            difficulty: difficulty as u32,
+            count: obj.int("count", 1, u64::from(limits.max_images))?.unwrap_or(1) as u32,
+            width: obj
+                .int("width", u64::from(MIN_SIDE), u64::from(limits.max_width))?
+                .unwrap_or(u64::from(limits.default_width)) as u32,
+            height: obj
+                .int("height", u64::from(MIN_SIDE), u64::from(limits.max_height))?
+                .unwrap_or(u64::from(limits.default_height)) as u32,
+            colormap: match obj.string("colormap")? {
+                None | Some("gray") => Colormap::Gray,
+                Some("terrain") => Colormap::Terrain,
+                Some(other) => {
+                    return Err(InputError::new(
+                        "input.colormap",
+                        format!("must be \"gray\" or \"terrain\", got {other:?}"),
+                    ));
+                }
+            },
+        })
+    }
+}
+
+/// Denoising schedulers of the text-to-image pipeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scheduler {
+    Euler,
+    Ddim,
+}
+
+/// The canonical `text-to-image` input, every field filled in.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TextToImageInput {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub steps: u32,
+    pub guidance_scale: f32,
+    pub scheduler: Scheduler,
+    pub seed: u64,
+    pub count: u32,
+    pub width: u32,
+    pub height: u32,
+}
+
+impl TextToImageInput {
+    pub fn parse(
+        input: &serde_json::Value,
+        limits: &InputLimits,
+        random_seed: impl FnOnce() -> u64,
+    ) -> Result<Self, InputError> {
+        let obj = Fields::new(
+            input,
+            &["prompt", "negative_prompt", "steps", "guidance_scale", "scheduler", "seed", "count", "width", "height"],
+        )?;
+        let text = |name: &str| -> Result<Option<String>, InputError> {
+            let Some(s) = obj.string(name)? else { return Ok(None) };
+            let chars = s.chars().count();
+            if chars > limits.max_text_chars {
+                return Err(InputError::new(
+                    format!("input.{name}"),
+                    format!("is {chars} characters long; at most {} are allowed", limits.max_text_chars),
+                ));
+            }
+            Ok(Some(s.to_owned()))
+        };
+        let prompt = text("prompt")?
+            .filter(|p| !p.trim().is_empty())
+            .ok_or_else(|| InputError::new("input.prompt", "missing or empty; describe the image to generate"))?;
+        let side = |name: &str, max: u32, default: u32| -> Result<u32, InputError> {
+            let v = obj.int(name, u64::from(MIN_SIDE), u64::from(max))?.unwrap_or(u64::from(default)) as u32;
+            if v % 8 != 0 {
+                return Err(InputError::new(format!("input.{name}"), format!("must be a multiple of 8, got {v}")));
+            }
+            Ok(v)
+        };
+        let guidance_scale = match obj.get("guidance_scale") {
+            None => DEFAULT_GUIDANCE,
+            Some(v) => match v.as_f64() {
+                Some(g) if (0.0..=MAX_GUIDANCE).contains(&g) => g,
+                _ => {
+                    return Err(InputError::new(
+                        "input.guidance_scale",
+                        format!("must be a number from 0 to {MAX_GUIDANCE}, got {v}"),
+                    ));
+                }
+            },
+        };
+        Ok(Self {
+            prompt,
+            negative_prompt: text("negative_prompt")?.unwrap_or_default(),
+            steps: obj.int("steps", 1, u64::from(limits.max_steps))?.unwrap_or(u64::from(DEFAULT_STEPS)) as u32,
+            guidance_scale: guidance_scale as f32,
+            scheduler: match obj.string("scheduler")? {
+                None | Some("euler") => Scheduler::Euler,
+                Some("ddim") => Scheduler::Ddim,
+                Some(other) => {
+                    return Err(InputError::new(
+                        "input.scheduler",
+                        format!("must be \"euler\" or \"ddim\", got {other:?}"),
+                    ));
+                }
+            },
+            seed: obj.int("seed", 0, MAX_SEED)?.unwrap_or_else(random_seed),
+            count: obj.int("count", 1, u64::from(limits.max_images))?.unwrap_or(1) as u32,
+            width: side("width", limits.max_width, limits.default_width)?,
+            height: side("height", limits.max_height, limits.default_height)?,
+        })
+    }
+}
+
+/// An input object whose fields are read one by one, with errors naming `input.<field>`.
+struct Fields<'a> {
+    obj: &'a serde_json::Map<String, serde_json::Value>,
+}
+
+impl<'a> Fields<'a> {
+    fn new(input: &'a serde_json::Value, known: &[&str]) -> Result<Self, InputError> {
+        let obj = input
+            .as_object()
+            .ok_or_else(|| InputError::new("input", format!("must be an object, got {}", json_type(input))))?;
+        if let Some(unknown) = obj.keys().find(|k| !known.contains(&k.as_str())) {
+            return Err(InputError::new(
+                format!("input.{unknown}"),
+                format!("unknown field; accepted fields are {}", known.join(", ")),
+            ));
+        }
+        Ok(Self { obj })
+    }
+
+    /// A field given as `null` counts as absent.
+    fn get(&self, name: &str) -> Option<&'a serde_json::Value> {
+        self.obj.get(name).filter(|v| !v.is_null())
+    }
+
+    fn int(&self, name: &str, min: u64, max: u64) -> Result<Option<u64>, InputError> {
+        let Some(v) = self.get(name) else { return Ok(None) };
+        match v.as_u64() {
+            Some(n) if (min..=max).contains(&n) => Ok(Some(n)),
+            _ => Err(InputError::new(
+                format!("input.{name}"),
+                match v {
+                    serde_json::Value::Number(_) => format!("must be an integer from {min} to {max}, got {v}"),
+                    _ => format!("must be an integer from {min} to {max}, got {}", json_type(v)),
+                },
+            )),
+        }
+    }
+
+    fn string(&self, name: &str) -> Result<Option<&'a str>, InputError> {
+        let Some(v) = self.get(name) else { return Ok(None) };
+        v.as_str()
+            .map(Some)
+            .ok_or_else(|| InputError::new(format!("input.{name}"), format!("must be a string, got {}", json_type(v))))
+    }
+}
+
+/// One output file of a job, as listed in its output and served at `url`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputFile {
+    pub name: String,
+    /// Path of `GET /v1/jobs/{id}/outputs/{name}`, relative to the API's base URL.
+    pub url: String,
+    pub content_type: String,
+    pub size: u64,
+    /// Lower-case hex; also the file's `ETag`.
+    pub sha256: String,
+    /// For images: the seed that reproduces this image alone, and its size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub width: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub height: Option<u32>,
+}
+
+/// The output of an image job: its files, in order, and the job's seed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageOutput {
+    pub files: Vec<OutputFile>,
+    pub seed: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EmbeddingOutput {
     pub embeddings: Vec<Vec<f32>>,
@@ -146,13 +441,50 @@ mod tests {
     use super::*;
 
     fn parse(v: serde_json::Value) -> Result<EmbeddingInput, InputError> {
-        EmbeddingInput::parse(&v, &InputLimits { max_texts: 3, max_text_chars: 5 })
+        EmbeddingInput::parse(&v, &InputLimits { max_texts: 3, max_text_chars: 5, ..Default::default() })
     }
 
     #[test]
     fn accepts_text_and_texts() {
         assert_eq!(parse(json!({"text": "hi"})).unwrap().texts, ["hi"]);
         assert_eq!(parse(json!({"texts": ["a", "b"]})).unwrap().texts, ["a", "b"]);
+    }
+
+    #[test]
+    fn image_input_fills_defaults_and_names_bad_fields() {
+        let limits = InputLimits { default_width: 128, default_height: 128, ..Default::default() };
+        let parse = |v: serde_json::Value| ImageGenerationInput::parse(&v, &limits, || 7);
+        let ok = parse(json!({"difficulty": 40})).unwrap();
+        assert_eq!((ok.seed, ok.count, ok.width, ok.height, ok.colormap), (7, 1, 128, 128, Colormap::Gray));
+        assert_eq!(parse(json!({"difficulty": 1, "seed": 3, "colormap": "terrain"})).unwrap().seed, 3);
+        let field = |v| parse(v).unwrap_err().field;
+        assert_eq!(field(json!({})), "input.difficulty");
+        assert_eq!(field(json!({"difficulty": 0})), "input.difficulty");
+        assert_eq!(field(json!({"difficulty": 101})), "input.difficulty");
+        assert_eq!(field(json!({"difficulty": "high"})), "input.difficulty");
+        assert_eq!(field(json!({"difficulty": 5.5})), "input.difficulty");
+        assert_eq!(field(json!({"difficulty": 5, "count": 65})), "input.count");
+        assert_eq!(field(json!({"difficulty": 5, "colormap": "viridis"})), "input.colormap");
+        assert_eq!(field(json!({"difficulty": 5, "seed": -1})), "input.seed");
+        assert_eq!(field(json!({"difficulty": 5, "width": 4096})), "input.width");
+        assert_eq!(field(json!({"difficulty": 5, "size": 5})), "input.size");
+        let msg = parse(json!({"difficulty": 0})).unwrap_err().message;
+        assert!(msg.contains("1 to 100") && msg.contains("got 0"), "{msg}");
+    }
+
+    #[test]
+    fn text_to_image_input_fills_defaults_and_names_bad_fields() {
+        let limits = InputLimits::default();
+        let parse = |v: serde_json::Value| TextToImageInput::parse(&v, &limits, || 9);
+        let ok = parse(json!({"prompt": "a red fox"})).unwrap();
+        assert_eq!((ok.steps, ok.scheduler, ok.seed, ok.width), (25, Scheduler::Euler, 9, 512));
+        assert_eq!(ok.guidance_scale, 7.5);
+        let field = |v| parse(v).unwrap_err().field;
+        assert_eq!(field(json!({"prompt": " "})), "input.prompt");
+        assert_eq!(field(json!({"prompt": "x", "width": 100})), "input.width");
+        assert_eq!(field(json!({"prompt": "x", "steps": 0})), "input.steps");
+        assert_eq!(field(json!({"prompt": "x", "scheduler": "pndm"})), "input.scheduler");
+        assert_eq!(field(json!({"prompt": "x", "guidance_scale": 31})), "input.guidance_scale");
     }
 
     #[test]

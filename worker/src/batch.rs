@@ -7,13 +7,15 @@
 use kiln_common::broker::Delivery;
 use kiln_common::store::{Outcome, Start, StoreError, Transition};
 use kiln_proto::{
-    AttemptRecord, DeadLetter, ENVELOPE_VERSION, EmbeddingInput, EmbeddingOutput, Envelope, JobId, JobRecord,
-    now_millis,
+    AttemptRecord, DeadLetter, ENVELOPE_VERSION, EmbeddingInput, EmbeddingOutput, Envelope, ImageGenerationInput,
+    InputError, JobId, JobRecord, Task, TextToImageInput, now_millis,
 };
 
 use crate::consumer::Ctx;
 use crate::errors::{Disposition, Failure, dispose};
 use crate::events;
+use crate::images::{self, Produced};
+use crate::inference::ImageWork;
 use crate::lease::guarded;
 
 pub struct Job {
@@ -26,7 +28,10 @@ pub struct Job {
     /// Held by a lease in the store instead of by the broker.
     pub leased: bool,
     pub attempt: u32,
+    /// An embedding job's texts.
     pub texts: Vec<String>,
+    /// An image job's work.
+    pub images: Option<ImageWork>,
 }
 
 /// Runs one batch to the end. Returns whether the store failed (the caller backs off).
@@ -42,6 +47,19 @@ pub async fn process(ctx: &Ctx, batch: Vec<Delivery>) -> bool {
         }
     }
     if jobs.is_empty() {
+        return store_trouble;
+    }
+    if ctx.spec.task.produces_files() {
+        // Image jobs run one after the other, each a batch of images of its own.
+        for mut job in jobs {
+            let work = job.images.take().expect("admitted image jobs carry their work");
+            let id = job.id;
+            let mut one = [job];
+            let result = guarded(images::run(ctx, id, work), &mut one, &ctx.backend, &ctx.owner, ctx.lease).await;
+            let [job] = one;
+            store_trouble |= settle(ctx, job, result).await;
+        }
+        events::batch_done(&ctx.spec.name, 1, 0, started.elapsed());
         return store_trouble;
     }
     let text_count: usize = jobs.iter().map(|j| j.texts.len()).sum();
@@ -63,6 +81,7 @@ pub async fn process(ctx: &Ctx, batch: Vec<Delivery>) -> bool {
             results
         }
     };
+    let results = results.into_iter().map(|r| r.map(|vectors| Produced::Output(success(vectors))));
     let settled =
         futures::future::join_all(jobs.into_iter().zip(results).map(|(job, result)| settle(ctx, job, result))).await;
     events::batch_done(&ctx.spec.name, settled.len(), text_count, started.elapsed());
@@ -109,16 +128,14 @@ async fn admit(ctx: &Ctx, delivery: Delivery) -> Admitted {
         }
     };
     let body = delivery.body.clone();
-    let mut job = Job { id, envelope, body, delivery: Some(delivery), leased: false, attempt, texts: Vec::new() };
+    let mut job =
+        Job { id, envelope, body, delivery: Some(delivery), leased: false, attempt, texts: Vec::new(), images: None };
     if attempt > ctx.retry.max_attempts {
         let trouble = settle(ctx, job, Err(Failure::Abandoned { starts: attempt - 1 })).await;
         return if trouble { Admitted::StoreDown } else { Admitted::Settled };
     }
-    match EmbeddingInput::parse(&job.envelope.input, &ctx.spec.limits) {
-        Ok(input) => {
-            job.texts = input.texts;
-            Admitted::Run(Box::new(job))
-        }
+    match parse(ctx, &mut job) {
+        Ok(()) => Admitted::Run(Box::new(job)),
         Err(e) => {
             let trouble = settle(ctx, job, Err(Failure::Input(e.to_string()))).await;
             if trouble { Admitted::StoreDown } else { Admitted::Settled }
@@ -126,18 +143,43 @@ async fn admit(ctx: &Ctx, delivery: Delivery) -> Admitted {
     }
 }
 
-fn success(embeddings: Vec<Vec<f32>>) -> Outcome {
+/// Reads the job's input for the model's task. The gateway already validated it; this trusts
+/// nothing off the wire all the same.
+fn parse(ctx: &Ctx, job: &mut Job) -> Result<(), InputError> {
+    let (input, limits) = (&job.envelope.input, &ctx.spec.limits);
+    // The gateway always fills in the seed; a message without one (hand-made) gets one fixed by
+    // its id, so its retries still draw the same images.
+    let id_seed = || {
+        let id = job.id.to_string();
+        id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
+            & kiln_proto::MAX_SEED
+    };
+    match ctx.spec.task {
+        Task::Embedding => job.texts = EmbeddingInput::parse(input, limits)?.texts,
+        Task::ImageGeneration => {
+            job.images = Some(ImageWork::Terrain(ImageGenerationInput::parse(input, limits, id_seed)?));
+        }
+        Task::TextToImage => {
+            job.images = Some(ImageWork::TextToImage(TextToImageInput::parse(input, limits, id_seed)?));
+        }
+    }
+    Ok(())
+}
+
+fn success(embeddings: Vec<Vec<f32>>) -> String {
     let dim = embeddings.first().map_or(0, Vec::len);
-    Outcome::Succeeded(serde_json::to_string(&EmbeddingOutput { embeddings, dim }).expect("embeddings serialise"))
+    serde_json::to_string(&EmbeddingOutput { embeddings, dim }).expect("embeddings serialise")
 }
 
 /// Settles one job and then its message. Returns whether the store or broker failed, in which
 /// case the job is handed back (its message requeued, or its lease left to lapse).
-async fn settle(ctx: &Ctx, mut job: Job, result: Result<Vec<Vec<f32>>, Failure>) -> bool {
+async fn settle(ctx: &Ctx, mut job: Job, result: Result<Produced, Failure>) -> bool {
     let id = job.id;
     let ok = result.is_ok();
     let outcome = match result {
-        Ok(vectors) => success(vectors),
+        Ok(Produced::Output(output)) => Outcome::Succeeded(output),
+        // Canceled while running: the record is terminal already; the message is done with.
+        Ok(Produced::Stopped) => return ack(job).await,
         Err(failure) => match dispose(failure, id, job.attempt, &ctx.retry) {
             Disposition::Fail(error) => {
                 events::job_failed(id, &error.message);

@@ -44,9 +44,10 @@ pub async fn consume(ctx: Ctx, shutdown: CancellationToken) {
     let mut backoff = BACKOFF_MIN;
     while !shutdown.is_cancelled() {
         ctx.health.set(&name, LoopState::Connecting);
-        let deliveries = match ctx.backend.broker.consume(&name, ctx.config.prefetch).await {
+        let prefetch = ctx.spec.prefetch.unwrap_or(ctx.config.prefetch);
+        let deliveries = match ctx.backend.broker.consume(&name, prefetch).await {
             Ok(d) => {
-                events::consuming(&name, ctx.config.prefetch);
+                events::consuming(&name, prefetch);
                 ctx.health.set(&name, LoopState::Consuming);
                 announce(&ctx).await;
                 backoff = BACKOFF_MIN;
@@ -79,8 +80,11 @@ enum Stop {
 }
 
 /// Batches in flight at once: while one runs on the model, the next is admitted (its jobs started
-/// in the store) and queued behind it, so the inference thread never waits on the store.
-const PIPELINE: usize = 2;
+/// in the store) and queued behind it, so the inference thread never waits on the store. Image
+/// jobs run for seconds to minutes: one at a time, so a job only shows `running` while it runs.
+fn pipeline_depth(ctx: &Ctx) -> usize {
+    if ctx.spec.task.produces_files() { 1 } else { 2 }
+}
 
 async fn serve(ctx: &Ctx, shutdown: &CancellationToken, mut deliveries: Deliveries) -> Stop {
     let mut tick = tokio::time::interval(IDLE_TICK);
@@ -90,7 +94,7 @@ async fn serve(ctx: &Ctx, shutdown: &CancellationToken, mut deliveries: Deliveri
         if store_trouble && pause(BACKOFF_MIN, shutdown).await {
             break Stop::Shutdown;
         }
-        while in_flight.len() >= PIPELINE {
+        while in_flight.len() >= pipeline_depth(ctx) {
             store_trouble = in_flight.next().await.unwrap_or(false);
             ctx.health.beat(&ctx.spec.name);
         }

@@ -17,6 +17,9 @@ pub enum Failure {
     Inference(String),
     /// The job was started `starts` times and never finished: its workers crashed or were killed.
     Abandoned { starts: u32 },
+    /// Its outputs could not be written (the output store is down): retried like an inference
+    /// failure, since the job's work is lost with them.
+    Outputs(String),
 }
 
 impl From<PipelineError> for Failure {
@@ -75,6 +78,14 @@ pub fn dispose(failure: Failure, id: JobId, attempt: u32, policy: &RetryPolicy) 
         Failure::Inference(message) => Disposition::Retry {
             after: policy.delay(id, attempt),
             error: JobError { code: ErrorCode::InferenceFailed, message },
+        },
+        Failure::Outputs(message) if attempt >= policy.max_attempts => Disposition::DeadLetter(JobError {
+            code: ErrorCode::StoreUnavailable,
+            message: format!("gave up after {attempt} attempts: {message}"),
+        }),
+        Failure::Outputs(message) => Disposition::Retry {
+            after: policy.delay(id, attempt),
+            error: JobError { code: ErrorCode::StoreUnavailable, message },
         },
         Failure::Abandoned { starts } => Disposition::DeadLetter(JobError {
             code: ErrorCode::WorkerLost,

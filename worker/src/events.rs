@@ -90,3 +90,19 @@ pub fn cache_unavailable(error: &dyn Display) {
 pub fn batch_gathered(model: &ModelName, jobs: usize) {
     tracing::debug!(target: "kiln::worker", %model, jobs, "batch gathered");
 }
+
+pub fn images_resumed(id: JobId, stored: u32, count: u32) {
+    tracing::info!(target: "kiln::worker", job_id = %id, stored, count, "resuming image job after the images already stored");
+}
+
+pub fn images_stopped(id: JobId, made: u32, count: u32) {
+    tracing::info!(target: "kiln::worker", job_id = %id, made, count, "image job stopped between images: no longer running (canceled?)");
+}
+
+pub fn progress_refused(id: JobId, found: &str) {
+    tracing::info!(target: "kiln::worker", job_id = %id, found, "progress not recorded: the job is no longer running; stopping it");
+}
+
+pub fn progress_unavailable(id: JobId, error: &dyn Display) {
+    tracing::warn!(target: "kiln::worker", job_id = %id, %error, "progress not recorded: store unavailable; the job goes on");
+}

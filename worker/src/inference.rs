@@ -1,16 +1,46 @@
 //! Inference off the async runtime: each model's pipeline lives on a thread of its own, fed by a
 //! bounded channel; every request carries its reply channel and its tracing span.
+//!
+//! Image jobs talk back while they run: after each image (or denoising step) the thread sends an
+//! [`Update`] and waits for the job's driver to say go on or stop — that handshake is what makes
+//! progress exact and cancellation take effect between images, never mid-image.
+
+use std::sync::mpsc as sync_mpsc;
 
 use kiln_common::models::{ExecutionProvider, ModelSpec};
+use kiln_proto::{ImageGenerationInput, TextToImageInput};
 use tokio::sync::{mpsc, oneshot};
 use tracing::Span;
 
 use crate::embedding::{EmbeddingPipeline, PipelineError};
+use crate::terrain::TerrainPipeline;
 
-struct Request {
-    texts: Vec<String>,
-    reply: oneshot::Sender<Result<Vec<Vec<f32>>, PipelineError>>,
-    span: Span,
+/// A loaded model, by task.
+pub enum Pipeline {
+    Embedding(EmbeddingPipeline),
+    Terrain(TerrainPipeline),
+}
+
+/// The images of one job.
+#[derive(Debug, Clone)]
+pub enum ImageWork {
+    Terrain(ImageGenerationInput),
+    TextToImage(TextToImageInput),
+}
+
+/// What an image job's thread reports as it goes.
+pub enum Update {
+    /// A denoising step: `done` of `total` steps over all of the job's images.
+    Step { done: u32, total: u32 },
+    /// Image `index` is ready.
+    Image { index: u32, seed: u64, width: u32, height: u32, png: Vec<u8> },
+    /// The end: all images made, stopped when told to, or failed.
+    Finished(Result<(), PipelineError>),
+}
+
+enum Request {
+    Embed { texts: Vec<String>, reply: oneshot::Sender<Result<Vec<Vec<f32>>, PipelineError>>, span: Span },
+    Images { work: ImageWork, first: u32, updates: mpsc::Sender<Update>, go: sync_mpsc::Receiver<bool>, span: Span },
 }
 
 /// The async side of a model's inference thread. The thread ends when the last handle is dropped.
@@ -20,19 +50,42 @@ pub struct InferenceHandle {
     pub provider: ExecutionProvider,
 }
 
+/// A running image job, seen from its driver: read [`Update`]s, answer each but the last with
+/// [`ImageRun::proceed`].
+pub struct ImageRun {
+    pub updates: mpsc::Receiver<Update>,
+    go: sync_mpsc::SyncSender<bool>,
+}
+
+impl ImageRun {
+    /// Lets the thread go on (`true`) or stop before the next image or step (`false`).
+    pub fn proceed(&self, go_on: bool) {
+        let _ = self.go.send(go_on);
+    }
+}
+
 impl InferenceHandle {
     /// Moves `pipeline` onto a new thread. `max_batch` splits large requests into model-sized runs.
-    pub fn spawn(
-        spec: &ModelSpec,
-        mut pipeline: EmbeddingPipeline,
-        provider: ExecutionProvider,
-    ) -> std::io::Result<Self> {
+    pub fn spawn(spec: &ModelSpec, mut pipeline: Pipeline, provider: ExecutionProvider) -> std::io::Result<Self> {
         let (tx, mut rx) = mpsc::channel::<Request>(4);
         let max_batch = spec.max_batch;
         std::thread::Builder::new().name(format!("infer-{}", spec.name)).spawn(move || {
             while let Some(req) = rx.blocking_recv() {
-                let _enter = req.span.enter();
-                let _ = req.reply.send(run_bucketed(&mut pipeline, req.texts, max_batch));
+                match req {
+                    Request::Embed { texts, reply, span } => {
+                        let _enter = span.enter();
+                        let result = match &mut pipeline {
+                            Pipeline::Embedding(p) => run_bucketed(p, texts, max_batch),
+                            _ => Err(wrong_task("embedding")),
+                        };
+                        let _ = reply.send(result);
+                    }
+                    Request::Images { work, first, updates, go, span } => {
+                        let _enter = span.enter();
+                        let result = run_images(&mut pipeline, work, first, &updates, &go);
+                        let _ = updates.blocking_send(Update::Finished(result));
+                    }
+                }
             }
         })?;
         Ok(Self { tx, provider })
@@ -40,9 +93,54 @@ impl InferenceHandle {
 
     pub async fn embed(&self, texts: Vec<String>) -> Result<Vec<Vec<f32>>, PipelineError> {
         let (reply, rx) = oneshot::channel();
-        let gone = || PipelineError::Inference("inference thread stopped".into());
-        self.tx.send(Request { texts, reply, span: Span::current() }).await.map_err(|_| gone())?;
+        self.tx.send(Request::Embed { texts, reply, span: Span::current() }).await.map_err(|_| gone())?;
         rx.await.map_err(|_| gone())?
+    }
+
+    /// Starts an image job on the model's thread, at image `first` (those before are made).
+    pub async fn images(&self, work: ImageWork, first: u32) -> Result<ImageRun, PipelineError> {
+        let (updates_tx, updates) = mpsc::channel(1);
+        let (go, go_rx) = sync_mpsc::sync_channel(1);
+        let req = Request::Images { work, first, updates: updates_tx, go: go_rx, span: Span::current() };
+        self.tx.send(req).await.map_err(|_| gone())?;
+        Ok(ImageRun { updates, go })
+    }
+}
+
+fn gone() -> PipelineError {
+    PipelineError::Inference("inference thread stopped".into())
+}
+
+fn wrong_task(task: &str) -> PipelineError {
+    PipelineError::Input(format!("this model does not serve {task} jobs"))
+}
+
+/// Runs an image job, one image at a time, reporting each and stopping when told to. A driver
+/// that went away counts as "stop".
+fn run_images(
+    pipeline: &mut Pipeline,
+    work: ImageWork,
+    first: u32,
+    updates: &mpsc::Sender<Update>,
+    go: &sync_mpsc::Receiver<bool>,
+) -> Result<(), PipelineError> {
+    let report = |u: Update| updates.blocking_send(u).is_ok() && go.recv().unwrap_or(false);
+    match (pipeline, work) {
+        (Pipeline::Terrain(p), ImageWork::Terrain(input)) => {
+            for index in first..input.count {
+                // Image i of seed s is image 0 of seed s+i: any image can be made again alone.
+                let seed = input.seed.wrapping_add(u64::from(index));
+                let field = p.heights(seed, input.difficulty)?;
+                let png = field.resample(input.width as usize, input.height as usize).png(input.colormap);
+                let image = Update::Image { index, seed, width: input.width, height: input.height, png };
+                if !report(image) {
+                    break;
+                }
+            }
+            Ok(())
+        }
+        (_, ImageWork::Terrain(_)) => Err(wrong_task("image-generation")),
+        (_, ImageWork::TextToImage(_)) => Err(wrong_task("text-to-image")),
     }
 }
 

@@ -8,10 +8,13 @@ mod embedding;
 mod errors;
 mod events;
 mod health;
+mod images;
 mod inference;
 mod lease;
 mod noise;
+mod render;
 mod runtime;
+mod terrain;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -25,7 +28,7 @@ use tokio_util::task::TaskTracker;
 
 pub use config::WorkerConfig;
 pub use embedding::PipelineError;
-pub use inference::InferenceHandle;
+pub use inference::{InferenceHandle, Pipeline};
 pub use runtime::{RuntimeError, Threads};
 
 #[derive(Debug, thiserror::Error)]
@@ -74,11 +77,29 @@ pub fn load_model(
                 .ok_or_else(|| model_err("an embedding model needs an [embedding] section".into()))?;
             let pipeline =
                 embedding::EmbeddingPipeline::new(&file("tokenizer")?, loaded.session, emb).map_err(model_err)?;
-            events::model_loaded(spec, loaded.provider, threads);
-            InferenceHandle::spawn(spec, pipeline, loaded.provider)
-                .map_err(|e| model_err(format!("cannot start its inference thread: {e}")))
+            spawn(spec, Pipeline::Embedding(pipeline), loaded.provider, threads)
         }
+        Task::ImageGeneration => {
+            let loaded = runtime::load_session(env, &file("model")?, &spec.execution_providers, threads)?;
+            let pipeline =
+                terrain::TerrainPipeline::new(loaded.session, spec.consistency.clone()).map_err(model_err)?;
+            spawn(spec, Pipeline::Terrain(pipeline), loaded.provider, threads)
+        }
+        Task::TextToImage => Err(model_err("text-to-image is not wired yet".into())),
     }
+}
+
+fn spawn(
+    spec: &ModelSpec,
+    pipeline: Pipeline,
+    provider: kiln_common::models::ExecutionProvider,
+    threads: Threads,
+) -> Result<InferenceHandle, WorkerError> {
+    events::model_loaded(spec, provider, threads);
+    InferenceHandle::spawn(spec, pipeline, provider).map_err(|e| WorkerError::Model {
+        model: spec.name.to_string(),
+        reason: format!("cannot start its inference thread: {e}"),
+    })
 }
 
 /// Loads the served models and consumes their queues until `shutdown` is cancelled; then stops

@@ -111,8 +111,7 @@ async fn a_cache_hit_never_touches_the_broker(kind: Kind) {
         confirm_timeout: Duration::from_secs(1),
         retry_interval: Duration::from_millis(100),
     });
-    let cut_off =
-        Backend { broker: Arc::new(dead), store: env.backend.store.clone(), cache: env.backend.cache.clone() };
+    let cut_off = Backend { broker: Arc::new(dead), ..env.backend.clone() };
     let isolated = Env::from_parts(cut_off, env.args.clone()).gateway().await;
     let (status, hit) = submit(&isolated, input, true).await;
     assert_eq!((status, hit["cached"].as_bool()), (200, Some(true)), "{hit}");

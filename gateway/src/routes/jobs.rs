@@ -13,7 +13,10 @@ use axum::response::{IntoResponse, Response};
 use kiln_common::cache;
 use kiln_common::store::{Claim, Coalesced, Transition};
 use kiln_common::webhooks;
-use kiln_proto::{EmbeddingInput, Envelope, JobId, JobRecord, JobStatus, Task, WebhookState, json_type, now_millis};
+use kiln_proto::{
+    EmbeddingInput, Envelope, ImageGenerationInput, JobId, JobRecord, JobStatus, Task, TextToImageInput, WebhookState,
+    json_type, now_millis,
+};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -361,8 +364,12 @@ fn validate(state: &AppState, body: &[u8]) -> Result<Submission, ApiError> {
     };
     let spec = state.models.get(&model).ok_or_else(|| ApiError::ModelNotFound(model.clone()))?;
     let input = obj.remove("input").ok_or_else(|| invalid("input", "missing"))?;
+    // The canonical input goes on the queue: defaults filled in, and for images the seed drawn
+    // here, so every attempt of the job draws the same images.
     let input = match spec.task {
         Task::Embedding => EmbeddingInput::parse(&input, &spec.limits).map_err(ApiError::InvalidInput)?.to_value(),
+        Task::ImageGeneration => canonical(ImageGenerationInput::parse(&input, &spec.limits, random_seed))?,
+        Task::TextToImage => canonical(TextToImageInput::parse(&input, &spec.limits, random_seed))?,
     };
     let metadata = match obj.remove("metadata") {
         None | Some(Value::Null) => None,
@@ -395,9 +402,21 @@ fn validate(state: &AppState, body: &[u8]) -> Result<Submission, ApiError> {
         Some(Value::Bool(b)) => b,
         Some(other) => return Err(invalid("cache", format!("must be a boolean, got {}", json_type(&other)))),
     };
-    let cache_key =
-        (use_cache && state.backend.cache.enabled()).then(|| cache::key(spec.name.as_str(), &spec.version, &input));
+    // Outputs that are files belong to their job (their URLs name it), so such jobs always run;
+    // their seeds make them reproducible instead.
+    let cache_key = (use_cache && state.backend.cache.enabled() && !spec.task.produces_files())
+        .then(|| cache::key(spec.name.as_str(), &spec.version, &input));
     Ok(Submission { spec_name: spec.name.clone(), input, metadata, deadline, webhook, fingerprint, cache_key })
+}
+
+fn canonical<T: serde::Serialize>(parsed: Result<T, kiln_proto::InputError>) -> Result<Value, ApiError> {
+    let parsed = parsed.map_err(ApiError::InvalidInput)?;
+    serde_json::to_value(parsed).map_err(|e| ApiError::Internal(format!("encoding input: {e}")))
+}
+
+/// A seed for a job that gave none: 32 bits, so it is easy to read back and type.
+fn random_seed() -> u64 {
+    u64::from(rand::random::<u32>())
 }
 
 fn webhook(state: &AppState, url: Option<Value>, events: Option<Value>) -> Result<Option<WebhookState>, ApiError> {

@@ -3,6 +3,7 @@
 mod events;
 pub(crate) mod jobs;
 mod openapi;
+mod outputs;
 mod system;
 
 pub use jobs::current;
@@ -27,6 +28,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/jobs/{id}", get(jobs::get))
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
         .route("/v1/jobs/{id}/events", get(events::stream))
+        .route("/v1/jobs/{id}/outputs/{name}", get(outputs::get))
         .route("/openapi.json", get(openapi::spec))
         .route("/v1/models", get(system::models))
         .route("/healthz", get(system::healthz))

@@ -1,0 +1,148 @@
+//! Driving one image job: start it on the model's thread, store each image in the output store as
+//! it arrives, record progress (`{step, total}`) in the job store — which also tells whether the
+//! job was canceled meanwhile — and answer the thread go on or stop. A retried job resumes at its
+//! first missing image: images are deterministic per seed, so those already stored are kept.
+
+use std::time::{Duration, Instant};
+
+use kiln_proto::{ImageOutput, JobId, OutputFile};
+
+use crate::consumer::Ctx;
+use crate::errors::Failure;
+use crate::events;
+use crate::inference::{ImageWork, Update};
+
+/// How often a denoising step is written as progress at most; every image always is.
+const STEP_PROGRESS_EVERY: Duration = Duration::from_millis(100);
+
+/// How an image job's run ended.
+pub enum Produced {
+    /// The output JSON listing the files.
+    Output(String),
+    /// Canceled (or otherwise finished) while running: its record is already terminal.
+    Stopped,
+}
+
+fn file_name(index: u32) -> String {
+    format!("image-{index}.png")
+}
+
+/// Runs `work` for job `id` to the end.
+pub async fn run(ctx: &Ctx, id: JobId, work: ImageWork) -> Result<Produced, Failure> {
+    let (seed, count, steps) = match &work {
+        ImageWork::Terrain(i) => (i.seed, i.count, 1),
+        ImageWork::TextToImage(i) => (i.seed, i.count, i.steps),
+    };
+    let outputs = &ctx.backend.outputs;
+    let mut files = Vec::with_capacity(count as usize);
+    // Images a previous attempt already stored.
+    for index in 0..count {
+        let meta = outputs.head(id, &file_name(index)).await.map_err(|e| Failure::Outputs(e.to_string()))?;
+        let Some(meta) = meta else { break };
+        files.push(output_file(id, index, seed.wrapping_add(u64::from(index)), size_of(&work), meta));
+    }
+    let first = files.len() as u32;
+    if first == count {
+        return finish(seed, files);
+    }
+    if first > 0 {
+        events::images_resumed(id, first, count);
+    }
+    let mut run = ctx.infer.images(work, first).await?;
+    let total = count * steps;
+    let mut last_step_write = Instant::now();
+    let mut stopped = false;
+    loop {
+        let Some(update) = run.updates.recv().await else {
+            return Err(Failure::Inference("inference thread stopped".into()));
+        };
+        match update {
+            Update::Step { done, total } => {
+                let due = done == total || last_step_write.elapsed() >= STEP_PROGRESS_EVERY;
+                let go_on = !due || {
+                    last_step_write = Instant::now();
+                    still_running(ctx, id, done, total).await
+                };
+                stopped |= !go_on;
+                run.proceed(go_on);
+            }
+            Update::Image { index, seed, width, height, png } => {
+                let meta = match outputs.put(id, &file_name(index), "image/png", png.into()).await {
+                    Ok(meta) => meta,
+                    Err(e) => {
+                        run.proceed(false);
+                        drain(&mut run.updates).await;
+                        return Err(Failure::Outputs(e.to_string()));
+                    }
+                };
+                files.push(output_file(id, index, seed, (width, height), meta));
+                let go_on = still_running(ctx, id, (index + 1) * steps, total).await;
+                stopped |= !go_on;
+                run.proceed(go_on);
+            }
+            Update::Finished(Err(e)) => return Err(e.into()),
+            Update::Finished(Ok(())) if stopped => {
+                events::images_stopped(id, files.len() as u32, count);
+                return Ok(Produced::Stopped);
+            }
+            Update::Finished(Ok(())) => return finish(seed, files),
+        }
+    }
+}
+
+fn size_of(work: &ImageWork) -> (u32, u32) {
+    match work {
+        ImageWork::Terrain(i) => (i.width, i.height),
+        ImageWork::TextToImage(i) => (i.width, i.height),
+    }
+}
+
+fn output_file(
+    id: JobId,
+    index: u32,
+    seed: u64,
+    (width, height): (u32, u32),
+    meta: kiln_common::outputs::FileMeta,
+) -> OutputFile {
+    let name = file_name(index);
+    OutputFile {
+        url: format!("/v1/jobs/{id}/outputs/{name}"),
+        name,
+        content_type: meta.content_type,
+        size: meta.size,
+        sha256: meta.sha256,
+        seed: Some(seed),
+        width: Some(width),
+        height: Some(height),
+    }
+}
+
+fn finish(seed: u64, files: Vec<OutputFile>) -> Result<Produced, Failure> {
+    let output = ImageOutput { files, seed };
+    Ok(Produced::Output(serde_json::to_string(&output).expect("image output serialises")))
+}
+
+/// Records progress; false when the job is no longer running (canceled, or finished elsewhere).
+/// A store that cannot be reached does not stop the job: progress is informative.
+async fn still_running(ctx: &Ctx, id: JobId, step: u32, total: u32) -> bool {
+    let progress = serde_json::json!({ "step": step, "total": total });
+    match ctx.backend.store.progress(id, &progress).await {
+        Ok(kiln_common::store::Transition::Applied) => true,
+        Ok(other) => {
+            events::progress_refused(id, &format!("{other:?}"));
+            false
+        }
+        Err(e) => {
+            events::progress_unavailable(id, &e);
+            true
+        }
+    }
+}
+
+async fn drain(updates: &mut tokio::sync::mpsc::Receiver<Update>) {
+    while let Some(u) = updates.recv().await {
+        if matches!(u, Update::Finished(_)) {
+            break;
+        }
+    }
+}
