@@ -150,8 +150,9 @@ pub enum LogFormat {
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct TelemetryArgs {
-    /// Log filter in `tracing` syntax, e.g. `info,kiln=debug`.
-    #[arg(long, env = "KILN_LOG", default_value = "info")]
+    /// Log filter in `tracing` syntax, e.g. `info,kiln=debug`. ONNX Runtime logs through `ort`;
+    /// its session-setup chatter is at info, so the default keeps it at warn.
+    #[arg(long, env = "KILN_LOG", default_value = "info,ort=warn")]
     pub log: String,
     /// Log line format.
     #[arg(long, env = "KILN_LOG_FORMAT", value_enum, default_value = "text")]

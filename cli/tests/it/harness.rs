@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub const MODEL: &str = "all-minilm-l6-v2";
+pub const TERRAIN: &str = "terrain-diffusion";
 
 pub fn repo_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models")
@@ -84,7 +85,12 @@ impl Env {
         self.worker_with(WorkerConfig { intra_threads: Some(2), ..WorkerConfig::default() })
     }
 
-    pub fn worker_with(&self, config: WorkerConfig) -> Worker {
+    /// A worker serving `config.models`, or only the embedding model when that is empty (loading
+    /// every model of the repository in every test would only cost time).
+    pub fn worker_with(&self, mut config: WorkerConfig) -> Worker {
+        if config.models.is_empty() {
+            config.models = vec![MODEL.to_owned()];
+        }
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(kiln_worker::run(
             config,
@@ -255,6 +261,7 @@ impl ChildWorker {
             .env("KILN_MODELS_DIR", models)
             .env("KILN_CACHE_DIR", cache_dir())
             .env("KILN_INTRA_THREADS", "1")
+            .env("KILN_WORKER_MODELS", MODEL)
             .env("KILN_LOG", "warn,kiln::worker=info,kiln::worker::runs=debug")
             .env("KILN_LOG_FORMAT", "json")
             .stdout(std::process::Stdio::null())

@@ -7,5 +7,6 @@ mod cache;
 mod delivery;
 mod faults;
 mod harness;
+mod images;
 mod reliability;
 mod suite;

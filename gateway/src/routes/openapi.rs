@@ -90,6 +90,17 @@ pub fn document() -> Value {
                 "responses": { "200": { "description": "text/event-stream", "content": { "text/event-stream": { "schema": { "type": "string" } } } },
                                "404": error_response("job_not_found") }
             } },
+            "/v1/jobs/{id}/outputs/{name}": { "get": {
+                "summary": "A job's output file (a generated image)",
+                "description": "Listed in the job's output as files[].url with size and sha256. Strong ETag = the sha256; If-None-Match answers 304. Outputs expire with the job.",
+                "parameters": [ job_id(), { "name": "name", "in": "path", "required": true, "schema": { "type": "string", "pattern": "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$" } },
+                                { "name": "If-None-Match", "in": "header", "schema": { "type": "string" } } ],
+                "responses": { "200": { "description": "The file, with Content-Type, Content-Length and ETag",
+                                        "headers": { "ETag": { "schema": { "type": "string" } } },
+                                        "content": { "image/png": { "schema": { "type": "string", "format": "binary" } } } },
+                               "304": { "description": "Not modified" },
+                               "404": error_response("job_not_found, output_not_found"), "503": retry_error("store_unavailable") }
+            } },
             "/v1/models": { "get": { "summary": "Served models", "responses": { "200": { "description": "Models with task, version, max_batch, input JSON Schema, and the workers serving each" } } } },
             "/healthz": { "get": { "summary": "Liveness", "responses": { "200": { "description": "Alive" } } } },
             "/readyz": { "get": { "summary": "Readiness", "responses": { "200": { "description": "Broker and store reachable, not draining" }, "503": retry_error("not ready") } } },

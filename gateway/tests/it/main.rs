@@ -94,6 +94,7 @@ async fn openapi_describes_every_route_header_and_error_code() {
         ("/v1/jobs/{id}", "get"),
         ("/v1/jobs/{id}/cancel", "post"),
         ("/v1/jobs/{id}/events", "get"),
+        ("/v1/jobs/{id}/outputs/{name}", "get"),
         ("/v1/models", "get"),
         ("/healthz", "get"),
         ("/readyz", "get"),
@@ -102,9 +103,16 @@ async fn openapi_describes_every_route_header_and_error_code() {
         assert!(doc["paths"][path][method].is_object(), "{method} {path} is not described");
     }
     let text = doc.to_string();
-    for header in
-        ["Idempotency-Key", "Prefer", "Cancel-After", "Last-Event-ID", "Location", "Retry-After", "webhook-signature"]
-    {
+    for header in [
+        "Idempotency-Key",
+        "Prefer",
+        "Cancel-After",
+        "Last-Event-ID",
+        "Location",
+        "Retry-After",
+        "webhook-signature",
+        "If-None-Match",
+    ] {
         assert!(text.contains(header), "header {header} is not described");
     }
     let codes = &doc["components"]["schemas"]["Error"]["properties"]["error"]["properties"]["code"]["enum"];
