@@ -316,7 +316,7 @@ impl TextToImageInput {
             .ok_or_else(|| InputError::new("input.prompt", "missing or empty; describe the image to generate"))?;
         let side = |name: &str, max: u32, default: u32| -> Result<u32, InputError> {
             let v = obj.int(name, u64::from(MIN_SIDE), u64::from(max))?.unwrap_or(u64::from(default)) as u32;
-            if v % 8 != 0 {
+            if !v.is_multiple_of(8) {
                 return Err(InputError::new(format!("input.{name}"), format!("must be a multiple of 8, got {v}")));
             }
             Ok(v)
