@@ -60,7 +60,7 @@ RUN KILN_CACHE_DIR=/opt/kiln/cache-seed KILN_MODELS_DIR=/src/models /out/kiln fe
 # ---- assets: ONNX Runtime ---------------------------------------------------------------------------
 FROM tools AS ort-cpu
 ARG ORT_CPU_PACKAGE=onnxruntime==1.32.0
-ARG ORT_CPU_SHA256=6a34fc4dfeb5a7b4a74c95dcba1e773d722abda720b474edf1b0c419dc6d163d
+ARG ORT_CPU_SHA256=5a34fc4dfeb5a7b4a74c95dcba1e773d722abda720b474edf1b0c419dc6d163d
 RUN echo "${ORT_CPU_PACKAGE} --hash=sha256:${ORT_CPU_SHA256}" > /tmp/ort.txt \
  && python3 -m pip download --no-deps --only-binary=:all: --require-hashes --disable-pip-version-check \
       --platform manylinux_2_28_x86_64 --implementation cp --python-version 3.11 -d /tmp/wheels -r /tmp/ort.txt \

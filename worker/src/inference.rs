@@ -17,7 +17,7 @@ use crate::terrain::TerrainPipeline;
 
 /// A loaded model, by task.
 pub enum Pipeline {
-    Embedding(EmbeddingPipeline),
+    Embedding(Box<EmbeddingPipeline>),
     Terrain(TerrainPipeline),
 }
 

@@ -77,7 +77,7 @@ pub fn load_model(
                 .ok_or_else(|| model_err("an embedding model needs an [embedding] section".into()))?;
             let pipeline =
                 embedding::EmbeddingPipeline::new(&file("tokenizer")?, loaded.session, emb).map_err(model_err)?;
-            spawn(spec, Pipeline::Embedding(pipeline), loaded.provider, threads)
+            spawn(spec, Pipeline::Embedding(Box::new(pipeline)), loaded.provider, threads)
         }
         Task::ImageGeneration => {
             let loaded = runtime::load_session(env, &file("model")?, &spec.execution_providers, threads)?;
