@@ -132,8 +132,10 @@ enum DlqAction {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    kiln_common::telemetry::init(&cli.telemetry);
-    match run(cli.command).await {
+    let telemetry = kiln_common::telemetry::init(&cli.telemetry, "kiln");
+    let result = run(cli.command).await;
+    telemetry.shutdown();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("kiln: {e:#}");

@@ -157,6 +157,13 @@ pub struct TelemetryArgs {
     /// Log line format.
     #[arg(long, env = "KILN_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+    /// OpenTelemetry collector to export traces to over OTLP/HTTP (protobuf), e.g.
+    /// `http://otel-collector:4318`. Unset: no traces are recorded or sent.
+    #[arg(long, env = "KILN_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// `service.name` of the exported traces; default: the process's role (`kiln-gateway`, ...).
+    #[arg(long, env = "KILN_OTEL_SERVICE_NAME")]
+    pub otel_service_name: Option<String>,
 }
 
 #[cfg(test)]

@@ -28,7 +28,7 @@ async fn main() -> ExitCode {
         Ok(p) => p,
         Err(e) => return config_error("kiln-gateway", &e),
     };
-    kiln_common::telemetry::init(&cli.telemetry);
+    let telemetry = kiln_common::telemetry::init(&cli.telemetry, "kiln-gateway");
     tracing::info!(config = ?cli, "starting");
     let listener = match tokio::net::TcpListener::bind(cli.gateway.listen).await {
         Ok(l) => l,
@@ -37,7 +37,9 @@ async fn main() -> ExitCode {
             return ExitCode::from(69);
         }
     };
-    match kiln_gateway::run(cli.gateway, p.backend, p.models, listener, p.shutdown).await {
+    let result = kiln_gateway::run(cli.gateway, p.backend, p.models, listener, p.shutdown).await;
+    telemetry.shutdown();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "gateway failed");

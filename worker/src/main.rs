@@ -28,9 +28,11 @@ async fn main() -> ExitCode {
         Ok(p) => p,
         Err(e) => return config_error("kiln-worker", &e),
     };
-    kiln_common::telemetry::init(&cli.telemetry);
+    let telemetry = kiln_common::telemetry::init(&cli.telemetry, "kiln-worker");
     tracing::info!(config = ?cli, "starting");
-    match kiln_worker::run(cli.worker, p.backend, p.models, cli.models.cache_dir(), p.shutdown).await {
+    let result = kiln_worker::run(cli.worker, p.backend, p.models, cli.models.cache_dir(), p.shutdown).await;
+    telemetry.shutdown();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "worker failed");
