@@ -15,6 +15,7 @@ use kiln_proto::now_millis;
 use serde_json::json;
 use sha2::Sha256;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::config::{Secret, parse_duration};
 use crate::store::{Store, WebhookAttempt, WebhookDelivery};
@@ -214,7 +215,9 @@ async fn deliver(store: &dyn Store, http: &reqwest::Client, key: &[u8], config: 
             .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok());
         json!({ "type": d.event, "timestamp": timestamp, "data": record }).to_string()
     });
-    let (status, retry_after, why) = match post(http, key, config, &url, &d, &body).await {
+    let span = tracing::info_span!("webhook.deliver", delivery = %d.id, job_id = %d.job, event = %d.event, attempt = d.attempts + 1);
+    crate::telemetry::set_parent(&span, record.traceparent.as_deref());
+    let (status, retry_after, why) = match post(http, key, config, &url, &d, &body).instrument(span).await {
         Ok((status, retry_after)) => (Some(status), retry_after, format!("HTTP {status}")),
         Err(why) => (None, None, why),
     };
@@ -230,6 +233,12 @@ async fn deliver(store: &dyn Store, http: &reqwest::Client, key: &[u8], config: 
         now + jittered.max(retry_after.unwrap_or_default()).as_millis() as i64
     });
     let attempt = WebhookAttempt { body, status, ok, at: now, retry_at };
+    let outcome = match (&attempt.ok, &attempt.retry_at) {
+        (true, _) => "delivered",
+        (false, Some(_)) => "retried",
+        (false, None) => "gave_up",
+    };
+    metrics::counter!("kiln_gateway_webhook_deliveries_total", "outcome" => outcome).increment(1);
     match (&attempt.ok, &attempt.retry_at) {
         (true, _) => tracing::debug!(target: "kiln::webhooks", delivery = %d.id, attempts, "webhook delivered"),
         (false, Some(at)) => {

@@ -91,6 +91,10 @@ pub struct JobRecord {
     /// Where and how its events are delivered, when a webhook was given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub webhook: Option<WebhookState>,
+    /// The W3C trace context the job was accepted under, so later work on it (the webhook
+    /// deliveries) joins the same trace. Internal: not part of the API.
+    #[serde(skip)]
+    pub traceparent: Option<String>,
 }
 
 /// A job's webhook and the state of its deliveries.
@@ -167,6 +171,7 @@ impl JobRecord {
             metadata,
             deadline_at: None,
             webhook: None,
+            traceparent: None,
         }
     }
 

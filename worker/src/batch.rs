@@ -17,6 +17,7 @@ use crate::events;
 use crate::images::{self, Produced};
 use crate::inference::ImageWork;
 use crate::lease::guarded;
+use tracing::Instrument;
 
 pub struct Job {
     pub id: JobId,
@@ -32,6 +33,10 @@ pub struct Job {
     pub texts: Vec<String>,
     /// An image job's work.
     pub images: Option<ImageWork>,
+    /// This run of the job, a child of the span that published it (the HTTP request).
+    pub span: tracing::Span,
+    /// When this run started.
+    pub started: std::time::Instant,
 }
 
 /// Runs one batch to the end. Returns whether the store failed (the caller backs off).
@@ -53,18 +58,24 @@ pub async fn process(ctx: &Ctx, batch: Vec<Delivery>) -> bool {
         // Image jobs run one after the other, each a batch of images of its own.
         for mut job in jobs {
             let work = job.images.take().expect("admitted image jobs carry their work");
-            let id = job.id;
+            let (id, span) = (job.id, job.span.clone());
             let mut one = [job];
-            let result = guarded(images::run(ctx, id, work), &mut one, &ctx.backend, &ctx.owner, ctx.lease).await;
+            let run = images::run(ctx, id, work).instrument(span.clone());
+            let result = guarded(run, &mut one, &ctx.backend, &ctx.owner, ctx.lease).await;
             let [job] = one;
-            store_trouble |= settle(ctx, job, result).await;
+            store_trouble |= settle(ctx, job, result).instrument(span).await;
         }
         events::batch_done(&ctx.spec.name, 1, 0, started.elapsed());
         return store_trouble;
     }
     let text_count: usize = jobs.iter().map(|j| j.texts.len()).sum();
     let all: Vec<String> = jobs.iter().flat_map(|j| j.texts.iter().cloned()).collect();
-    let whole = guarded(ctx.infer.embed(all), &mut jobs, &ctx.backend, &ctx.owner, ctx.lease).await;
+    // The batch's inference joins the trace of its first job and points at the others'.
+    let span = tracing::info_span!(parent: &jobs[0].span, "inference", model = %ctx.spec.name, jobs = jobs.len(), texts = text_count);
+    for j in &jobs[1..] {
+        span.follows_from(&j.span);
+    }
+    let whole = guarded(ctx.infer.embed(all).instrument(span), &mut jobs, &ctx.backend, &ctx.owner, ctx.lease).await;
     let results: Vec<Result<Vec<Vec<f32>>, Failure>> = match whole {
         Ok(vectors) => {
             let mut it = vectors.into_iter();
@@ -82,8 +93,11 @@ pub async fn process(ctx: &Ctx, batch: Vec<Delivery>) -> bool {
         }
     };
     let results = results.into_iter().map(|r| r.map(|vectors| Produced::Output(success(vectors))));
-    let settled =
-        futures::future::join_all(jobs.into_iter().zip(results).map(|(job, result)| settle(ctx, job, result))).await;
+    let settled = futures::future::join_all(jobs.into_iter().zip(results).map(|(job, result)| {
+        let span = job.span.clone();
+        settle(ctx, job, result).instrument(span)
+    }))
+    .await;
     events::batch_done(&ctx.spec.name, settled.len(), text_count, started.elapsed());
     store_trouble || settled.into_iter().any(|trouble| trouble)
 }
@@ -105,7 +119,9 @@ async fn admit(ctx: &Ctx, delivery: Delivery) -> Admitted {
         }
     };
     let id = envelope.id;
-    let mut start = store.start(id, now_millis()).await;
+    let span = tracing::info_span!("job", job_id = %id, model = %envelope.model, attempt = tracing::field::Empty);
+    kiln_common::telemetry::set_parent(&span, delivery.traceparent.as_deref());
+    let mut start = store.start(id, now_millis()).instrument(span.clone()).await;
     if let Ok(Start::Missing) = start {
         // Accepted, but its record is gone (expired, or lost by the store): run it all the same.
         let record = JobRecord::queued(id, envelope.model.clone(), envelope.created_at, None);
@@ -118,6 +134,8 @@ async fn admit(ctx: &Ctx, delivery: Delivery) -> Admitted {
         Ok(Start::Started { attempt }) => attempt,
         Ok(skip @ (Start::Expired | Start::AlreadyTerminal(_) | Start::Withdrawn | Start::Missing)) => {
             events::skipped(id, &skip);
+            let outcome = if skip == Start::Expired { "expired" } else { "skipped" };
+            events::job_outcome(&ctx.spec, outcome, None);
             let _ = delivery.ack().await;
             return Admitted::Settled;
         }
@@ -127,9 +145,24 @@ async fn admit(ctx: &Ctx, delivery: Delivery) -> Admitted {
             return Admitted::StoreDown;
         }
     };
+    span.record("attempt", attempt);
+    if attempt == 1 {
+        events::queue_wait(&ctx.spec, envelope.created_at);
+    }
     let body = delivery.body.clone();
-    let mut job =
-        Job { id, envelope, body, delivery: Some(delivery), leased: false, attempt, texts: Vec::new(), images: None };
+    let mut job = Job {
+        id,
+        envelope,
+        body,
+        delivery: Some(delivery),
+        leased: false,
+        attempt,
+        texts: Vec::new(),
+        images: None,
+        span,
+        started: std::time::Instant::now(),
+    };
+    events::in_flight(&ctx.spec, 1.0);
     if attempt > ctx.retry.max_attempts {
         let trouble = settle(ctx, job, Err(Failure::Abandoned { starts: attempt - 1 })).await;
         return if trouble { Admitted::StoreDown } else { Admitted::Settled };
@@ -174,12 +207,16 @@ fn success(embeddings: Vec<Vec<f32>>) -> String {
 /// Settles one job and then its message. Returns whether the store or broker failed, in which
 /// case the job is handed back (its message requeued, or its lease left to lapse).
 async fn settle(ctx: &Ctx, mut job: Job, result: Result<Produced, Failure>) -> bool {
+    events::in_flight(&ctx.spec, -1.0);
     let id = job.id;
     let ok = result.is_ok();
     let outcome = match result {
         Ok(Produced::Output(output)) => Outcome::Succeeded(output),
         // Canceled while running: the record is terminal already; the message is done with.
-        Ok(Produced::Stopped) => return ack(job).await,
+        Ok(Produced::Stopped) => {
+            events::job_outcome(&ctx.spec, "canceled", Some(&job));
+            return ack(job).await;
+        }
         Err(failure) => match dispose(failure, id, job.attempt, &ctx.retry) {
             Disposition::Fail(error) => {
                 events::job_failed(id, &error.message);
@@ -194,7 +231,7 @@ async fn settle(ctx: &Ctx, mut job: Job, result: Result<Produced, Failure>) -> b
                     return hand_back(job, &e).await;
                 }
                 let _ = ctx.backend.store.retry(id).await;
-                events::retry_scheduled(id, job.attempt, after);
+                events::retry_scheduled(&ctx.spec, id, job.attempt, after);
                 return ack(job).await;
             }
             Disposition::DeadLetter(error) => {
@@ -209,7 +246,7 @@ async fn settle(ctx: &Ctx, mut job: Job, result: Result<Produced, Failure>) -> b
                 if let Err(e) = ctx.backend.broker.dead_letter(body).await {
                     return hand_back(job, &e).await;
                 }
-                events::dead_lettered(id, &error.message);
+                events::dead_lettered(&ctx.spec, id, &error.message);
                 Outcome::Failed(error)
             }
         },
@@ -217,6 +254,7 @@ async fn settle(ctx: &Ctx, mut job: Job, result: Result<Produced, Failure>) -> b
     match ctx.backend.store.finish(id, &outcome, now_millis()).await {
         Ok(Transition::Applied) => {
             events::run_completed(id, job.attempt, ok, true);
+            events::job_outcome(&ctx.spec, if ok { "succeeded" } else { "failed" }, Some(&job));
             if let (Outcome::Succeeded(output), Some(key)) = (&outcome, &job.envelope.cache_key)
                 && let Err(e) = ctx.backend.cache.put(key, output).await
             {

@@ -43,11 +43,13 @@ pub fn job_failed(id: JobId, error: &dyn Display) {
     tracing::warn!(target: "kiln::worker", job_id = %id, %error, "job failed");
 }
 
-pub fn retry_scheduled(id: JobId, attempt: u32, after: Duration) {
+pub fn retry_scheduled(spec: &ModelSpec, id: JobId, attempt: u32, after: Duration) {
+    metrics::counter!("kiln_worker_retries_total", "model" => spec.name.to_string()).increment(1);
     tracing::warn!(target: "kiln::worker", job_id = %id, attempt, after_ms = after.as_millis() as u64, "job will be retried");
 }
 
-pub fn dead_lettered(id: JobId, error: &dyn Display) {
+pub fn dead_lettered(spec: &ModelSpec, id: JobId, error: &dyn Display) {
+    metrics::counter!("kiln_worker_dead_letters_total", "model" => spec.name.to_string()).increment(1);
     tracing::error!(target: "kiln::worker", job_id = %id, %error, "job given up and dead-lettered");
 }
 
@@ -88,6 +90,7 @@ pub fn cache_unavailable(error: &dyn Display) {
 }
 
 pub fn batch_gathered(model: &ModelName, jobs: usize) {
+    metrics::histogram!("kiln_worker_batch_size", "model" => model.to_string()).record(jobs as f64);
     tracing::debug!(target: "kiln::worker", %model, jobs, "batch gathered");
 }
 
@@ -105,4 +108,30 @@ pub fn progress_refused(id: JobId, found: &str) {
 
 pub fn progress_unavailable(id: JobId, error: &dyn Display) {
     tracing::warn!(target: "kiln::worker", job_id = %id, %error, "progress not recorded: store unavailable; the job goes on");
+}
+
+/// A job run ended (`succeeded`, `failed`, `canceled`) or a delivery was not run (`expired`,
+/// `skipped`); for runs, also how long it ran and how long since it was submitted.
+pub fn job_outcome(spec: &ModelSpec, outcome: &'static str, run: Option<&crate::batch::Job>) {
+    let (model, task) = (spec.name.to_string(), spec.task.as_str());
+    metrics::counter!("kiln_worker_jobs_total", "model" => model.clone(), "task" => task, "outcome" => outcome)
+        .increment(1);
+    if let Some(job) = run {
+        metrics::histogram!("kiln_worker_run_duration_seconds", "model" => model.clone(), "task" => task)
+            .record(job.started.elapsed());
+        let e2e = (kiln_proto::now_millis() - job.envelope.created_at).max(0) as f64 / 1e3;
+        metrics::histogram!("kiln_worker_end_to_end_seconds", "model" => model, "task" => task).record(e2e);
+    }
+}
+
+/// Time a job waited in the queue before its first start.
+pub fn queue_wait(spec: &ModelSpec, created_at: kiln_proto::UnixMillis) {
+    let waited = (kiln_proto::now_millis() - created_at).max(0) as f64 / 1e3;
+    metrics::histogram!("kiln_worker_queue_wait_seconds", "model" => spec.name.to_string(), "task" => spec.task.as_str())
+        .record(waited);
+}
+
+/// Jobs of a model between start and settle on this worker.
+pub fn in_flight(spec: &ModelSpec, delta: f64) {
+    metrics::gauge!("kiln_worker_in_flight_jobs", "model" => spec.name.to_string()).increment(delta);
 }

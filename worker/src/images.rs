@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 
 use kiln_proto::{ImageOutput, JobId, OutputFile};
 
+use tracing::Instrument;
+
 use crate::consumer::Ctx;
 use crate::errors::Failure;
 use crate::events;
@@ -48,7 +50,8 @@ pub async fn run(ctx: &Ctx, id: JobId, work: ImageWork) -> Result<Produced, Fail
     if first > 0 {
         events::images_resumed(id, first, count);
     }
-    let mut run = ctx.infer.images(work, first).await?;
+    let inference = tracing::info_span!("inference", model = %ctx.spec.name, images = count - first);
+    let mut run = ctx.infer.images(work, first).instrument(inference).await?;
     let total = count * steps;
     let mut last_step_write = Instant::now();
     let mut stopped = false;

@@ -194,7 +194,13 @@ impl AmqpBroker {
     /// One persistent, mandatory, confirmed publish.
     async fn confirmed(&self, exchange: &str, routing_key: &str, body: &[u8]) -> Result<(), BrokerError> {
         let ch = self.publisher().await?;
-        let props = BasicProperties::default().with_delivery_mode(2).with_content_type("application/json".into());
+        let mut props = BasicProperties::default().with_delivery_mode(2).with_content_type("application/json".into());
+        // The W3C trace context of the publishing span, for the consumer to continue the trace.
+        if let Some(tp) = crate::telemetry::current_traceparent() {
+            let mut headers = FieldTable::default();
+            headers.insert("traceparent".into(), AMQPValue::LongString(tp.into()));
+            props = props.with_headers(headers);
+        }
         let opts = BasicPublishOptions { mandatory: true, ..Default::default() };
         let confirm = async { ch.basic_publish(exchange.into(), routing_key.into(), opts, body, props).await?.await };
         let outcome = match tokio::time::timeout(self.config.confirm_timeout, confirm).await {
@@ -230,7 +236,10 @@ impl AmqpBroker {
         let alive = guard.clone();
         let stream = consumer.map(move |d| {
             let _keep = &guard;
-            d.map_err(BrokerError::from).map(|d| Delivery::new(d.data, d.redelivered, Box::new(AmqpAcker(d.acker))))
+            d.map_err(BrokerError::from).map(|d| {
+                let traceparent = traceparent(&d.properties);
+                Delivery::new(d.data, d.redelivered, Box::new(AmqpAcker(d.acker))).with_traceparent(traceparent)
+            })
         });
         let closing = alive.clone();
         Ok(Deliveries::new(stream.boxed(), move || alive.0.status().connected()).with_closer(move || {
@@ -292,6 +301,14 @@ impl Broker for AmqpBroker {
 
     fn kind(&self) -> &'static str {
         "rabbitmq"
+    }
+}
+
+fn traceparent(props: &BasicProperties) -> Option<String> {
+    match props.headers().as_ref()?.inner().get("traceparent")? {
+        AMQPValue::LongString(s) => Some(s.to_string()),
+        AMQPValue::ShortString(s) => Some(s.to_string()),
+        _ => None,
     }
 }
 

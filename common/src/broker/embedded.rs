@@ -38,6 +38,8 @@ struct QueueState {
 struct Message {
     body: Vec<u8>,
     redelivered: bool,
+    /// The publishing span's trace context, as RabbitMQ carries it in a header.
+    traceparent: Option<String>,
 }
 
 impl EmbeddedBroker {
@@ -67,16 +69,17 @@ impl Broker for EmbeddedBroker {
     }
 
     async fn publish(&self, model: &ModelName, body: Vec<u8>) -> Result<(), BrokerError> {
-        self.queue(model).push(body, self.max_queue_len, model.as_str())
+        self.queue(model).push(body, crate::telemetry::current_traceparent(), self.max_queue_len, model.as_str())
     }
 
     async fn publish_delayed(&self, model: &ModelName, body: Vec<u8>, delay: Duration) -> Result<(), BrokerError> {
         let queue = self.queue(model);
         let (max, name, delay) = (self.max_queue_len, model.to_string(), super::delay_step(delay));
+        let traceparent = crate::telemetry::current_traceparent();
         // Held by a timer task; like everything in the embedded broker, it lives as long as the process.
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
-            if let Err(e) = queue.push(body, max, &name) {
+            if let Err(e) = queue.push(body, traceparent, max, &name) {
                 tracing::error!(error = %e, "delayed message dropped");
             }
         });
@@ -88,7 +91,7 @@ impl Broker for EmbeddedBroker {
     }
 
     async fn dead_letter(&self, body: Vec<u8>) -> Result<(), BrokerError> {
-        self.dead_letters.push(body, self.max_queue_len, "dead letters")
+        self.dead_letters.push(body, None, self.max_queue_len, "dead letters")
     }
 
     async fn consume_dead_letters(&self, prefetch: u16) -> Result<Deliveries, BrokerError> {
@@ -114,13 +117,13 @@ impl Queue {
         Arc::new(Queue { state: Mutex::new(QueueState::default()), notify: Notify::new() })
     }
 
-    fn push(&self, body: Vec<u8>, max: usize, name: &str) -> Result<(), BrokerError> {
+    fn push(&self, body: Vec<u8>, traceparent: Option<String>, max: usize, name: &str) -> Result<(), BrokerError> {
         {
             let mut s = self.state.lock().expect("queue lock");
             if s.ready.len() + s.unacked.len() >= max {
                 return Err(BrokerError::Rejected(format!("queue {name} is full ({max} messages)")));
             }
-            s.ready.push_back(Message { body, redelivered: false });
+            s.ready.push_back(Message { body, redelivered: false, traceparent });
         }
         self.notify.notify_waiters();
         Ok(())
@@ -172,10 +175,10 @@ impl ConsumerGuard {
         s.next_tag += 1;
         let tag = s.next_tag;
         *s.in_flight.entry(self.id).or_default() += 1;
-        let (body, redelivered) = (msg.body.clone(), msg.redelivered);
+        let (body, redelivered, traceparent) = (msg.body.clone(), msg.redelivered, msg.traceparent.clone());
         s.unacked.insert(tag, (self.id, msg));
         let acker = EmbeddedAcker { queue: Arc::downgrade(&self.queue), tag };
-        Some(Delivery::new(body, redelivered, Box::new(acker)))
+        Some(Delivery::new(body, redelivered, Box::new(acker)).with_traceparent(traceparent))
     }
 }
 
@@ -186,7 +189,7 @@ impl Drop for ConsumerGuard {
         let mut held: Vec<(u64, Message)> = Vec::new();
         s.unacked.retain(|tag, (owner, msg)| {
             if *owner == self.id {
-                held.push((*tag, std::mem::replace(msg, Message { body: Vec::new(), redelivered: true })));
+                held.push((*tag, std::mem::replace(msg, Message { body: Vec::new(), redelivered: true, traceparent: None })));
                 false
             } else {
                 true

@@ -30,12 +30,19 @@ pub struct Delivery {
     pub body: Vec<u8>,
     /// Set when the message was delivered before and not acknowledged.
     pub redelivered: bool,
+    /// The W3C trace context the message was published under, if any.
+    pub traceparent: Option<String>,
     acker: Box<dyn Acknowledge>,
 }
 
 impl Delivery {
     pub fn new(body: Vec<u8>, redelivered: bool, acker: Box<dyn Acknowledge>) -> Self {
-        Self { body, redelivered, acker }
+        Self { body, redelivered, traceparent: None, acker }
+    }
+
+    pub fn with_traceparent(mut self, traceparent: Option<String>) -> Self {
+        self.traceparent = traceparent;
+        self
     }
 
     /// Settles the message as done.

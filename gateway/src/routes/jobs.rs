@@ -149,6 +149,7 @@ async fn accept(state: &AppState, id: JobId, s: Submission) -> Result<JobRecord,
     let mut record = JobRecord::queued(id, s.spec_name.clone(), created_at, s.metadata);
     record.deadline_at = deadline;
     record.webhook = s.webhook;
+    record.traceparent = kiln_common::telemetry::current_traceparent();
     let mut envelope = Envelope::new(id, s.spec_name.clone(), s.input, created_at, deadline);
     envelope.cache_key = s.cache_key.clone();
     let payload = serde_json::to_vec(&envelope).map_err(|e| ApiError::Internal(format!("encoding envelope: {e}")))?;

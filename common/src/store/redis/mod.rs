@@ -208,6 +208,9 @@ fn record_fields(inv: &mut redis::ScriptInvocation<'_>, r: &JobRecord) {
         if let Some(d) = r.deadline_at {
             inv.arg("deadline").arg(d);
         }
+        if let Some(tp) = &r.traceparent {
+            inv.arg("traceparent").arg(tp);
+        }
         if let Some(w) = &r.webhook {
             inv.arg("webhook_url").arg(&w.url).arg("webhook_events").arg(w.events.join(","));
         }
@@ -505,6 +508,7 @@ fn decode(id: JobId, f: &HashMap<String, String>) -> Result<JobRecord, String> {
         metadata: json("metadata")?,
         deadline_at: millis("deadline")?,
         webhook,
+        traceparent: f.get("traceparent").cloned(),
     };
     record.derive_metrics();
     Ok(record)
