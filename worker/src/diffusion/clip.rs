@@ -182,6 +182,21 @@ mod tests {
     }
 
     #[test]
+    fn a_tokenizer_json_is_used_when_present() {
+        let dir = tempdir::Dir::new("clip-json");
+        write_tiny_stable_diffusion(dir.path(), &TinySdOptions::default()).expect("write export");
+        let tok_dir = dir.path().join("tokenizer");
+        let built = clip_bpe(&tok_dir.join("vocab.json"), &tok_dir.join("merges.txt")).expect("build");
+        built.save(tok_dir.join("tokenizer.json"), false).expect("save tokenizer.json");
+        std::fs::remove_file(tok_dir.join("vocab.json")).expect("remove vocab");
+        std::fs::remove_file(tok_dir.join("merges.txt")).expect("remove merges");
+        let tok = PromptTokenizer::load(&tok_dir, 10).expect("tokenizer from tokenizer.json");
+        let mut expected = vec![id(BOS), id("photo</w>"), id("dog</w>"), id(EOS)];
+        expected.resize(10, id(EOS));
+        assert_eq!(tok.encode("Photo DOG").expect("encode"), expected);
+    }
+
+    #[test]
     fn pad_token_comes_from_the_special_tokens_map() {
         let dir = tempdir::Dir::new("clip-pad");
         write_tiny_stable_diffusion(dir.path(), &TinySdOptions::default()).expect("write export");

@@ -17,7 +17,7 @@ pub struct SchedulerConfig {
     pub beta_end: f64,
     pub beta_schedule: BetaSchedule,
     pub trained_betas: Option<Vec<f64>>,
-    pub prediction_type: Prediction,
+    pub prediction_type: PredictionType,
     pub timestep_spacing: Spacing,
     pub steps_offset: usize,
     /// DDIM: the "previous" alpha of the last step is 1 instead of `alphas_cumprod[0]`.
@@ -46,7 +46,7 @@ impl Default for SchedulerConfig {
             beta_end: 0.012,
             beta_schedule: BetaSchedule::ScaledLinear,
             trained_betas: None,
-            prediction_type: Prediction::Epsilon,
+            prediction_type: PredictionType::Epsilon,
             timestep_spacing: Spacing::Leading,
             steps_offset: 1,
             set_alpha_to_one: false,
@@ -76,7 +76,7 @@ pub enum BetaSchedule {
 /// What the UNet predicts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Prediction {
+pub enum PredictionType {
     Epsilon,
     VPrediction,
     Sample,
@@ -162,7 +162,7 @@ impl SchedulerConfig {
 #[derive(Debug, Clone)]
 pub struct Schedule {
     kind: SchedulerKind,
-    prediction: Prediction,
+    prediction: PredictionType,
     clip: Option<f64>,
     /// The timestep fed to the UNet at each step (fractional for Euler with linspace spacing).
     timesteps: Vec<f64>,
@@ -254,9 +254,9 @@ impl Schedule {
                 for (x, &out) in sample.iter_mut().zip(model_output) {
                     let (xt, out) = (f64::from(*x), f64::from(out));
                     let (mut x0, eps) = match self.prediction {
-                        Prediction::Epsilon => ((xt - sb * out) / sa, out),
-                        Prediction::VPrediction => (sa * xt - sb * out, sa * out + sb * xt),
-                        Prediction::Sample => (out, (xt - sa * out) / sb),
+                        PredictionType::Epsilon => ((xt - sb * out) / sa, out),
+                        PredictionType::VPrediction => (sa * xt - sb * out, sa * out + sb * xt),
+                        PredictionType::Sample => (out, (xt - sa * out) / sb),
                     };
                     if let Some(r) = self.clip {
                         x0 = x0.clamp(-r, r);
@@ -271,9 +271,9 @@ impl Schedule {
                 for (x, &out) in sample.iter_mut().zip(model_output) {
                     let (xt, out) = (f64::from(*x), f64::from(out));
                     let x0 = match self.prediction {
-                        Prediction::Epsilon => xt - sigma * out,
-                        Prediction::VPrediction => out * (-sigma / norm) + xt / (sigma * sigma + 1.0),
-                        Prediction::Sample => out,
+                        PredictionType::Epsilon => xt - sigma * out,
+                        PredictionType::VPrediction => out * (-sigma / norm) + xt / (sigma * sigma + 1.0),
+                        PredictionType::Sample => out,
                     };
                     let derivative = (xt - x0) / sigma;
                     *x = (xt + derivative * dt) as f32;
