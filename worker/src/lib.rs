@@ -4,6 +4,7 @@
 mod batch;
 pub mod config;
 mod consumer;
+pub mod diffusion;
 mod embedding;
 mod errors;
 mod events;

@@ -5,6 +5,7 @@ use std::fmt::Debug;
 use std::future::Future;
 use std::time::Duration;
 
+pub mod onnx;
 pub mod servers;
 
 use crate::Backend;
