@@ -45,7 +45,9 @@ pub fn init(args: &TelemetryArgs, service: &str) -> Telemetry {
     let filter = EnvFilter::try_new(&args.log).unwrap_or_else(|_| EnvFilter::new("info"));
     let fmt = match args.log_format {
         LogFormat::Text => tracing_subscriber::fmt::layer().with_writer(std::io::stderr).boxed(),
-        LogFormat::Json => tracing_subscriber::fmt::layer().json().flatten_event(true).with_writer(std::io::stderr).boxed(),
+        LogFormat::Json => {
+            tracing_subscriber::fmt::layer().json().flatten_event(true).with_writer(std::io::stderr).boxed()
+        }
     };
     let provider = args.otlp_endpoint.as_deref().and_then(|endpoint| {
         let name = args.otel_service_name.clone().unwrap_or_else(|| service.to_owned());
@@ -69,10 +71,8 @@ pub fn init(args: &TelemetryArgs, service: &str) -> Telemetry {
 
 fn tracer_provider(endpoint: &str, service: &str) -> Result<SdkTracerProvider, String> {
     let runtime = tokio::runtime::Handle::try_current().map_err(|_| "not inside the tokio runtime".to_owned())?;
-    let client = reqwest::Client::builder()
-        .timeout(std::time::Duration::from_secs(10))
-        .build()
-        .map_err(|e| e.to_string())?;
+    let client =
+        reqwest::Client::builder().timeout(std::time::Duration::from_secs(10)).build().map_err(|e| e.to_string())?;
     let endpoint = endpoint.trim_end_matches('/');
     let url = if endpoint.ends_with("/v1/traces") { endpoint.to_owned() } else { format!("{endpoint}/v1/traces") };
     let exporter = opentelemetry_otlp::SpanExporter::builder()
@@ -100,7 +100,8 @@ impl HttpClient for TokioHttp {
         let client = self.client.clone();
         let (parts, body) = request.into_parts();
         let send = async move {
-            let resp = client.request(parts.method, parts.uri.to_string()).headers(parts.headers).body(body).send().await?;
+            let resp =
+                client.request(parts.method, parts.uri.to_string()).headers(parts.headers).body(body).send().await?;
             let (status, headers) = (resp.status(), resp.headers().clone());
             let body = resp.bytes().await?;
             let mut out = http::Response::new(body);

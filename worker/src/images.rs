@@ -54,6 +54,9 @@ pub async fn run(ctx: &Ctx, id: JobId, work: ImageWork) -> Result<Produced, Fail
     let mut run = ctx.infer.images(work, first).instrument(inference).await?;
     let total = count * steps;
     let mut last_step_write = Instant::now();
+    // The last progress step written: an image's own progress is skipped when its last
+    // denoising step already said the same.
+    let mut written = 0;
     let mut stopped = false;
     loop {
         let Some(update) = run.updates.recv().await else {
@@ -64,6 +67,7 @@ pub async fn run(ctx: &Ctx, id: JobId, work: ImageWork) -> Result<Produced, Fail
                 let due = done == total || last_step_write.elapsed() >= STEP_PROGRESS_EVERY;
                 let go_on = !due || {
                     last_step_write = Instant::now();
+                    written = done;
                     still_running(ctx, id, done, total).await
                 };
                 stopped |= !go_on;
@@ -79,7 +83,11 @@ pub async fn run(ctx: &Ctx, id: JobId, work: ImageWork) -> Result<Produced, Fail
                     }
                 };
                 files.push(output_file(id, index, seed, (width, height), meta));
-                let go_on = still_running(ctx, id, (index + 1) * steps, total).await;
+                let step = (index + 1) * steps;
+                let go_on = step == written || {
+                    written = step;
+                    still_running(ctx, id, step, total).await
+                };
                 stopped |= !go_on;
                 run.proceed(go_on);
             }

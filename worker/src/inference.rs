@@ -8,10 +8,11 @@
 use std::sync::mpsc as sync_mpsc;
 
 use kiln_common::models::{ExecutionProvider, ModelSpec};
-use kiln_proto::{ImageGenerationInput, TextToImageInput};
+use kiln_proto::{ImageGenerationInput, Scheduler, TextToImageInput};
 use tokio::sync::{mpsc, oneshot};
 use tracing::Span;
 
+use crate::diffusion::{DiffusionPipeline, DiffusionRequest, SchedulerKind};
 use crate::embedding::{EmbeddingPipeline, PipelineError};
 use crate::terrain::TerrainPipeline;
 
@@ -19,6 +20,7 @@ use crate::terrain::TerrainPipeline;
 pub enum Pipeline {
     Embedding(Box<EmbeddingPipeline>),
     Terrain(TerrainPipeline),
+    Diffusion(Box<DiffusionPipeline>),
 }
 
 /// The images of one job.
@@ -133,6 +135,34 @@ fn run_images(
                 let field = p.heights(seed, input.difficulty)?;
                 let png = field.resample(input.width as usize, input.height as usize).png(input.colormap);
                 let image = Update::Image { index, seed, width: input.width, height: input.height, png };
+                if !report(image) {
+                    break;
+                }
+            }
+            Ok(())
+        }
+        (Pipeline::Diffusion(p), ImageWork::TextToImage(input)) => {
+            let total = input.count * input.steps;
+            for index in first..input.count {
+                let seed = input.seed.wrapping_add(u64::from(index));
+                let req = DiffusionRequest {
+                    prompt: &input.prompt,
+                    negative_prompt: &input.negative_prompt,
+                    steps: input.steps,
+                    guidance_scale: input.guidance_scale,
+                    scheduler: match input.scheduler {
+                        Scheduler::Euler => SchedulerKind::Euler,
+                        Scheduler::Ddim => SchedulerKind::Ddim,
+                    },
+                    seed,
+                    width: input.width,
+                    height: input.height,
+                };
+                let base = index * input.steps;
+                let mut on_step = |done: u32, _: u32| report(Update::Step { done: base + done, total });
+                let Some(image) = p.generate(&req, &mut on_step)? else { break };
+                let png = crate::render::rgb_png(image.width as usize, image.height as usize, &image.pixels);
+                let image = Update::Image { index, seed, width: image.width, height: image.height, png };
                 if !report(image) {
                     break;
                 }

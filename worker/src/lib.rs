@@ -86,7 +86,12 @@ pub fn load_model(
                 terrain::TerrainPipeline::new(loaded.session, spec.consistency.clone()).map_err(model_err)?;
             spawn(spec, Pipeline::Terrain(pipeline), loaded.provider, threads)
         }
-        Task::TextToImage => Err(model_err("text-to-image is not wired yet".into())),
+        Task::TextToImage => {
+            let dir = spec.dir(cache_dir);
+            let (pipeline, provider) =
+                diffusion::DiffusionPipeline::load(&dir, env, &spec.execution_providers, threads).map_err(model_err)?;
+            spawn(spec, Pipeline::Diffusion(Box::new(pipeline)), provider, threads)
+        }
     }
 }
 

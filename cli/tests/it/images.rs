@@ -1,7 +1,9 @@
 //! Image generation with the real terrain model, on both backends: outputs served with their
 //! content type, length and ETag, determinism by seed (image i of seed s is image 0 of seed s+i),
 //! PNGs that decode at the requested size, per-image progress over SSE, cancellation between
-//! images, and input errors naming their field.
+//! images, and input errors naming their field; and a Stable-Diffusion-style export (generated
+//! tiny graphs with the real signatures) dropped into a model folder serving text-to-image jobs
+//! with per-step progress and cancellation.
 
 use std::time::Duration;
 
@@ -17,6 +19,7 @@ kiln_common::both_backends!(
     terrain_images_are_served_with_etags_and_reproducible_by_seed,
     progress_streams_per_image_and_cancel_stops_before_the_next_image,
     bad_image_inputs_name_their_field,
+    text_to_image_runs_a_dropped_in_diffusion_export,
 );
 
 const T: Duration = Duration::from_secs(180);
@@ -27,12 +30,7 @@ fn image_worker(env: &Env) -> Worker {
 
 /// Submits, waits for the job to finish and insists it succeeded.
 async fn generate(gw: &Gateway, input: Value) -> Value {
-    let r = gw.submit(&json!({ "model": TERRAIN, "input": input })).await;
-    assert_eq!(r.status, 202, "{}", r.body);
-    let id: JobId = r.body["id"].as_str().unwrap().parse().unwrap();
-    let job = gw.finished(id, T).await;
-    assert_eq!(job["status"], "succeeded", "{job}");
-    job
+    generate_with(gw, TERRAIN, input).await
 }
 
 /// Downloads a listed file, checking headers against the listing; returns the bytes.
@@ -171,4 +169,94 @@ async fn bad_image_inputs_name_their_field(kind: Kind) {
     assert_eq!(terrain["task"], "image-generation");
     assert_eq!(terrain["input_schema"]["properties"]["difficulty"]["maximum"], 100);
     gw.stop().await;
+}
+
+/// A model repository holding one tiny Stable-Diffusion-style export, `tiny-sd`.
+struct DiffusionRepo(std::path::PathBuf);
+
+impl DiffusionRepo {
+    fn new() -> Self {
+        let dir = std::env::temp_dir().join(format!("kiln-sd-{}", kiln_common::testing::unique_prefix()));
+        let model = dir.join("tiny-sd");
+        kiln_common::testing::onnx::write_tiny_stable_diffusion(&model, &Default::default()).unwrap();
+        let toml = "task = \"text-to-image\"\nversion = \"1\"\nmax_batch = 1\nexecution_providers = [\"cpu\"]\n\
+                    [files]\n[limits]\ndefault_width = 64\ndefault_height = 64\n";
+        std::fs::write(model.join("kiln.toml"), toml).unwrap();
+        Self(dir)
+    }
+}
+
+impl Drop for DiffusionRepo {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+async fn text_to_image_runs_a_dropped_in_diffusion_export(kind: Kind) {
+    let repo = DiffusionRepo::new();
+    let mut env = Env::new(kind);
+    env.repo = kiln_common::models::ModelRepository::load(&repo.0).unwrap();
+    let gw = env.gateway().await;
+    let worker = env.worker_with(WorkerConfig {
+        models: vec!["tiny-sd".into()],
+        intra_threads: Some(1),
+        ..WorkerConfig::default()
+    });
+    let input = json!({ "prompt": "a small red kiln", "steps": 4, "count": 2, "width": 64, "height": 48, "scheduler": "ddim", "seed": 3 });
+    let r = gw.submit(&json!({ "model": "tiny-sd", "input": input })).await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let id: JobId = r.body["id"].as_str().unwrap().parse().unwrap();
+    let events = SseClient::open(&gw, id, None).await.rest().await;
+    let progress: Vec<(u64, u64)> = events
+        .iter()
+        .filter(|e| e.event == "progress")
+        .map(|e| (e.data["step"].as_u64().unwrap(), e.data["total"].as_u64().unwrap()))
+        .collect();
+    assert!(progress.iter().all(|&(_, total)| total == 8), "steps count over both images: {progress:?}");
+    assert!(progress.windows(2).all(|w| w[0].0 < w[1].0), "progress only moves forward: {progress:?}");
+    assert_eq!(progress.last(), Some(&(8, 8)), "{progress:?}");
+    let job = gw.job(id).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let files = job["output"]["files"].as_array().unwrap();
+    assert_eq!(files.len(), 2);
+    for file in files {
+        let info = decode(&download(&gw, file).await);
+        assert_eq!((info.width, info.height, info.color_type), (64, 48, png::ColorType::Rgb));
+    }
+    assert_ne!(files[0]["sha256"], files[1]["sha256"], "seeds 3 and 4 differ");
+    let again = generate_with(
+        &gw,
+        "tiny-sd",
+        json!({ "prompt": "a small red kiln", "steps": 4, "width": 64, "height": 48, "scheduler": "ddim", "seed": 4 }),
+    )
+    .await;
+    assert_eq!(again["output"]["files"][0]["sha256"], files[1]["sha256"], "image 1 of seed 3 is image 0 of seed 4");
+    let bad = gw.submit(&json!({ "model": "tiny-sd", "input": { "prompt": "x", "width": 60 } })).await;
+    assert_eq!(bad.status, 422, "{}", bad.body);
+    assert!(bad.body["error"]["message"].as_str().unwrap().starts_with("input.width"), "{}", bad.body);
+
+    // Cancel between steps: a long job stops soon after the cancel, short of its images.
+    let long = json!({ "prompt": "many steps", "steps": 150, "count": 64, "width": 256, "height": 256 });
+    let r = gw.submit(&json!({ "model": "tiny-sd", "input": long })).await;
+    let id: JobId = r.body["id"].as_str().unwrap().parse().unwrap();
+    let mut sse = SseClient::open(&gw, id, None).await;
+    while sse.next().await.expect("a progress event").event != "progress" {}
+    let canceled = gw.http.post(gw.url(&format!("/v1/jobs/{id}/cancel"))).send().await.unwrap();
+    assert_eq!(canceled.status(), 200);
+    sse.rest().await;
+    generate_with(&gw, "tiny-sd", json!({ "prompt": "after", "steps": 1 })).await;
+    let last = gw.get(&format!("/v1/jobs/{id}/outputs/image-63.png")).await;
+    assert_eq!(last.status, 404, "the canceled job ran to its end");
+    assert_eq!(gw.job(id).await["status"], "canceled");
+    worker.stop().await;
+    gw.stop().await;
+}
+
+async fn generate_with(gw: &Gateway, model: &str, input: Value) -> Value {
+    let r = gw.submit(&json!({ "model": model, "input": input })).await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let id: JobId = r.body["id"].as_str().unwrap().parse().unwrap();
+    let job = gw.finished(id, T).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    job
 }

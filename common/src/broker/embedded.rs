@@ -189,7 +189,10 @@ impl Drop for ConsumerGuard {
         let mut held: Vec<(u64, Message)> = Vec::new();
         s.unacked.retain(|tag, (owner, msg)| {
             if *owner == self.id {
-                held.push((*tag, std::mem::replace(msg, Message { body: Vec::new(), redelivered: true, traceparent: None })));
+                held.push((
+                    *tag,
+                    std::mem::replace(msg, Message { body: Vec::new(), redelivered: true, traceparent: None }),
+                ));
                 false
             } else {
                 true
