@@ -42,6 +42,7 @@ impl Telemetry {
 /// process named `service` (overridden by `KILN_OTEL_SERVICE_NAME`). Must run inside the tokio
 /// runtime when exporting. Later calls install nothing, which tests rely on.
 pub fn init(args: &TelemetryArgs, service: &str) -> Telemetry {
+    prometheus();
     let filter = EnvFilter::try_new(&args.log).unwrap_or_else(|_| EnvFilter::new("info"));
     let fmt = match args.log_format {
         LogFormat::Text => tracing_subscriber::fmt::layer().with_writer(std::io::stderr).boxed(),

@@ -6,8 +6,15 @@ use kiln_proto::{ErrorCode, JobId, ModelName};
 
 use crate::error::ApiError;
 
-pub fn job_accepted(id: JobId, model: &ModelName) {
+pub fn job_accepted(id: JobId, model: &ModelName, took: std::time::Duration) {
     tracing::debug!(target: "kiln::gateway", job_id = %id, %model, "job accepted");
+    metrics::counter!("kiln_gateway_jobs_submitted_total", "model" => model.to_string()).increment(1);
+    metrics::histogram!("kiln_gateway_submit_duration_seconds", "model" => model.to_string()).record(took);
+}
+
+/// A cache lookup of a submission: `hit`, `miss`, or `coalesced` onto an identical job in flight.
+pub fn cache_lookup(model: &ModelName, result: &'static str) {
+    metrics::counter!("kiln_gateway_cache_lookups_total", "model" => model.to_string(), "result" => result).increment(1);
 }
 
 pub fn request_failed(err: &ApiError, status: StatusCode, code: ErrorCode) {
@@ -33,6 +40,7 @@ pub fn job_canceled(id: JobId) {
 
 pub fn cache_hit(id: JobId, model: &ModelName) {
     tracing::debug!(target: "kiln::gateway", job_id = %id, %model, "answered from the cache");
+    cache_lookup(model, "hit");
 }
 
 pub fn coalesced(id: JobId, leader: JobId) {

@@ -34,6 +34,8 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    // Metrics recorded from here on land in the recorder `/metrics` renders.
+    kiln_common::telemetry::prometheus();
     let state = AppState::new(config, backend, Arc::new(models), shutdown.clone());
     state.declare_topology_in_background();
     if state.config.webhooks.webhook_dispatch && state.config.webhooks.webhook_secret.is_some() {

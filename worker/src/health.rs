@@ -108,7 +108,11 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     tracing::info!(target: "kiln::worker", addr = %listener.local_addr()?, "health probes listening");
-    let app = axum::Router::new().route("/healthz", get(healthz)).route("/readyz", get(readyz)).with_state(health);
+    let app = axum::Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(health);
     axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await
 }
 
@@ -136,4 +140,9 @@ mod tests {
         h.set(&m, LoopState::Connecting);
         assert!(!h.report().1);
     }
+}
+
+/// Prometheus text exposition of this process's metrics.
+async fn metrics() -> impl axum::response::IntoResponse {
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], kiln_common::telemetry::prometheus().render())
 }

@@ -8,6 +8,7 @@ pub mod diffusion;
 mod embedding;
 mod errors;
 mod events;
+mod gpu;
 mod health;
 mod images;
 mod inference;
@@ -118,6 +119,7 @@ pub async fn run(
     cache_dir: PathBuf,
     shutdown: CancellationToken,
 ) -> Result<(), WorkerError> {
+    kiln_common::telemetry::prometheus();
     let repo = repo.select(&config.models).map_err(WorkerError::Config)?;
     let dylib = {
         let (config, cache_dir) = (config.clone(), cache_dir.clone());
@@ -140,6 +142,7 @@ pub async fn run(
     let retry =
         errors::RetryPolicy { max_attempts: config.max_attempts, base: config.retry_base, max: config.retry_max };
     tokio::spawn(lease::reap(backend.clone(), owner.clone(), lease, background.clone()));
+    tokio::spawn(gpu::report(background.clone()));
     let config = Arc::new(config);
     for spec in repo.iter().cloned() {
         let infer = {

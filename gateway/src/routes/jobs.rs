@@ -118,7 +118,10 @@ async fn cached(state: &AppState, id: JobId, s: &Submission) -> Result<Option<Jo
     let Some(key) = &s.cache_key else { return Ok(None) };
     let output = match state.backend.cache.get(key).await {
         Ok(Some(output)) => output,
-        Ok(None) => return Ok(None),
+        Ok(None) => {
+            events::cache_lookup(&s.spec_name, "miss");
+            return Ok(None);
+        }
         Err(e) => {
             // The cache is an optimisation: when it is down, jobs simply run.
             events::cache_unavailable(&e);
@@ -143,6 +146,7 @@ async fn cached(state: &AppState, id: JobId, s: &Submission) -> Result<Option<Jo
 /// Records and publishes the job — or attaches it to an identical job in flight, which then
 /// completes both. Only a job the broker confirmed (or that follows one) gets an id out.
 async fn accept(state: &AppState, id: JobId, s: Submission) -> Result<JobRecord, ApiError> {
+    let began = std::time::Instant::now();
     let retry = state.config.retry_after;
     let created_at = now_millis();
     let deadline = s.deadline.map(|d| created_at + d.as_millis() as i64);
@@ -165,6 +169,7 @@ async fn accept(state: &AppState, id: JobId, s: Submission) -> Result<JobRecord,
                 .map_err(|e| ApiError::Store(e, retry))?;
             if let Coalesced::Follower(leader) = role {
                 events::coalesced(id, leader);
+                events::cache_lookup(&s.spec_name, "coalesced");
                 return Ok(record);
             }
         }
@@ -175,7 +180,7 @@ async fn accept(state: &AppState, id: JobId, s: Submission) -> Result<JobRecord,
         events::enqueue_rolled_back(id, discarded);
         return Err(ApiError::Broker(e, retry));
     }
-    events::job_accepted(id, &s.spec_name);
+    events::job_accepted(id, &s.spec_name, began.elapsed());
     Ok(record)
 }
 

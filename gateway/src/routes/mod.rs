@@ -10,6 +10,7 @@ pub use jobs::current;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, Request};
+use axum::extract::MatchedPath;
 use axum::http::Uri;
 use axum::middleware::{self, Next};
 use axum::response::Response;
@@ -33,9 +34,11 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/models", get(system::models))
         .route("/healthz", get(system::healthz))
         .route("/readyz", get(system::readyz))
+        .route("/metrics", get(system::metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit.saturating_add(1)))
+        .route_layer(middleware::from_fn(measure))
         .layer(middleware::from_fn(span))
         .with_state(state)
 }
@@ -48,9 +51,30 @@ async fn method_not_allowed() -> ApiError {
     ApiError::MethodNotAllowed
 }
 
+/// Request metrics of routed requests, labelled by route pattern (one series per endpoint,
+/// whatever the ids in the path).
+async fn measure(req: Request, next: Next) -> Response {
+    let route = req.extensions().get::<MatchedPath>().map_or("unmatched", |p| p.as_str()).to_owned();
+    let method = req.method().as_str().to_owned();
+    let started = std::time::Instant::now();
+    let in_flight = metrics::gauge!("kiln_gateway_in_flight_requests");
+    in_flight.increment(1.0);
+    let resp = next.run(req).await;
+    in_flight.decrement(1.0);
+    let status = resp.status().as_u16().to_string();
+    metrics::counter!("kiln_gateway_requests_total", "route" => route.clone(), "method" => method.clone(), "status" => status)
+        .increment(1);
+    metrics::histogram!("kiln_gateway_request_duration_seconds", "route" => route, "method" => method)
+        .record(started.elapsed());
+    resp
+}
+
 async fn span(req: Request, next: Next) -> Response {
     let span =
         tracing::info_span!("http", method = %req.method(), path = %req.uri().path(), status = tracing::field::Empty);
+    // A caller's trace context (W3C `traceparent`) makes this request part of its trace.
+    let caller = req.headers().get("traceparent").and_then(|v| v.to_str().ok());
+    kiln_common::telemetry::set_parent(&span, caller);
     let started = std::time::Instant::now();
     let mut resp = next.run(req).instrument(span.clone()).await;
     let elapsed = started.elapsed();

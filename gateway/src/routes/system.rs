@@ -65,3 +65,8 @@ pub async fn models(State(state): State<AppState>) -> Json<serde_json::Value> {
     }
     Json(json!({ "models": models }))
 }
+
+/// Prometheus text exposition of this process's metrics.
+pub async fn metrics() -> impl axum::response::IntoResponse {
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], kiln_common::telemetry::prometheus().render())
+}
