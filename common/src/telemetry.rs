@@ -63,7 +63,7 @@ pub fn init(args: &TelemetryArgs, service: &str) -> Telemetry {
     let otel = provider.as_ref().map(|p| {
         tracing_opentelemetry::layer().with_tracer(p.tracer("kiln")).with_filter(EnvFilter::new("info,kiln=debug"))
     });
-    let installed = tracing_subscriber::registry().with(filter).with(fmt).with(otel).try_init().is_ok();
+    let installed = tracing_subscriber::registry().with(fmt).with(otel).try_init().is_ok();
     if installed && provider.is_some() {
         opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     }

@@ -14,7 +14,8 @@ pub fn job_accepted(id: JobId, model: &ModelName, took: std::time::Duration) {
 
 /// A cache lookup of a submission: `hit`, `miss`, or `coalesced` onto an identical job in flight.
 pub fn cache_lookup(model: &ModelName, result: &'static str) {
-    metrics::counter!("kiln_gateway_cache_lookups_total", "model" => model.to_string(), "result" => result).increment(1);
+    metrics::counter!("kiln_gateway_cache_lookups_total", "model" => model.to_string(), "result" => result)
+        .increment(1);
 }
 
 pub fn request_failed(err: &ApiError, status: StatusCode, code: ErrorCode) {

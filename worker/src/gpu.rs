@@ -36,7 +36,8 @@ fn sample(nvml: &Nvml) {
         let Ok(device) = nvml.device_by_index(index) else { continue };
         let label = index.to_string();
         if let Ok(u) = device.utilization_rates() {
-            metrics::gauge!("kiln_worker_gpu_utilization_ratio", "device" => label.clone()).set(f64::from(u.gpu) / 100.0);
+            metrics::gauge!("kiln_worker_gpu_utilization_ratio", "device" => label.clone())
+                .set(f64::from(u.gpu) / 100.0);
         }
         if let Ok(m) = device.memory_info() {
             metrics::gauge!("kiln_worker_gpu_memory_used_bytes", "device" => label.clone()).set(m.used as f64);

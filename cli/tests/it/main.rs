@@ -8,5 +8,6 @@ mod delivery;
 mod faults;
 mod harness;
 mod images;
+mod observability;
 mod reliability;
 mod suite;

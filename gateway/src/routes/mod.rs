@@ -9,8 +9,8 @@ mod system;
 pub use jobs::current;
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, Request};
 use axum::extract::MatchedPath;
+use axum::extract::{DefaultBodyLimit, Request};
 use axum::http::Uri;
 use axum::middleware::{self, Next};
 use axum::response::Response;
