@@ -44,11 +44,15 @@ impl Telemetry {
 pub fn init(args: &TelemetryArgs, service: &str) -> Telemetry {
     prometheus();
     let filter = EnvFilter::try_new(&args.log).unwrap_or_else(|_| EnvFilter::new("info"));
+    // Each layer filters for itself: quiet logs must not switch off the spans traces are made of.
     let fmt = match args.log_format {
-        LogFormat::Text => tracing_subscriber::fmt::layer().with_writer(std::io::stderr).boxed(),
-        LogFormat::Json => {
-            tracing_subscriber::fmt::layer().json().flatten_event(true).with_writer(std::io::stderr).boxed()
-        }
+        LogFormat::Text => tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_filter(filter).boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_writer(std::io::stderr)
+            .with_filter(filter)
+            .boxed(),
     };
     let provider = args.otlp_endpoint.as_deref().and_then(|endpoint| {
         let name = args.otel_service_name.clone().unwrap_or_else(|| service.to_owned());
