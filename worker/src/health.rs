@@ -116,6 +116,11 @@ pub async fn serve(
     axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await
 }
 
+/// Prometheus text exposition of this process's metrics.
+async fn metrics() -> impl axum::response::IntoResponse {
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], kiln_common::telemetry::prometheus().render())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -140,9 +145,4 @@ mod tests {
         h.set(&m, LoopState::Connecting);
         assert!(!h.report().1);
     }
-}
-
-/// Prometheus text exposition of this process's metrics.
-async fn metrics() -> impl axum::response::IntoResponse {
-    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], kiln_common::telemetry::prometheus().render())
 }
