@@ -230,8 +230,8 @@ def cmd_alert_tests():
         if r not in quiet:
             err(f"alert {r} has no test where it must not fire")
         anchor = r.lower()
-        if f"### {r}" not in open("deploy/OPERATIONS.md").read():
-            err(f"alert {r} has no runbook section '### {r}' in deploy/OPERATIONS.md")
+        if f"## {r}\n" not in open("deploy/OPERATIONS.md").read():
+            err(f"alert {r} has no runbook section '## {r}' in deploy/OPERATIONS.md")
     print(f"{len(rules)} alerts, each firing and quiet in tests, each with a runbook")
 
 def prometheusrule_doc():
