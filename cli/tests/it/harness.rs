@@ -210,15 +210,19 @@ pub struct TempRepo(pub PathBuf);
 impl TempRepo {
     pub fn new(edit: impl Fn(String) -> String) -> Self {
         let dir = std::env::temp_dir().join(format!("kiln-models-{}", testing::unique_prefix()));
+        let mut changed = 0;
         for entry in std::fs::read_dir(repo_dir()).unwrap() {
             let entry = entry.unwrap();
             let toml = entry.path().join("kiln.toml");
             if toml.is_file() {
                 std::fs::create_dir_all(dir.join(entry.file_name())).unwrap();
-                let text = edit(std::fs::read_to_string(&toml).unwrap());
+                let original = std::fs::read_to_string(&toml).unwrap();
+                let text = edit(original.clone());
+                changed += usize::from(text != original);
                 std::fs::write(dir.join(entry.file_name()).join("kiln.toml"), text).unwrap();
             }
         }
+        assert!(changed > 0, "the edit changed no model config");
         Self(dir)
     }
 }
@@ -229,12 +233,15 @@ impl Drop for TempRepo {
     }
 }
 
-/// Replaces one `key = value` line of a model config.
+/// Replaces one `key = value` line of a model config (configs without the key are left alone;
+/// [`TempRepo::new`] insists that some config changed).
 pub fn set(key: &str, value: &str) -> impl Fn(String) -> String {
     let (key, value) = (key.to_owned(), value.to_owned());
     move |text: String| {
         let prefix = format!("{key} =");
-        assert!(text.lines().any(|l| l.starts_with(&prefix)), "no {key} in the model config");
+        if !text.lines().any(|l| l.starts_with(&prefix)) {
+            return text;
+        }
         text.lines()
             .map(|l| if l.starts_with(&prefix) { format!("{key} = {value}") } else { l.to_owned() })
             .collect::<Vec<_>>()
