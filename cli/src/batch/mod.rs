@@ -30,6 +30,9 @@ pub const EXIT_FAILED: u8 = 3;
 /// Exit status when the run was interrupted; running it again resumes.
 pub const EXIT_INTERRUPTED: u8 = 130;
 
+/// Failed lines listed at the end of a run; `kiln batch status` lists all.
+const SUMMARY_FAILURES: usize = 20;
+
 /// Everything a run needs; the CLI fills it from flags, tests directly.
 #[derive(Debug, Clone)]
 pub struct BatchConfig {
@@ -170,8 +173,15 @@ impl fmt::Display for Summary {
         }
         if !self.failures.is_empty() {
             writeln!(f, "failed lines (--retry-failed submits them again):")?;
-            for x in &self.failures {
+            for x in self.failures.iter().take(SUMMARY_FAILURES) {
                 writeln!(f, "  line {}: {}: {}", x.line, x.code, x.message)?;
+            }
+            if self.failures.len() > SUMMARY_FAILURES {
+                writeln!(
+                    f,
+                    "  ... and {} more (`kiln batch status DIR` lists them all)",
+                    self.failures.len() - SUMMARY_FAILURES
+                )?;
             }
         }
         Ok(())
@@ -242,7 +252,7 @@ impl fmt::Display for Status {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let items = self.items.map_or_else(|| "?".to_owned(), |n| n.to_string());
         let not_started = self.items.map_or(0, |n| n.saturating_sub(self.succeeded + self.failed + self.in_flight));
-        writeln!(f, "model {}, {items} items, {} runs", self.model.as_deref().unwrap_or("?"), self.runs)?;
+        writeln!(f, "model {}, {items} items, runs so far: {}", self.model.as_deref().unwrap_or("?"), self.runs)?;
         writeln!(
             f,
             "succeeded {}, failed {}, in flight {}, not started {not_started}",
@@ -317,8 +327,12 @@ pub async fn command(command: BatchCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::from(summary.exit_code()))
         }
         BatchCommand::Status { dir } => {
-            print!("{}", Status::load(&dir)?);
-            Ok(ExitCode::SUCCESS)
+            let report = Status::load(&dir)?.to_string();
+            // `kiln batch status DIR | head` closes the pipe early: not an error worth a panic.
+            match std::io::Write::write_all(&mut std::io::stdout().lock(), report.as_bytes()) {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+                _ => Ok(ExitCode::SUCCESS),
+            }
         }
     }
 }
