@@ -1,5 +1,7 @@
 //! The `kiln` command's library side: running the gateway and worker together in one process
-//! (`kiln dev`, and the system tests), and the HTTP client behind `kiln submit/get/wait`.
+//! (`kiln dev`, and the system tests), the HTTP client behind `kiln submit/get/wait`, and
+//! `kiln batch`.
 
+pub mod batch;
 pub mod client;
 pub mod system;

@@ -1,5 +1,5 @@
 //! `kiln`: the embedded default (`kiln dev`), each role on its own (`kiln gateway`, `kiln worker`),
-//! asset fetching, and client commands.
+//! asset fetching, client commands, and `kiln batch`.
 
 use std::net::{IpAddr, SocketAddr};
 use std::process::ExitCode;
@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use kiln_cli::batch::BatchCommand;
 use kiln_cli::client::Client;
 use kiln_cli::system::{self, SystemConfig};
 use kiln_common::config::{BackendArgs, ModelArgs, TelemetryArgs, parse_duration};
@@ -108,6 +109,10 @@ enum Command {
         #[arg(long, env = "KILN_URL", default_value = "http://127.0.0.1:8080")]
         url: String,
     },
+    /// Run a file of job inputs (JSON lines) with a progress bar, resumable after Ctrl-C or a
+    /// crash; summarise such a run.
+    #[command(subcommand)]
+    Batch(BatchCommand),
 }
 
 #[derive(Subcommand, Debug)]
@@ -133,10 +138,13 @@ enum DlqAction {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let telemetry = kiln_common::telemetry::init(&cli.telemetry, "kiln");
-    let result = run(cli.command).await;
+    let result = match cli.command {
+        Command::Batch(batch) => kiln_cli::batch::command(batch).await,
+        command => run(command).await.map(|()| ExitCode::SUCCESS),
+    };
     telemetry.shutdown();
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("kiln: {e:#}");
             ExitCode::FAILURE
@@ -250,5 +258,6 @@ async fn run(command: Command) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&Client::new(&url)?.wait(&id, timeout).await?)?);
             Ok(())
         }
+        Command::Batch(_) => unreachable!("kiln batch is dispatched in main"),
     }
 }

@@ -2,6 +2,7 @@
 //! the crash tests), on the embedded backend and on the real RabbitMQ and Redis started by
 //! `scripts/test.sh`, serving the real all-MiniLM-L6-v2 model on ONNX Runtime.
 
+mod batch;
 mod behaviour;
 mod cache;
 mod delivery;
