@@ -1,7 +1,8 @@
 //! `kiln batch` against the whole system: bad lines reported by line number without stopping the
 //! run, a rerun that submits nothing, an interrupted run (library cancellation, and SIGINT to the
 //! `kiln` binary) resumed with no line run as two jobs, `--retry-failed` with new keys; and, against
-//! a small stand-in gateway, file outputs downloaded, verified and never left half-written.
+//! a small stand-in gateway, file outputs downloaded, verified and never left half-written; and 50
+//! real terrain images through RabbitMQ and Redis with the runner killed (SIGKILL) mid-run.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -14,13 +15,14 @@ use kiln_common::testing::{self, Kind};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use crate::harness::{Env, Gateway, MODEL};
+use crate::harness::{Env, Gateway, MODEL, TERRAIN};
 
 kiln_common::both_backends!(
     bad_lines_are_reported_and_a_rerun_submits_nothing,
     an_interrupted_run_resumes_without_running_any_line_twice,
     retry_failed_resubmits_failed_lines_with_a_new_key,
     the_binary_exits_130_on_sigint_and_a_rerun_completes,
+    bad_terrain_lines_are_reported_by_line_number,
 );
 
 const T: Duration = Duration::from_secs(120);
@@ -287,8 +289,8 @@ async fn the_binary_exits_130_on_sigint_and_a_rerun_completes(kind: Kind) {
     worker.stop().await;
 }
 
-/// A stand-in gateway for the image contract (not served on this branch yet): every job finishes
-/// at once with one PNG-named file; `bad_sha_line` is announced with a wrong sha256.
+/// A stand-in gateway that can lie: every job finishes at once with one PNG-named file;
+/// `bad_sha_line` is announced with a wrong sha256, which a real gateway never does.
 struct FakeGateway {
     url: String,
     downloads: Arc<AtomicUsize>,
@@ -378,4 +380,121 @@ async fn file_outputs_are_downloaded_verified_and_never_left_half_written() {
     assert_eq!(fake.downloads.load(Ordering::SeqCst), 6);
     assert!(out.join("000003-image-0.png").is_file());
     fake.shutdown.cancel();
+}
+
+/// Job records under the test's key prefix: one per job ever created.
+async fn job_records(env: &Env) -> usize {
+    let args = env.args.as_ref().expect("external backend");
+    let client = redis::Client::open(args.redis_url.expose()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> =
+        redis::cmd("KEYS").arg(format!("{}job:*", args.key_prefix)).query_async(&mut conn).await.unwrap();
+    keys.iter().filter(|k| !k.trim_start_matches(&args.key_prefix).trim_start_matches("job:").contains(':')).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_terrain_images_survive_a_killed_runner() {
+    let env = Env::new(Kind::External);
+    let gw = env.gateway().await;
+    let worker = env.worker_with(kiln_worker::WorkerConfig {
+        models: vec![TERRAIN.into()],
+        intra_threads: Some(2),
+        ..kiln_worker::WorkerConfig::default()
+    });
+    let lines: Vec<String> = (0..50)
+        .map(|i| {
+            let colormap = if i % 2 == 0 { "terrain" } else { "gray" };
+            json!({ "seed": 1000 + i, "difficulty": 1 + (i * 2) % 100, "width": 96, "height": 80, "colormap": colormap })
+                .to_string()
+        })
+        .collect();
+    let dir = Dir::new(&lines);
+    let out = dir.out();
+    let kiln = |log: &Path| {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_kiln"));
+        cmd.args(["batch", "run"])
+            .arg(dir.input())
+            .arg("--out")
+            .arg(&out)
+            .args(["--model", TERRAIN, "--concurrency", "4"])
+            .env("KILN_URL", gw.url(""))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
+            .kill_on_drop(true);
+        cmd.spawn().expect("spawn kiln")
+    };
+    let log = dir.0.join("first.log");
+    let mut first = kiln(&log);
+    testing::wait_until("10 images downloaded", T, || async {
+        let n = events(&journal(&out), "succeeded").count();
+        if n >= 10 { Ok(()) } else { Err((n, std::fs::read_to_string(&log).unwrap_or_default())) }
+    })
+    .await;
+    first.start_kill().unwrap();
+    let killed = first.wait().await.unwrap();
+    assert!(killed.code().is_none(), "killed by a signal: {killed:?}");
+    let done_before = events(&journal(&out), "succeeded").count();
+    assert!(done_before < 50, "the runner was killed mid-run ({done_before} done)");
+
+    let log2 = dir.0.join("second.log");
+    let status = tokio::time::timeout(Duration::from_secs(300), kiln(&log2).wait()).await.expect("kiln exits").unwrap();
+    let stderr = std::fs::read_to_string(&log2).unwrap();
+    assert_eq!(status.code(), Some(0), "{stderr}");
+
+    // Exactly 50 distinct PNGs, each decoding at the requested size.
+    let mut shas = BTreeSet::new();
+    let mut pngs = 0;
+    for entry in std::fs::read_dir(&out).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "png") {
+            pngs += 1;
+            let bytes = std::fs::read(&path).unwrap();
+            let reader = png::Decoder::new(std::io::Cursor::new(&bytes)).read_info().unwrap();
+            let info = reader.info();
+            assert_eq!((info.width, info.height), (96, 80), "{}", path.display());
+            shas.insert(hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes)));
+        }
+    }
+    assert_eq!((pngs, shas.len()), (50, 50), "50 distinct PNGs in {}", out.display());
+    // The manifest is complete, and no line was ever given two jobs — nor did the store see more.
+    let per_line = jobs_per_line(&out);
+    assert_eq!(per_line.len(), 50, "{per_line:?}");
+    assert!(per_line.values().all(|ids| ids.len() == 1), "a line was submitted as two jobs: {per_line:?}");
+    let succeeded: BTreeSet<u64> = events(&journal(&out), "succeeded").map(|e| e["line"].as_u64().unwrap()).collect();
+    assert_eq!(succeeded, (1..=50).collect());
+    assert_eq!(job_records(&env).await, 50, "jobs created in the store");
+    let report =
+        std::process::Command::new(env!("CARGO_BIN_EXE_kiln")).args(["batch", "status"]).arg(&out).output().unwrap();
+    let report = String::from_utf8_lossy(&report.stdout);
+    assert!(report.contains("succeeded 50, failed 0, in flight 0, not started 0"), "{report}");
+    worker.stop().await;
+}
+
+async fn bad_terrain_lines_are_reported_by_line_number(kind: Kind) {
+    let env = Env::new(kind);
+    let gw = env.gateway().await;
+    let worker = env.worker_with(kiln_worker::WorkerConfig {
+        models: vec![TERRAIN.into()],
+        intra_threads: Some(2),
+        ..kiln_worker::WorkerConfig::default()
+    });
+    let lines = [
+        r#"{"difficulty": 10, "seed": 1}"#,
+        r#"{"difficulty": 0, "seed": 2}"#,
+        r#"{"difficulty": "high"}"#,
+        r#"{"difficulty": 20, "seed": 3}"#,
+    ]
+    .map(String::from);
+    let dir = Dir::new(&lines);
+    let mut config = dir.config(&gw);
+    config.model = TERRAIN.into();
+    let summary = batch::run(config, CancellationToken::new()).await.expect("batch runs");
+    assert_eq!(counts(&summary), [2, 0, 2, 0], "{summary}");
+    let failed: Vec<(usize, &str)> = summary.failures.iter().map(|f| (f.line, f.code.as_str())).collect();
+    assert_eq!(failed, [(2, "invalid_input"), (3, "invalid_input")], "{summary}");
+    assert!(summary.failures[0].message.contains("input.difficulty"), "{:?}", summary.failures[0]);
+    for line in [1, 4] {
+        assert!(dir.out().join(format!("{line:06}-image-0.png")).is_file(), "line {line}'s image");
+    }
+    worker.stop().await;
 }
