@@ -235,6 +235,19 @@ impl Ctx {
         tokio::task::spawn_blocking(move || ctx.journal.append(&event)).await.expect("journal append panicked")
     }
 
+    /// Journals that `job` ended without its outputs, then reports it.
+    async fn job_failed(self: &Arc<Self>, job: &str, failure: Failure) -> Result<Outcome, BatchError> {
+        self.record(Event::Failed {
+            line: failure.line,
+            key: None,
+            job: Some(job.to_owned()),
+            code: failure.code.clone(),
+            message: failure.message.clone(),
+        })
+        .await?;
+        Ok(self.failed(failure))
+    }
+
     fn failed(&self, failure: Failure) -> Outcome {
         self.progress.println(&format!("line {}: {}: {}", failure.line, failure.code, failure.message));
         self.progress.failed.fetch_add(1, Ordering::Relaxed);
@@ -341,15 +354,7 @@ impl Ctx {
             let message =
                 record["error"]["message"].as_str().map_or_else(|| format!("job ended {status}"), str::to_owned);
             let failure = Failure { line, code, message: format!("{message} (job {job})") };
-            self.record(Event::Failed {
-                line,
-                key: None,
-                job: Some(job.to_owned()),
-                code: failure.code.clone(),
-                message: failure.message.clone(),
-            })
-            .await?;
-            return Ok(Some(self.failed(failure)));
+            return self.job_failed(job, failure).await.map(Some);
         }
         let mut attempts = 0;
         let files = loop {
@@ -363,15 +368,7 @@ impl Ctx {
                 Err(e) => {
                     let failure =
                         Failure { line, code: e.code().to_owned(), message: format!("{} (job {job})", e.message()) };
-                    self.record(Event::Failed {
-                        line,
-                        key: None,
-                        job: Some(job.to_owned()),
-                        code: failure.code.clone(),
-                        message: failure.message.clone(),
-                    })
-                    .await?;
-                    return Ok(Some(self.failed(failure)));
+                    return self.job_failed(job, failure).await.map(Some);
                 }
             }
         };

@@ -46,6 +46,22 @@ impl Dir {
         self.0.join("out")
     }
 
+    /// `kiln batch run` on this directory as a process, its stderr going to `log`.
+    fn spawn(&self, gw: &Gateway, model: &str, concurrency: usize, log: &Path) -> tokio::process::Child {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(["batch", "run"])
+            .arg(self.input())
+            .arg("--out")
+            .arg(self.out())
+            .args(["--model", model, "--concurrency", &concurrency.to_string()])
+            .env("KILN_URL", gw.url(""))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn kiln")
+    }
+
     fn config(&self, gw: &Gateway) -> BatchConfig {
         let mut c = BatchConfig::new(self.input(), self.out(), &gw.url(""), MODEL);
         c.concurrency = 4;
@@ -246,19 +262,7 @@ async fn the_binary_exits_130_on_sigint_and_a_rerun_completes(kind: Kind) {
     let dir = Dir::new(&text_lines(6, &testing::unique_prefix()));
     let out = dir.out();
     let log = dir.0.join("stderr.log");
-    let kiln = |log: &Path| {
-        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_kiln"));
-        cmd.args(["batch", "run"])
-            .arg(dir.input())
-            .arg("--out")
-            .arg(&out)
-            .args(["--model", MODEL, "--concurrency", "2"])
-            .env("KILN_URL", gw.url(""))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(log).unwrap())
-            .kill_on_drop(true);
-        cmd.spawn().expect("spawn kiln")
-    };
+    let kiln = |log: &Path| dir.spawn(&gw, MODEL, 2, log);
     let mut child = kiln(&log);
     testing::wait_until("2 lines accepted", T, || async {
         let n = events(&journal(&out), "accepted").count();
@@ -410,19 +414,7 @@ async fn fifty_terrain_images_survive_a_killed_runner() {
         .collect();
     let dir = Dir::new(&lines);
     let out = dir.out();
-    let kiln = |log: &Path| {
-        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_kiln"));
-        cmd.args(["batch", "run"])
-            .arg(dir.input())
-            .arg("--out")
-            .arg(&out)
-            .args(["--model", TERRAIN, "--concurrency", "4"])
-            .env("KILN_URL", gw.url(""))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(log).unwrap())
-            .kill_on_drop(true);
-        cmd.spawn().expect("spawn kiln")
-    };
+    let kiln = |log: &Path| dir.spawn(&gw, TERRAIN, 4, log);
     let log = dir.0.join("first.log");
     let mut first = kiln(&log);
     testing::wait_until("10 images downloaded", T, || async {
