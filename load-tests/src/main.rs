@@ -4,6 +4,7 @@
 //! → worker → Redis at several concurrencies, and cache hits; and prints each figure with the
 //! ratios against the baselines. `scripts/bench.sh` starts what it needs and runs it.
 
+mod images;
 mod sentences;
 mod stats;
 
@@ -49,9 +50,12 @@ struct Args {
     /// Concurrent submitters for the submit scenario and the raw publish loop.
     #[arg(long, default_value_t = 64)]
     submitters: usize,
-    /// Scenarios to run (baselines always run): submit, e2e, cache.
-    #[arg(long, value_delimiter = ',', default_value = "submit,e2e,cache")]
+    /// Scenarios to run (baselines always run): submit, e2e, cache, images.
+    #[arg(long, value_delimiter = ',', default_value = "submit,e2e,cache,images")]
     scenarios: Vec<String>,
+    /// The image model of the images scenario.
+    #[arg(long, default_value = "terrain-diffusion")]
+    image_model: String,
     /// Where to write the results as Markdown.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -81,7 +85,7 @@ async fn main() -> anyhow::Result<()> {
     let submit_prefix = format!("bs{}", &run[..8]);
     let submit_gw = Proc::gateway(&args, &submit_prefix).await?;
     let e2e_gw = Proc::gateway(&args, &format!("be{}", &run[..8])).await?;
-    let _worker = Proc::worker(&args, &format!("be{}", &run[..8]))?;
+    let worker = Proc::worker(&args, &format!("be{}", &run[..8]), &args.model)?;
     let http = reqwest::Client::builder().pool_max_idle_per_host(512).timeout(Duration::from_secs(120)).build()?;
     warm_up(&http, &e2e_gw.url, &args.model).await?;
 
@@ -136,8 +140,34 @@ async fn main() -> anyhow::Result<()> {
         note("cache hit, server time p50 / p99 ms", format!("{:.3} / {:.3}", server.ms(50.0), server.ms(99.0)));
     }
 
+    let mut image_ratio = f64::NAN;
+    if wants("images") {
+        // The embedding fleet is idle now; it must not share the cores with the image run.
+        drop((e2e_gw, worker));
+        let bare = images::bare(&args).await?;
+        note("bare terrain pipeline, images/s (128², PNG included)", format!("{:.2}", bare.rate));
+        note("bare terrain pipeline, one image, p50 ms", format!("{:.1}", bare.single_ms));
+        let prefix = format!("bi{}", &run[..8]);
+        let gw = Proc::gateway(&args, &prefix).await?;
+        let _images_worker = Proc::worker(&args, &prefix, &args.image_model)?;
+        images::warm_up(&http, &gw.url, &args.image_model).await?;
+        for clients in [1, 2, 4] {
+            let (rate, lat) = images::fleet(&http, &gw.url, &args, clients).await?;
+            image_ratio = if image_ratio.is_nan() { rate / bare.rate } else { image_ratio.max(rate / bare.rate) };
+            note(&format!("images through the fleet, {clients} clients, images/s"), format!("{rate:.2}"));
+            note(
+                &format!("images through the fleet, {clients} clients, p50 / p99 ms"),
+                format!("{:.1} / {:.1}", lat.ms(50.0), lat.ms(99.0)),
+            );
+            if clients == 1 {
+                note("image at 1 client minus one bare image, p50 ms", format!("{:.1}", lat.ms(50.0) - bare.single_ms));
+            }
+        }
+    }
+
     note("RATIO fleet efficiency (e2e ≥32 clients / bare)", format!("{:.3} (target ≥ 0.9)", best_e2e / bare_best));
     note("RATIO submit (gateway / raw publish)", format!("{:.3} (target ≥ 0.8)", submit_rate / raw));
+    note("RATIO images (fleet, best of 1/2/4 clients / bare pipeline)", format!("{image_ratio:.3}"));
 
     if let Some(out) = &args.out {
         let mut md = String::from("| measure | value |\n| --- | --- |\n");
@@ -230,8 +260,9 @@ impl Proc {
         }
     }
 
-    fn worker(args: &Args, prefix: &str) -> anyhow::Result<Self> {
-        Ok(Self { child: Self::command(args, "worker", prefix).spawn()?, url: String::new() })
+    fn worker(args: &Args, prefix: &str, model: &str) -> anyhow::Result<Self> {
+        let child = Self::command(args, "worker", prefix).env("KILN_WORKER_MODELS", model).spawn()?;
+        Ok(Self { child, url: String::new() })
     }
 }
 

@@ -30,7 +30,7 @@ use tokio_util::task::TaskTracker;
 
 pub use config::WorkerConfig;
 pub use embedding::PipelineError;
-pub use inference::{InferenceHandle, Pipeline};
+pub use inference::{ImageRun, ImageWork, InferenceHandle, Pipeline, Update};
 pub use runtime::{RuntimeError, Threads};
 
 #[derive(Debug, thiserror::Error)]
