@@ -61,9 +61,9 @@ async fn one(http: &reqwest::Client, url: &str, model: &str, seed: u64) -> anyho
         bail!("image job answered {}", r.status());
     }
     let job: Value = r.json().await?;
-    let file = job["output"]["files"][0]["url"].as_str().context("no file in the output")?;
+    let file = job["output"]["images"][0]["url"].as_str().context("no file in the output")?;
     let png = http.get(format!("{url}{file}")).send().await?.error_for_status()?.bytes().await?;
-    if png.len() as u64 != job["output"]["files"][0]["size"].as_u64().unwrap_or(0) {
+    if png.len() as u64 != job["output"]["images"][0]["size"].as_u64().unwrap_or(0) {
         bail!("downloaded PNG has the wrong size");
     }
     Ok(())

@@ -421,10 +421,10 @@ pub struct OutputFile {
     pub height: Option<u32>,
 }
 
-/// The output of an image job: its files, in order, and the job's seed.
+/// The output of an image job: its images, in order, and the job's seed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImageOutput {
-    pub files: Vec<OutputFile>,
+    pub images: Vec<OutputFile>,
     pub seed: u64,
 }
 

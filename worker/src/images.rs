@@ -129,7 +129,7 @@ fn output_file(
 }
 
 fn finish(seed: u64, files: Vec<OutputFile>) -> Result<Produced, Failure> {
-    let output = ImageOutput { files, seed };
+    let output = ImageOutput { images: files, seed };
     Ok(Produced::Output(serde_json::to_string(&output).expect("image output serialises")))
 }
 

@@ -378,7 +378,7 @@ impl Ctx {
         Ok(Some(Outcome::Succeeded { files: count, bytes }))
     }
 
-    /// Writes every output of a finished job under its final name: each `output.files` entry
+    /// Writes every output of a finished job under its final name: each `output.images` (or `output.files`) entry
     /// downloaded and verified, or the output JSON itself when there are no files.
     async fn save_outputs(&self, line: usize, output: &Value) -> Result<Vec<FileEntry>, ClientError> {
         let dir = &self.config.out;
@@ -387,7 +387,8 @@ impl Ctx {
             move |source| ClientError::Io { path, source }
         };
         let mut saved = Vec::new();
-        match output.get("files").and_then(Value::as_array) {
+        // Image jobs list their files as `images`; other file outputs as `files`.
+        match output.get("images").or_else(|| output.get("files")).and_then(Value::as_array) {
             Some(files) => {
                 for f in files {
                     let (name, url) = (f["name"].as_str().unwrap_or(""), f["url"].as_str().unwrap_or(""));

@@ -61,7 +61,7 @@ async fn terrain_images_are_served_with_etags_and_reproducible_by_seed(kind: Kin
         json!({ "difficulty": 30, "seed": 11, "count": 2, "width": 96, "height": 64, "colormap": "terrain" }),
     )
     .await;
-    let files = job["output"]["files"].as_array().unwrap().clone();
+    let files = job["output"]["images"].as_array().unwrap().clone();
     assert_eq!(files.len(), 2, "{job}");
     assert_eq!((job["output"]["seed"].as_u64(), files[1]["seed"].as_u64()), (Some(11), Some(12)));
     assert_eq!(job["progress"], json!({ "step": 2, "total": 2 }));
@@ -91,7 +91,7 @@ async fn terrain_images_are_served_with_etags_and_reproducible_by_seed(kind: Kin
     )
     .await;
     let shas =
-        |j: &Value| j["output"]["files"].as_array().unwrap().iter().map(|f| f["sha256"].clone()).collect::<Vec<_>>();
+        |j: &Value| j["output"]["images"].as_array().unwrap().iter().map(|f| f["sha256"].clone()).collect::<Vec<_>>();
     assert_eq!(shas(&again), shas(&job));
     let alone =
         generate(&gw, json!({ "difficulty": 30, "seed": 12, "width": 96, "height": 64, "colormap": "terrain" })).await;
@@ -99,7 +99,7 @@ async fn terrain_images_are_served_with_etags_and_reproducible_by_seed(kind: Kin
     // Without a seed, one is drawn and reported; gray is a 16-bit heightmap at the native size.
     let drawn = generate(&gw, json!({ "difficulty": 70 })).await;
     assert!(drawn["output"]["seed"].is_u64(), "{drawn}");
-    let file = &drawn["output"]["files"][0];
+    let file = &drawn["output"]["images"][0];
     let info = decode(&download(&gw, file).await);
     assert_eq!((info.width, info.height, info.bit_depth), (128, 128, png::BitDepth::Sixteen));
     worker.stop().await;
@@ -217,7 +217,7 @@ async fn text_to_image_runs_a_dropped_in_diffusion_export(kind: Kind) {
     assert_eq!(progress.last(), Some(&(8, 8)), "{progress:?}");
     let job = gw.job(id).await;
     assert_eq!(job["status"], "succeeded", "{job}");
-    let files = job["output"]["files"].as_array().unwrap();
+    let files = job["output"]["images"].as_array().unwrap();
     assert_eq!(files.len(), 2);
     for file in files {
         let info = decode(&download(&gw, file).await);
@@ -230,7 +230,7 @@ async fn text_to_image_runs_a_dropped_in_diffusion_export(kind: Kind) {
         json!({ "prompt": "a small red kiln", "steps": 4, "width": 64, "height": 48, "scheduler": "ddim", "seed": 4 }),
     )
     .await;
-    assert_eq!(again["output"]["files"][0]["sha256"], files[1]["sha256"], "image 1 of seed 3 is image 0 of seed 4");
+    assert_eq!(again["output"]["images"][0]["sha256"], files[1]["sha256"], "image 1 of seed 3 is image 0 of seed 4");
     let bad = gw.submit(&json!({ "model": "tiny-sd", "input": { "prompt": "x", "width": 60 } })).await;
     assert_eq!(bad.status, 422, "{}", bad.body);
     assert!(bad.body["error"]["message"].as_str().unwrap().starts_with("input.width"), "{}", bad.body);

@@ -92,7 +92,7 @@ pub fn document() -> Value {
             } },
             "/v1/jobs/{id}/outputs/{name}": { "get": {
                 "summary": "A job's output file (a generated image)",
-                "description": "Listed in the job's output as files[].url with size and sha256. Strong ETag = the sha256; If-None-Match answers 304. Outputs expire with the job.",
+                "description": "Listed in the job's output as images[].url with size and sha256. Strong ETag = the sha256; If-None-Match answers 304. Outputs expire with the job.",
                 "parameters": [ job_id(), { "name": "name", "in": "path", "required": true, "schema": { "type": "string", "pattern": "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$" } },
                                 { "name": "If-None-Match", "in": "header", "schema": { "type": "string" } } ],
                 "responses": { "200": { "description": "The file, with Content-Type, Content-Length and ETag",
