@@ -104,6 +104,7 @@ pub fn document() -> Value {
             "/v1/models": { "get": { "summary": "Served models", "responses": { "200": { "description": "Models with task, version, max_batch, input JSON Schema, and the workers serving each" } } } },
             "/healthz": { "get": { "summary": "Liveness", "responses": { "200": { "description": "Alive" } } } },
             "/readyz": { "get": { "summary": "Readiness", "responses": { "200": { "description": "Broker and store reachable, not draining" }, "503": retry_error("not ready") } } },
+            "/metrics": { "get": { "summary": "Prometheus metrics of this process (text format 0.0.4)", "responses": { "200": { "description": "kiln_gateway_* series (and kiln_worker_* where a worker runs in the same process)" } } } },
             "/openapi.json": { "get": { "summary": "This document", "responses": { "200": { "description": "OpenAPI 3.1" } } } },
         },
         "components": {

@@ -99,6 +99,7 @@ async fn openapi_describes_every_route_header_and_error_code() {
         ("/healthz", "get"),
         ("/readyz", "get"),
         ("/openapi.json", "get"),
+        ("/metrics", "get"),
     ] {
         assert!(doc["paths"][path][method].is_object(), "{method} {path} is not described");
     }
