@@ -2,9 +2,7 @@
 //! PNG encoding, one image per run) against images through the fleet — submit with `Prefer:
 //! wait`, then download the PNG — with closed-loop clients.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, bail};
 use kiln_common::models::ModelRepository;
@@ -77,26 +75,11 @@ pub async fn warm_up(http: &reqwest::Client, url: &str, model: &str) -> anyhow::
 }
 
 pub async fn fleet(http: &reqwest::Client, url: &str, args: &Args, clients: usize) -> anyhow::Result<(f64, Samples)> {
-    let next = Arc::new(AtomicU64::new(1_000_000 * clients as u64));
-    let started = Instant::now();
-    let d: Duration = args.duration;
-    let tasks: Vec<_> = (0..clients)
-        .map(|_| {
-            let (http, url, next, model) = (http.clone(), url.to_owned(), next.clone(), args.image_model.clone());
-            tokio::spawn(async move {
-                let mut lat = Samples::default();
-                while started.elapsed() < d {
-                    let t = Instant::now();
-                    one(&http, &url, &model, next.fetch_add(1, Ordering::Relaxed)).await?;
-                    lat.push(t.elapsed());
-                }
-                Ok::<_, anyhow::Error>(lat)
-            })
-        })
-        .collect();
-    let mut all = Samples::default();
-    for t in tasks {
-        all.extend(t.await??);
-    }
-    Ok((all.len() as f64 / started.elapsed().as_secs_f64(), all))
+    let (http, url, model) = (http.clone(), url.to_owned(), args.image_model.clone());
+    let first = 1_000_000 * clients as u64;
+    crate::closed_loop(clients, args.duration, move |n| {
+        let (http, url, model) = (http.clone(), url.clone(), model.clone());
+        async move { one(&http, &url, &model, first + n as u64).await }
+    })
+    .await
 }

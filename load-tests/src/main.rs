@@ -385,27 +385,43 @@ async fn e2e(
     clients: usize,
     offset: usize,
 ) -> anyhow::Result<(f64, Samples)> {
+    let (http, url, model) = (http.clone(), url.to_owned(), args.model.clone());
+    closed_loop(clients, args.duration, move |n| {
+        let (http, url, model) = (http.clone(), url.clone(), model.clone());
+        async move {
+            let r = http
+                .post(format!("{url}/v1/jobs"))
+                .header("prefer", "wait=60")
+                .json(&job(&model, sentences::batch(offset + n, 1).remove(0), false))
+                .send()
+                .await?;
+            if r.status() != 200 {
+                bail!("end-to-end job answered {}", r.status());
+            }
+            r.bytes().await?;
+            Ok(())
+        }
+    })
+    .await
+}
+
+/// `clients` clients, each running `one(n)` (with a fresh `n` every time) again as soon as the
+/// last finished, for `duration`. Returns the completions per second and their latencies.
+pub async fn closed_loop<F, Fut>(clients: usize, duration: Duration, one: F) -> anyhow::Result<(f64, Samples)>
+where
+    F: Fn(usize) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
+{
     let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let tasks: Vec<_> = (0..clients)
         .map(|_| {
-            let (http, url, next, model, d) =
-                (http.clone(), url.to_owned(), next.clone(), args.model.clone(), args.duration);
+            let (next, one) = (next.clone(), one.clone());
             tokio::spawn(async move {
                 let mut lat = Samples::default();
-                while started.elapsed() < d {
-                    let n = next.fetch_add(1, Ordering::Relaxed);
+                while started.elapsed() < duration {
                     let t = Instant::now();
-                    let r = http
-                        .post(format!("{url}/v1/jobs"))
-                        .header("prefer", "wait=60")
-                        .json(&job(&model, sentences::batch(offset + n, 1).remove(0), false))
-                        .send()
-                        .await?;
-                    if r.status() != 200 {
-                        bail!("end-to-end job answered {}", r.status());
-                    }
-                    r.bytes().await?;
+                    one(next.fetch_add(1, Ordering::Relaxed)).await?;
                     lat.push(t.elapsed());
                 }
                 Ok::<_, anyhow::Error>(lat)
