@@ -205,13 +205,13 @@ async fn idempotency_key_makes_one_job_of_concurrent_repeats(kind: Kind) {
 
 /// A webhook receiver: answers the first `failures` requests with `fail_status`, then 200.
 #[derive(Clone)]
-struct Receiver {
+pub(crate) struct Receiver {
     addr: std::net::SocketAddr,
     seen: Arc<Mutex<Vec<(HeaderMap, String)>>>,
 }
 
 impl Receiver {
-    async fn start(failures: usize, fail_status: u16) -> Self {
+    pub(crate) async fn start(failures: usize, fail_status: u16) -> Self {
         let seen: Arc<Mutex<Vec<(HeaderMap, String)>>> = Arc::default();
         let log = seen.clone();
         let app = axum::Router::new().route(
@@ -234,11 +234,11 @@ impl Receiver {
         Self { addr, seen }
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("http://{}/hook", self.addr)
     }
 
-    fn requests(&self) -> Vec<(HeaderMap, String)> {
+    pub(crate) fn requests(&self) -> Vec<(HeaderMap, String)> {
         self.seen.lock().unwrap().clone()
     }
 }
@@ -262,7 +262,7 @@ fn verify(secret: &str, headers: &HeaderMap, body: &str) -> bool {
         .any(|sig| sig.strip_prefix("v1,") == Some(expected.as_str()))
 }
 
-fn webhook_gateway(retry_base: Duration, give_up_after: Duration) -> GatewayConfig {
+pub(crate) fn webhook_gateway(retry_base: Duration, give_up_after: Duration) -> GatewayConfig {
     GatewayConfig {
         webhooks: WebhookConfig {
             webhook_secret: Some(Secret::new(SECRET)),

@@ -20,6 +20,7 @@ kiln_common::both_backends!(
     progress_streams_per_image_and_cancel_stops_before_the_next_image,
     bad_image_inputs_name_their_field,
     text_to_image_runs_a_dropped_in_diffusion_export,
+    image_progress_reaches_webhooks,
 );
 
 const T: Duration = Duration::from_secs(180);
@@ -259,4 +260,40 @@ async fn generate_with(gw: &Gateway, model: &str, input: Value) -> Value {
     let job = gw.finished(id, T).await;
     assert_eq!(job["status"], "succeeded", "{job}");
     job
+}
+
+async fn image_progress_reaches_webhooks(kind: Kind) {
+    let receiver = crate::delivery::Receiver::start(0, 200).await;
+    let env = Env::new(kind);
+    let config = crate::delivery::webhook_gateway(Duration::from_millis(50), Duration::from_secs(3600));
+    let gw = env.gateway_with(config).await;
+    let worker = image_worker(&env);
+    let body = json!({
+        "model": TERRAIN, "input": { "difficulty": 60, "seed": 21, "count": 3 },
+        "webhook": receiver.url(), "webhook_events": ["progress"],
+    });
+    let r = gw.submit(&body).await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let payloads = kiln_common::testing::wait_until("the completed webhook arrives", T, || async {
+        let got: Vec<Value> = receiver.requests().iter().map(|(_, b)| serde_json::from_str(b).unwrap()).collect();
+        if got.iter().any(|p| p["type"] == "job.completed") { Ok(got) } else { Err(got) }
+    })
+    .await;
+    // Progress events may be coalesced to the latest pending one, never invented or reordered.
+    let steps: Vec<u64> = payloads
+        .iter()
+        .filter(|p| p["type"] == "job.progress")
+        .map(|p| {
+            assert_eq!(p["data"]["progress"]["total"], 3, "{p}");
+            p["data"]["progress"]["step"].as_u64().unwrap()
+        })
+        .collect();
+    assert!(
+        !steps.is_empty() && steps.windows(2).all(|w| w[0] < w[1]) && steps.iter().all(|s| (1..=3).contains(s)),
+        "{steps:?}"
+    );
+    let done = payloads.iter().find(|p| p["type"] == "job.completed").unwrap();
+    assert_eq!(done["data"]["output"]["images"].as_array().map(Vec::len), Some(3), "{done}");
+    worker.stop().await;
+    gw.stop().await;
 }
