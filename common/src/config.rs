@@ -164,11 +164,31 @@ pub struct TelemetryArgs {
     /// `service.name` of the exported traces; default: the process's role (`kiln-gateway`, ...).
     #[arg(long, env = "KILN_OTEL_SERVICE_NAME")]
     pub otel_service_name: Option<String>,
+    /// Share of new traces recorded (0..=1); a request that arrives with a sampled `traceparent`
+    /// is always followed, so one job is never half traced.
+    #[arg(long, env = "KILN_OTEL_SAMPLE_RATIO", default_value_t = 1.0, value_parser = parse_ratio)]
+    pub otel_sample_ratio: f64,
+}
+
+fn parse_ratio(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err(format!("{s:?} is not a ratio from 0 to 1")),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sample_ratios_are_bounded() {
+        assert_eq!(parse_ratio("0.25"), Ok(0.25));
+        assert_eq!(parse_ratio("1"), Ok(1.0));
+        for bad in ["1.5", "-0.1", "half", "NaN"] {
+            assert!(parse_ratio(bad).unwrap_err().contains(bad), "{bad}");
+        }
+    }
 
     #[test]
     fn secrets_never_print_passwords() {

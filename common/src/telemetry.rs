@@ -14,7 +14,7 @@ use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_http::{HttpClient, HttpError};
 use opentelemetry_otlp::{Protocol, WithExportConfig, WithHttpConfig};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -56,7 +56,7 @@ pub fn init(args: &TelemetryArgs, service: &str) -> Telemetry {
     };
     let provider = args.otlp_endpoint.as_deref().and_then(|endpoint| {
         let name = args.otel_service_name.clone().unwrap_or_else(|| service.to_owned());
-        match tracer_provider(endpoint, &name) {
+        match tracer_provider(endpoint, &name, args.otel_sample_ratio) {
             Ok(p) => Some(p),
             Err(e) => {
                 eprintln!("{service}: trace export to {endpoint} is off: {e}");
@@ -74,7 +74,7 @@ pub fn init(args: &TelemetryArgs, service: &str) -> Telemetry {
     Telemetry { provider: provider.filter(|_| installed) }
 }
 
-fn tracer_provider(endpoint: &str, service: &str) -> Result<SdkTracerProvider, String> {
+fn tracer_provider(endpoint: &str, service: &str, ratio: f64) -> Result<SdkTracerProvider, String> {
     let runtime = tokio::runtime::Handle::try_current().map_err(|_| "not inside the tokio runtime".to_owned())?;
     let client =
         reqwest::Client::builder().timeout(std::time::Duration::from_secs(10)).build().map_err(|e| e.to_string())?;
@@ -88,7 +88,8 @@ fn tracer_provider(endpoint: &str, service: &str) -> Result<SdkTracerProvider, S
         .build()
         .map_err(|e| e.to_string())?;
     let resource = opentelemetry_sdk::Resource::builder().with_service_name(service.to_owned()).build();
-    Ok(SdkTracerProvider::builder().with_batch_exporter(exporter).with_resource(resource).build())
+    let sampler = Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(ratio)));
+    Ok(SdkTracerProvider::builder().with_batch_exporter(exporter).with_sampler(sampler).with_resource(resource).build())
 }
 
 /// The OTLP exporter's HTTP client: our reqwest, run on the process's tokio runtime (the batch
