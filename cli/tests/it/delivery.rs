@@ -29,6 +29,7 @@ kiln_common::both_backends!(
     webhook_is_signed_and_retried_until_delivered,
     webhook_to_a_dead_receiver_is_given_up,
     webhook_admission_refuses_internal_targets,
+    a_client_hanging_up_mid_submit_never_strands_its_idempotency_key,
 );
 
 const T: Duration = Duration::from_secs(120);
@@ -408,4 +409,41 @@ async fn completed_webhook_is_delivered_after_a_gateway_restart() {
     assert!(receiver.requests().iter().all(|(h, b)| verify(SECRET, h, b)));
     worker.stop().await;
     second.stop().await;
+}
+
+async fn a_client_hanging_up_mid_submit_never_strands_its_idempotency_key(kind: Kind) {
+    // A broker that accepts TCP connections and never answers: every publish hangs for the whole
+    // connect timeout, then fails.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = silent.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((conn, _)) = silent.accept().await {
+            held.push(conn);
+        }
+    });
+    let env = Env::new(kind);
+    let hanging = kiln_common::broker::amqp::AmqpBroker::new(kiln_common::broker::amqp::AmqpConfig {
+        url: Secret::new(format!("amqp://127.0.0.1:{port}/%2f")),
+        topology: kiln_common::broker::amqp::Topology::new("silent"),
+        connect_timeout: Duration::from_millis(1500),
+        confirm_timeout: Duration::from_secs(1),
+        retry_interval: Duration::from_millis(100),
+    });
+    let backend = Backend { broker: Arc::new(hanging), ..env.backend.clone() };
+    let gw = crate::harness::Env::from_parts(backend, env.args.clone()).gateway().await;
+    let body = job_body("hung up on");
+    let key = format!("hangup-{}", kiln_common::testing::unique_prefix());
+    // The client gives up while the gateway is still publishing.
+    let impatient = reqwest::Client::builder().timeout(Duration::from_millis(300)).build().unwrap();
+    let gone = impatient.post(gw.url("/v1/jobs")).header("idempotency-key", &key).json(&body).send().await;
+    assert!(gone.is_err_and(|e| e.is_timeout()), "the first client timed out");
+    // Its accept still runs to the end — the publish fails and the key is released — so the
+    // retry gets the broker's answer, not a key held forever by a request nobody waits for.
+    let started = Instant::now();
+    let (status, headers, answer) = post(&gw, &body, &[("idempotency-key", &key)]).await;
+    assert_eq!((status, answer["error"]["code"].as_str()), (503, Some("broker_unavailable")), "{answer}");
+    assert!(headers.contains_key("retry-after"));
+    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+    gw.stop().await;
 }

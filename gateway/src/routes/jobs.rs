@@ -20,6 +20,8 @@ use kiln_proto::{
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+use tracing::Instrument;
+
 use crate::error::ApiError;
 use crate::events;
 use crate::state::AppState;
@@ -66,40 +68,34 @@ pub async fn submit(
     let wait = prefer_wait(&headers, state.config.max_wait_s);
     let key = idempotency_key(&headers)?;
 
-    let _permit =
+    let permit =
         state.admission.clone().try_acquire_owned().map_err(|_| ApiError::Overloaded(state.config.retry_after))?;
     let retry = state.config.retry_after;
     let store = &state.backend.store;
     let id = JobId::random();
-    if let Some(key) = &key {
-        match claim(&state, key, &submission.fingerprint, id).await? {
-            None => {}
-            Some(existing) => {
-                let record = store.get(existing).await.map_err(|e| ApiError::Store(e, retry))?;
-                let record = record.ok_or_else(|| ApiError::JobNotFound(existing.to_string()))?;
-                return respond(&state, record, wait, true).await;
-            }
-        }
-    }
-    if let Some(record) = cached(&state, id, &submission).await? {
-        if let Some(key) = &key {
-            store.commit_idempotency(key, id).await.map_err(|e| ApiError::Store(e, retry))?;
-        }
-        return Ok(job_response(record));
-    }
+    // Subscribed before the job exists, so its completion cannot slip by before the wait starts.
     let mut completion_rx = match wait {
         Some(_) => Some(store.subscribe(id).await),
         None => None,
     };
-    let accepted = accept(&state, id, submission).await;
-    if let Some(key) = &key {
-        let settle = match &accepted {
-            Ok(_) => store.commit_idempotency(key, id).await,
-            Err(_) => store.release_idempotency(key, id).await,
-        };
-        settle.map_err(|e| ApiError::Store(e, retry))?;
-    }
-    let record = accepted?;
+    // Accepting runs to its end even when the client hangs up halfway: a claimed idempotency key
+    // is always committed or released, and a recorded job is always published or withdrawn.
+    let admitted = tokio::spawn(
+        async move {
+            let _permit = permit;
+            admit(&state, key, submission, id).await.map(|a| (a, state))
+        }
+        .instrument(tracing::Span::current()),
+    )
+    .await
+    .map_err(|e| ApiError::Internal(format!("accepting the job: {e}")))?;
+    let (admitted, state) = admitted?;
+    let record = match admitted {
+        Admitted::Existing(record) => return respond(&state, record, wait, true).await,
+        Admitted::Cached(record) => return Ok(job_response(record)),
+        Admitted::New(record) => record,
+    };
+    let store = &state.backend.store;
     match (wait, completion_rx.as_mut()) {
         (Some(wait), Some(rx)) => {
             let done = crate::waiting::completion(&state, id, rx, wait).await;
@@ -111,6 +107,42 @@ pub async fn submit(
         }
         _ => Ok(job_response(record)),
     }
+}
+
+/// What accepting a submission came to.
+enum Admitted {
+    /// The idempotency key already named this job.
+    Existing(JobRecord),
+    /// Answered from the result cache.
+    Cached(JobRecord),
+    /// Recorded and durably queued (or following an identical job in flight).
+    New(JobRecord),
+}
+
+/// Claims the idempotency key, answers from the cache or records and publishes the job, then
+/// commits (or, on failure, releases) the key.
+async fn admit(state: &AppState, key: Option<String>, submission: Submission, id: JobId) -> Result<Admitted, ApiError> {
+    let retry = state.config.retry_after;
+    let store = &state.backend.store;
+    if let Some(key) = &key
+        && let Some(existing) = claim(state, key, &submission.fingerprint, id).await?
+    {
+        let record = store.get(existing).await.map_err(|e| ApiError::Store(e, retry))?;
+        return record.map(Admitted::Existing).ok_or_else(|| ApiError::JobNotFound(existing.to_string()));
+    }
+    let outcome = match cached(state, id, &submission).await {
+        Ok(Some(record)) => Ok(Admitted::Cached(record)),
+        Ok(None) => accept(state, id, submission).await.map(Admitted::New),
+        Err(e) => Err(e),
+    };
+    if let Some(key) = &key {
+        let settle = match &outcome {
+            Ok(_) => store.commit_idempotency(key, id).await,
+            Err(_) => store.release_idempotency(key, id).await,
+        };
+        settle.map_err(|e| ApiError::Store(e, retry))?;
+    }
+    outcome
 }
 
 /// A cache hit answered at once, as a finished job, without touching the broker.
