@@ -70,6 +70,7 @@ pub fn init(args: &TelemetryArgs, service: &str) -> Telemetry {
     let installed = tracing_subscriber::registry().with(fmt).with(otel).try_init().is_ok();
     if installed && provider.is_some() {
         opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+        EXPORTING.store(true, std::sync::atomic::Ordering::Relaxed);
     }
     Telemetry { provider: provider.filter(|_| installed) }
 }
@@ -119,8 +120,15 @@ impl HttpClient for TokioHttp {
     }
 }
 
-/// The W3C `traceparent` of the current span, when traces are exported.
+/// Whether this process exports traces (set once by [`init`]).
+static EXPORTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The W3C `traceparent` of the current span, when traces are exported; otherwise None at once,
+/// so publishing pays nothing for tracing that is off.
 pub fn current_traceparent() -> Option<String> {
+    if !EXPORTING.load(std::sync::atomic::Ordering::Relaxed) {
+        return None;
+    }
     let cx = tracing::Span::current().context();
     let mut carrier = HashMap::new();
     TraceContextPropagator::new().inject_context(&cx, &mut carrier);

@@ -31,17 +31,14 @@ fn file_name(index: u32) -> String {
 
 /// Runs `work` for job `id` to the end.
 pub async fn run(ctx: &Ctx, id: JobId, work: ImageWork) -> Result<Produced, Failure> {
-    let (seed, count, steps) = match &work {
-        ImageWork::Terrain(i) => (i.seed, i.count, 1),
-        ImageWork::TextToImage(i) => (i.seed, i.count, i.steps),
-    };
+    let (seed, count, steps, size) = work.shape();
     let outputs = &ctx.backend.outputs;
     let mut files = Vec::with_capacity(count as usize);
     // Images a previous attempt already stored.
     for index in 0..count {
         let meta = outputs.head(id, &file_name(index)).await.map_err(|e| Failure::Outputs(e.to_string()))?;
         let Some(meta) = meta else { break };
-        files.push(output_file(id, index, seed.wrapping_add(u64::from(index)), size_of(&work), meta));
+        files.push(output_file(id, index, work.image_seed(index), size, meta));
     }
     let first = files.len() as u32;
     if first == count {
@@ -98,13 +95,6 @@ pub async fn run(ctx: &Ctx, id: JobId, work: ImageWork) -> Result<Produced, Fail
             }
             Update::Finished(Ok(())) => return finish(seed, files),
         }
-    }
-}
-
-fn size_of(work: &ImageWork) -> (u32, u32) {
-    match work {
-        ImageWork::Terrain(i) => (i.width, i.height),
-        ImageWork::TextToImage(i) => (i.width, i.height),
     }
 }
 

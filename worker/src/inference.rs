@@ -30,6 +30,26 @@ pub enum ImageWork {
     TextToImage(TextToImageInput),
 }
 
+impl ImageWork {
+    /// The seed of image `index`: image i of seed s is image 0 of seed s+i, so any image of a job
+    /// can be made again alone. The one place this rule lives.
+    pub fn image_seed(&self, index: u32) -> u64 {
+        let seed = match self {
+            Self::Terrain(i) => i.seed,
+            Self::TextToImage(i) => i.seed,
+        };
+        seed.wrapping_add(u64::from(index))
+    }
+
+    /// The job's seed, image count, denoising steps per image, and image size.
+    pub fn shape(&self) -> (u64, u32, u32, (u32, u32)) {
+        match self {
+            Self::Terrain(i) => (i.seed, i.count, 1, (i.width, i.height)),
+            Self::TextToImage(i) => (i.seed, i.count, i.steps, (i.width, i.height)),
+        }
+    }
+}
+
 /// What an image job's thread reports as it goes.
 pub enum Update {
     /// A denoising step: `done` of `total` steps over all of the job's images.
@@ -127,11 +147,10 @@ fn run_images(
     go: &sync_mpsc::Receiver<bool>,
 ) -> Result<(), PipelineError> {
     let report = |u: Update| updates.blocking_send(u).is_ok() && go.recv().unwrap_or(false);
-    match (pipeline, work) {
+    match (pipeline, &work) {
         (Pipeline::Terrain(p), ImageWork::Terrain(input)) => {
             for index in first..input.count {
-                // Image i of seed s is image 0 of seed s+i: any image can be made again alone.
-                let seed = input.seed.wrapping_add(u64::from(index));
+                let seed = work.image_seed(index);
                 let field = p.heights(seed, input.difficulty)?;
                 let png = field.resample(input.width as usize, input.height as usize).png(input.colormap);
                 let image = Update::Image { index, seed, width: input.width, height: input.height, png };
@@ -144,7 +163,7 @@ fn run_images(
         (Pipeline::Diffusion(p), ImageWork::TextToImage(input)) => {
             let total = input.count * input.steps;
             for index in first..input.count {
-                let seed = input.seed.wrapping_add(u64::from(index));
+                let seed = work.image_seed(index);
                 let req = DiffusionRequest {
                     prompt: &input.prompt,
                     negative_prompt: &input.negative_prompt,
