@@ -1,8 +1,11 @@
-//! One batch, start to end: decode and start each job (skipping duplicates, expired and withdrawn
-//! jobs, giving up on jobs started too often), validate inputs, run the model once for the whole
-//! batch (each job alone if the batch fails, so one bad job cannot fail its batch-mates), then
-//! settle every job — store the result, retry with backoff, or dead-letter — and only then
-//! acknowledge its message.
+//! A job, start to end: decode and start it (skipping duplicates, expired and withdrawn jobs,
+//! giving up on jobs started too often), validate its input, run it, then settle it — store the
+//! result, retry with backoff, or dead-letter — and only then acknowledge its message.
+//!
+//! An embedding job runs on its own: its texts join the model's pool, which batches them with
+//! every other job's by measured cost ([`crate::pool`]) and runs a batch's texts alone if it fails,
+//! so one bad job cannot fail its batch-mates. Image jobs come in batches of deliveries and run
+//! one after the other.
 
 use kiln_common::broker::Delivery;
 use kiln_common::store::{Outcome, Start, StoreError, Transition};
@@ -39,8 +42,28 @@ pub struct Job {
     pub started: std::time::Instant,
 }
 
-/// Runs one batch to the end. Returns whether the store failed (the caller backs off).
-pub async fn process(ctx: &Ctx, batch: Vec<Delivery>) -> bool {
+/// Runs one embedding job to the end. Returns whether the store failed (the caller backs off).
+pub async fn embed_one(ctx: &Ctx, delivery: Delivery) -> bool {
+    let started = std::time::Instant::now();
+    let mut job = match admit(ctx, delivery).await {
+        Admitted::Run(job) => *job,
+        Admitted::Settled => return false,
+        Admitted::StoreDown => return true,
+    };
+    let texts = std::mem::take(&mut job.texts);
+    let count = texts.len();
+    let span = job.span.clone();
+    let run = ctx.infer.embed(texts).instrument(span.clone());
+    let result = guarded(run, std::slice::from_mut(&mut job), &ctx.backend, &ctx.owner, ctx.lease).await;
+    let result = result.map(|vectors| Produced::Output(success(vectors))).map_err(Failure::from);
+    let trouble = settle(ctx, job, result).instrument(span).await;
+    events::batch_done(&ctx.spec.name, 1, count, started.elapsed());
+    trouble
+}
+
+/// Runs a batch of image jobs to the end, one after the other. Returns whether the store failed
+/// (the caller backs off).
+pub async fn images(ctx: &Ctx, batch: Vec<Delivery>) -> bool {
     let started = std::time::Instant::now();
     let mut store_trouble = false;
     let mut jobs = Vec::with_capacity(batch.len());
@@ -51,55 +74,21 @@ pub async fn process(ctx: &Ctx, batch: Vec<Delivery>) -> bool {
             Admitted::StoreDown => store_trouble = true,
         }
     }
-    if jobs.is_empty() {
-        return store_trouble;
+    let count = jobs.len();
+    for mut job in jobs {
+        let Some(work) = job.images.take() else {
+            store_trouble |= settle(ctx, job, Err(Failure::Input("not an image job".into()))).await;
+            continue;
+        };
+        let (id, span) = (job.id, job.span.clone());
+        let mut one = [job];
+        let run = images::run(ctx, id, work).instrument(span.clone());
+        let result = guarded(run, &mut one, &ctx.backend, &ctx.owner, ctx.lease).await;
+        let [job] = one;
+        store_trouble |= settle(ctx, job, result).instrument(span).await;
     }
-    if ctx.spec.task.produces_files() {
-        // Image jobs run one after the other, each a batch of images of its own.
-        for mut job in jobs {
-            let work = job.images.take().expect("admitted image jobs carry their work");
-            let (id, span) = (job.id, job.span.clone());
-            let mut one = [job];
-            let run = images::run(ctx, id, work).instrument(span.clone());
-            let result = guarded(run, &mut one, &ctx.backend, &ctx.owner, ctx.lease).await;
-            let [job] = one;
-            store_trouble |= settle(ctx, job, result).instrument(span).await;
-        }
-        events::batch_done(&ctx.spec.name, 1, 0, started.elapsed());
-        return store_trouble;
-    }
-    let text_count: usize = jobs.iter().map(|j| j.texts.len()).sum();
-    let all: Vec<String> = jobs.iter().flat_map(|j| j.texts.iter().cloned()).collect();
-    // The batch's inference joins the trace of its first job and points at the others'.
-    let span = tracing::info_span!(parent: &jobs[0].span, "inference", model = %ctx.spec.name, jobs = jobs.len(), texts = text_count);
-    for j in &jobs[1..] {
-        span.follows_from(&j.span);
-    }
-    let whole = guarded(ctx.infer.embed(all).instrument(span), &mut jobs, &ctx.backend, &ctx.owner, ctx.lease).await;
-    let results: Vec<Result<Vec<Vec<f32>>, Failure>> = match whole {
-        Ok(vectors) => {
-            let mut it = vectors.into_iter();
-            jobs.iter().map(|j| Ok(it.by_ref().take(j.texts.len()).collect())).collect()
-        }
-        Err(e) if jobs.len() == 1 => vec![Err(e.into())],
-        Err(_) => {
-            let mut results = Vec::with_capacity(jobs.len());
-            for i in 0..jobs.len() {
-                let texts = jobs[i].texts.clone();
-                let one = guarded(ctx.infer.embed(texts), &mut jobs[i..=i], &ctx.backend, &ctx.owner, ctx.lease).await;
-                results.push(one.map_err(Failure::from));
-            }
-            results
-        }
-    };
-    let results = results.into_iter().map(|r| r.map(|vectors| Produced::Output(success(vectors))));
-    let settled = futures::future::join_all(jobs.into_iter().zip(results).map(|(job, result)| {
-        let span = job.span.clone();
-        settle(ctx, job, result).instrument(span)
-    }))
-    .await;
-    events::batch_done(&ctx.spec.name, settled.len(), text_count, started.elapsed());
-    store_trouble || settled.into_iter().any(|trouble| trouble)
+    events::batch_done(&ctx.spec.name, count, 0, started.elapsed());
+    store_trouble
 }
 
 enum Admitted {

@@ -6,6 +6,19 @@ use std::time::Duration;
 
 use kiln_common::config::parse_duration;
 
+/// A number, or `None` for `auto`.
+pub type Auto = Option<usize>;
+
+fn parse_auto(s: &str) -> Result<Auto, String> {
+    match s.trim() {
+        "auto" | "" => Ok(None),
+        n => match n.parse::<usize>() {
+            Ok(0) | Err(_) => Err(format!("expected `auto` or a positive number, got {n:?}")),
+            Ok(v) => Ok(Some(v)),
+        },
+    }
+}
+
 #[derive(clap::Args, Debug, Clone)]
 pub struct WorkerConfig {
     /// Models this worker serves (comma-separated); empty serves every model of the repository.
@@ -20,9 +33,25 @@ pub struct WorkerConfig {
     /// batch ran — and a lone job is never delayed.
     #[arg(long, env = "KILN_BATCH_WAIT", default_value = "0ms", value_parser = parse_duration)]
     pub batch_wait: Duration,
-    /// ONNX Runtime intra-op threads per model; default: all available cores.
-    #[arg(long, env = "KILN_INTRA_THREADS")]
-    pub intra_threads: Option<usize>,
+    /// ONNX Runtime intra-op threads per session (`auto` or a number). With both this and
+    /// `KILN_SESSIONS` at `auto`, a CPU embedding model gets one session on every core for
+    /// requests that come alone (lowest latency) and one single-thread session per core (up to 4
+    /// sessions) for load (most throughput), never running at once; an image model gets one
+    /// session on every core. Set either to fix the layout: sessions × threads.
+    #[arg(long, env = "KILN_INTRA_THREADS", default_value = "auto", value_parser = parse_auto)]
+    pub intra_threads: Auto,
+    /// Inference sessions per embedding model (`auto` or a number); see `KILN_INTRA_THREADS`.
+    /// On a GPU, `auto` is one session.
+    #[arg(long, env = "KILN_SESSIONS", default_value = "auto", value_parser = parse_auto)]
+    pub sessions: Auto,
+    /// Texts per model run at most, overriding the model's `max_batch` (1 turns batching off).
+    #[arg(long, env = "KILN_MAX_BATCH")]
+    pub max_batch: Option<usize>,
+    /// Padded tokens (texts × the longest text's tokens) per model run at most. `auto`: 4096 on
+    /// a CPU, 16384 on a GPU. Bounds the activations' memory; within it, the measured cost
+    /// table decides what runs together.
+    #[arg(long, env = "KILN_MAX_BATCH_TOKENS", default_value = "auto", value_parser = parse_auto)]
+    pub max_batch_tokens: Auto,
     /// Let ONNX Runtime's idle threads spin waiting for work: a little faster when the worker has
     /// the machine to itself, slower when it shares cores with the broker, store or gateway.
     #[arg(long, env = "KILN_ORT_SPIN", default_value_t = false, action = clap::ArgAction::Set)]
@@ -70,6 +99,9 @@ impl Default for WorkerConfig {
             prefetch: 128,
             batch_wait: Duration::ZERO,
             intra_threads: None,
+            sessions: None,
+            max_batch: None,
+            max_batch_tokens: None,
             ort_spin: false,
             ort_dylib_path: None,
             drain_timeout: Duration::from_secs(30),

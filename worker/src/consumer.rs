@@ -1,13 +1,14 @@
 //! A model's consume loop: (re)connect with backoff, take deliveries within the prefetch window,
-//! gather them into a batch (up to `max_batch` jobs, waiting at most `batch_wait`), and hand the
-//! batch to [`crate::batch`]. An idle tick checks that the consumer's channel is still open, so a
+//! and hand them to [`crate::batch`]: each embedding job on its own as it arrives (the model's
+//! pool batches their texts), image jobs gathered into batches (up to `max_batch` jobs, waiting
+//! at most `batch_wait`). An idle tick checks that the consumer's channel is still open, so a
 //! consumer that stopped silently is replaced, and reports progress to the health probes.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
 use kiln_common::Backend;
 use kiln_common::broker::Deliveries;
 use kiln_common::models::ModelSpec;
@@ -79,11 +80,12 @@ enum Stop {
     Lost(String),
 }
 
-/// Batches in flight at once: while one runs on the model, the next is admitted (its jobs started
-/// in the store) and queued behind it, so the inference thread never waits on the store. Image
-/// jobs run for seconds to minutes: one at a time, so a job only shows `running` while it runs.
+/// Work in flight at once. Embedding jobs: every delivery the prefetch window lets in, each
+/// admitted, run and settled on its own, so the pool always sees every text waiting and never
+/// waits on the store. Image jobs run for seconds to minutes: one batch at a time, so a job only
+/// shows `running` while it runs.
 fn pipeline_depth(ctx: &Ctx) -> usize {
-    if ctx.spec.task.produces_files() { 1 } else { 2 }
+    if ctx.spec.task.produces_files() { 1 } else { usize::MAX }
 }
 
 async fn serve(ctx: &Ctx, shutdown: &CancellationToken, mut deliveries: Deliveries) -> Stop {
@@ -121,6 +123,10 @@ async fn serve(ctx: &Ctx, shutdown: &CancellationToken, mut deliveries: Deliveri
             Some(Err(e)) => break Stop::Lost(e.to_string()),
             None => break Stop::Lost("delivery stream ended".into()),
         };
+        if !ctx.spec.task.produces_files() {
+            in_flight.push(crate::batch::embed_one(ctx, first).boxed());
+            continue;
+        }
         let mut batch = vec![first];
         let mut broken = None;
         let deadline = tokio::time::Instant::now() + ctx.config.batch_wait;
@@ -140,7 +146,7 @@ async fn serve(ctx: &Ctx, shutdown: &CancellationToken, mut deliveries: Deliveri
         }
         events::batch_gathered(&ctx.spec.name, batch.len());
         let span = tracing::info_span!("batch", model = %ctx.spec.name, jobs = batch.len());
-        in_flight.push(crate::batch::process(ctx, batch).instrument(span));
+        in_flight.push(crate::batch::images(ctx, batch).instrument(span).boxed());
         if let Some(e) = broken {
             break Stop::Lost(e);
         }

@@ -1,5 +1,7 @@
-//! The `embedding` pipeline: tokenize a batch (padding to the batch's longest text, truncating at
-//! the model's limit), run the encoder, mean-pool over the attention mask, L2-normalise.
+//! The `embedding` task's two halves: [`TextEncoder`] turns a text into token ids (truncated at the
+//! model's limit, no padding), and [`Encoder`] runs one batch of such texts through the model —
+//! padding to the batch's longest, mean- or CLS-pooling over the attention mask, L2-normalising.
+//! The split lets texts be tokenised where they arrive, in parallel, and batched by length after.
 
 use std::path::Path;
 
@@ -7,7 +9,7 @@ use kiln_common::models::{EmbeddingSpec, Pooling};
 use ndarray::Array2;
 use ort::session::Session;
 use ort::value::TensorRef;
-use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
+use tokenizers::Tokenizer;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -19,27 +21,58 @@ pub enum PipelineError {
     Inference(String),
 }
 
-pub struct EmbeddingPipeline {
+/// The model's tokenizer, set up to produce one text's ids unpadded.
+pub struct TextEncoder {
     tokenizer: Tokenizer,
+    pad_id: u32,
+    max_length: usize,
+}
+
+impl TextEncoder {
+    pub fn new(tokenizer_path: &Path, spec: &EmbeddingSpec) -> Result<Self, String> {
+        let mut tokenizer =
+            Tokenizer::from_file(tokenizer_path).map_err(|e| format!("{}: {e}", tokenizer_path.display()))?;
+        // Shipped tokenizer configs often force fixed-length padding; batches pad themselves.
+        let pad_id = tokenizer.get_padding().map_or(0, |p| p.pad_id);
+        tokenizer.with_padding(None);
+        tokenizer
+            .with_truncation(Some(tokenizers::TruncationParams { max_length: spec.max_length, ..Default::default() }))
+            .map_err(|e| e.to_string())?;
+        Ok(Self { tokenizer, pad_id, max_length: spec.max_length })
+    }
+
+    /// The ids of one text, special tokens included, at most the model's `max_length`.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, PipelineError> {
+        let enc = self.tokenizer.encode(text, true).map_err(|e| PipelineError::Input(e.to_string()))?;
+        let mut ids = enc.get_ids().to_vec();
+        ids.truncate(self.max_length);
+        if ids.is_empty() {
+            // A text of nothing the vocabulary knows still gets a vector, from one pad token.
+            ids.push(self.pad_id);
+        }
+        Ok(ids)
+    }
+
+    pub fn pad_id(&self) -> u32 {
+        self.pad_id
+    }
+
+    pub fn max_length(&self) -> usize {
+        self.max_length
+    }
+}
+
+/// One ONNX Runtime session of an embedding model, with what it needs to run a batch.
+pub struct Encoder {
     session: Session,
     spec: EmbeddingSpec,
+    pad_id: i64,
     has_type_ids: bool,
     output: String,
 }
 
-impl EmbeddingPipeline {
-    pub fn new(tokenizer_path: &Path, session: Session, spec: EmbeddingSpec) -> Result<Self, String> {
-        let mut tokenizer =
-            Tokenizer::from_file(tokenizer_path).map_err(|e| format!("{}: {e}", tokenizer_path.display()))?;
-        // Shipped tokenizer configs often force fixed-length padding; pad per batch instead.
-        let padding = PaddingParams {
-            strategy: PaddingStrategy::BatchLongest,
-            ..tokenizer.get_padding().cloned().unwrap_or_default()
-        };
-        tokenizer.with_padding(Some(padding));
-        tokenizer
-            .with_truncation(Some(TruncationParams { max_length: spec.max_length, ..Default::default() }))
-            .map_err(|e| e.to_string())?;
+impl Encoder {
+    pub fn new(session: Session, spec: EmbeddingSpec, pad_id: u32) -> Result<Self, String> {
         let names: Vec<&str> = session.inputs().iter().map(|i| i.name()).collect();
         for required in ["input_ids", "attention_mask"] {
             if !names.contains(&required) {
@@ -48,24 +81,22 @@ impl EmbeddingPipeline {
         }
         let has_type_ids = names.contains(&"token_type_ids");
         let output = session.outputs().first().map(|o| o.name().to_owned()).ok_or("model has no output")?;
-        Ok(Self { tokenizer, session, spec, has_type_ids, output })
+        Ok(Self { session, spec, pad_id: i64::from(pad_id), has_type_ids, output })
     }
 
-    /// Embeds `texts` as one batch.
-    pub fn embed(&mut self, texts: &[&str]) -> Result<Vec<Vec<f32>>, PipelineError> {
-        if texts.is_empty() {
+    /// Embeds the texts whose ids are `rows` as one batch, padded to the longest.
+    pub fn run(&mut self, rows: &[&[u32]]) -> Result<Vec<Vec<f32>>, PipelineError> {
+        if rows.is_empty() {
             return Ok(Vec::new());
         }
-        let encodings =
-            self.tokenizer.encode_batch(texts.to_vec(), true).map_err(|e| PipelineError::Input(e.to_string()))?;
-        let batch = encodings.len();
-        let seq = encodings.iter().map(|e| e.len()).max().unwrap_or(0).max(1);
-        let mut ids = Array2::<i64>::zeros((batch, seq));
+        let batch = rows.len();
+        let seq = rows.iter().map(|r| r.len()).max().unwrap_or(0).max(1);
+        let mut ids = Array2::<i64>::from_elem((batch, seq), self.pad_id);
         let mut mask = Array2::<i64>::zeros((batch, seq));
-        for (row, enc) in encodings.iter().enumerate() {
-            for (col, (&id, &m)) in enc.get_ids().iter().zip(enc.get_attention_mask()).enumerate() {
+        for (row, tokens) in rows.iter().enumerate() {
+            for (col, &id) in tokens.iter().enumerate() {
                 ids[[row, col]] = i64::from(id);
-                mask[[row, col]] = i64::from(m);
+                mask[[row, col]] = 1;
             }
         }
         let type_ids = Array2::<i64>::zeros((batch, seq));

@@ -94,6 +94,33 @@ pub fn batch_gathered(model: &ModelName, jobs: usize) {
     tracing::debug!(target: "kiln::worker", %model, jobs, "batch gathered");
 }
 
+/// One model run of an embedding pool: the shape the planner chose, what it expected it to cost
+/// and what it took. `kiln_worker_batch_size` counts texts per run.
+pub fn batch_run(
+    model: &ModelName,
+    wide: bool,
+    shape: crate::planner::Shape,
+    real_tokens: usize,
+    estimate_ms: f64,
+    ms: f64,
+) {
+    let session = if wide { "wide" } else { "narrow" };
+    let m = model.to_string();
+    metrics::histogram!("kiln_worker_batch_size", "model" => m.clone()).record(shape.batch as f64);
+    metrics::histogram!("kiln_worker_batch_seq_len", "model" => m.clone()).record(shape.len as f64);
+    metrics::histogram!("kiln_worker_batch_padded_tokens", "model" => m.clone()).record(shape.padded_tokens() as f64);
+    metrics::histogram!("kiln_worker_batch_run_seconds", "model" => m, "session" => session).record(ms / 1e3);
+    tracing::debug!(target: "kiln::worker::batches", %model, session, texts = shape.batch, seq_len = shape.len, padded_tokens = shape.padded_tokens(), real_tokens, estimate_ms, ms, "batch run");
+}
+
+pub fn calibrated(sessions: usize, shapes: usize, took: Duration) {
+    tracing::info!(target: "kiln::worker", sessions, shapes, took_ms = took.as_millis() as u64, "cost table calibrated");
+}
+
+pub fn pool_started(spec: &ModelSpec, provider: ExecutionProvider, layout: &str, limits: crate::planner::Limits) {
+    tracing::info!(target: "kiln::worker", model = %spec.name, version = %spec.version, execution_provider = ?provider, layout, max_batch = limits.max_batch, max_batch_tokens = limits.max_batch_tokens, "model loaded");
+}
+
 pub fn images_resumed(id: JobId, stored: u32, count: u32) {
     tracing::info!(target: "kiln::worker", job_id = %id, stored, count, "resuming image job after the images already stored");
 }

@@ -1,5 +1,6 @@
-//! Inference off the async runtime: each model's pipeline lives on a thread of its own, fed by a
-//! bounded channel; every request carries its reply channel and its tracing span.
+//! Inference off the async runtime. An embedding model is served by its pool of sessions
+//! ([`crate::pool`]); an image model's pipeline lives on a thread of its own, fed by a bounded
+//! channel, and every request carries its reply channel and its tracing span.
 //!
 //! Image jobs talk back while they run: after each image (or denoising step) the thread sends an
 //! [`Update`] and waits for the job's driver to say go on or stop — that handshake is what makes
@@ -9,16 +10,16 @@ use std::sync::mpsc as sync_mpsc;
 
 use kiln_common::models::{ExecutionProvider, ModelSpec};
 use kiln_proto::{ImageGenerationInput, Scheduler, TextToImageInput};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tracing::Span;
 
 use crate::diffusion::{DiffusionPipeline, DiffusionRequest, SchedulerKind};
-use crate::embedding::{EmbeddingPipeline, PipelineError};
+use crate::embedding::PipelineError;
+use crate::pool::EmbeddingPool;
 use crate::terrain::TerrainPipeline;
 
-/// A loaded model, by task.
+/// A loaded image model, by task.
 pub enum Pipeline {
-    Embedding(Box<EmbeddingPipeline>),
     Terrain(TerrainPipeline),
     Diffusion(Box<DiffusionPipeline>),
 }
@@ -61,15 +62,21 @@ pub enum Update {
 }
 
 enum Request {
-    Embed { texts: Vec<String>, reply: oneshot::Sender<Result<Vec<Vec<f32>>, PipelineError>>, span: Span },
     Images { work: ImageWork, first: u32, updates: mpsc::Sender<Update>, go: sync_mpsc::Receiver<bool>, span: Span },
 }
 
-/// The async side of a model's inference thread. The thread ends when the last handle is dropped.
+/// The async side of a model's inference: its session pool, or its image pipeline's thread. The
+/// threads end when the last handle is dropped.
 #[derive(Clone)]
 pub struct InferenceHandle {
-    tx: mpsc::Sender<Request>,
+    inner: Inner,
     pub provider: ExecutionProvider,
+}
+
+#[derive(Clone)]
+enum Inner {
+    Pool(std::sync::Arc<EmbeddingPool>),
+    Thread(mpsc::Sender<Request>),
 }
 
 /// A running image job, seen from its driver: read [`Update`]s, answer each but the last with
@@ -87,21 +94,17 @@ impl ImageRun {
 }
 
 impl InferenceHandle {
-    /// Moves `pipeline` onto a new thread. `max_batch` splits large requests into model-sized runs.
+    /// An embedding model's running pool.
+    pub fn pool(pool: EmbeddingPool, provider: ExecutionProvider) -> Self {
+        Self { inner: Inner::Pool(std::sync::Arc::new(pool)), provider }
+    }
+
+    /// Moves an image `pipeline` onto a new thread.
     pub fn spawn(spec: &ModelSpec, mut pipeline: Pipeline, provider: ExecutionProvider) -> std::io::Result<Self> {
         let (tx, mut rx) = mpsc::channel::<Request>(4);
-        let max_batch = spec.max_batch;
         std::thread::Builder::new().name(format!("infer-{}", spec.name)).spawn(move || {
             while let Some(req) = rx.blocking_recv() {
                 match req {
-                    Request::Embed { texts, reply, span } => {
-                        let _enter = span.enter();
-                        let result = match &mut pipeline {
-                            Pipeline::Embedding(p) => run_bucketed(p, texts, max_batch),
-                            _ => Err(wrong_task("embedding")),
-                        };
-                        let _ = reply.send(result);
-                    }
                     Request::Images { work, first, updates, go, span } => {
                         let _enter = span.enter();
                         let result = run_images(&mut pipeline, work, first, &updates, &go);
@@ -110,13 +113,15 @@ impl InferenceHandle {
                 }
             }
         })?;
-        Ok(Self { tx, provider })
+        Ok(Self { inner: Inner::Thread(tx), provider })
     }
 
+    /// Embeds `texts` (batched with other requests by the pool); vectors in the order given.
     pub async fn embed(&self, texts: Vec<String>) -> Result<Vec<Vec<f32>>, PipelineError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx.send(Request::Embed { texts, reply, span: Span::current() }).await.map_err(|_| gone())?;
-        rx.await.map_err(|_| gone())?
+        match &self.inner {
+            Inner::Pool(pool) => pool.embed(texts).await,
+            Inner::Thread(_) => Err(wrong_task("embedding")),
+        }
     }
 
     /// Starts an image job on the model's thread, at image `first` (those before are made).
@@ -124,7 +129,8 @@ impl InferenceHandle {
         let (updates_tx, updates) = mpsc::channel(1);
         let (go, go_rx) = sync_mpsc::sync_channel(1);
         let req = Request::Images { work, first, updates: updates_tx, go: go_rx, span: Span::current() };
-        self.tx.send(req).await.map_err(|_| gone())?;
+        let Inner::Thread(tx) = &self.inner else { return Err(wrong_task("image")) };
+        tx.send(req).await.map_err(|_| gone())?;
         Ok(ImageRun { updates, go })
     }
 }
@@ -191,23 +197,4 @@ fn run_images(
         (_, ImageWork::Terrain(_)) => Err(wrong_task("image-generation")),
         (_, ImageWork::TextToImage(_)) => Err(wrong_task("text-to-image")),
     }
-}
-
-/// Runs `texts` in model-sized chunks of similar length (so short texts are not padded to the
-/// longest of the request), and returns the vectors in the original order.
-fn run_bucketed(
-    pipeline: &mut EmbeddingPipeline,
-    texts: Vec<String>,
-    max_batch: usize,
-) -> Result<Vec<Vec<f32>>, PipelineError> {
-    let mut order: Vec<usize> = (0..texts.len()).collect();
-    order.sort_by_key(|&i| texts[i].len());
-    let mut out: Vec<Vec<f32>> = vec![Vec::new(); texts.len()];
-    for chunk in order.chunks(max_batch) {
-        let batch: Vec<&str> = chunk.iter().map(|&i| texts[i].as_str()).collect();
-        for (&i, v) in chunk.iter().zip(pipeline.embed(&batch)?) {
-            out[i] = v;
-        }
-    }
-    Ok(out)
 }

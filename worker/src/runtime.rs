@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 use kiln_common::models::ExecutionProvider;
 use ort::environment::Environment;
 use ort::session::Session;
-use ort::session::builder::GraphOptimizationLevel;
+use ort::session::builder::{GraphOptimizationLevel, PrepackedWeights};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
@@ -52,9 +52,32 @@ pub fn load_session(
     providers: &[ExecutionProvider],
     threads: Threads,
 ) -> Result<LoadedSession, RuntimeError> {
+    load_first(env, model, providers, threads, None)
+}
+
+/// [`load_session`] for one session of a pool: the pre-packed weights are shared by every session
+/// built with the same container (several sessions of one model hold one copy of them), and no
+/// memory patterns are kept (inputs of every shape come through).
+pub fn load_pool_session(
+    env: &Environment,
+    model: &Path,
+    providers: &[ExecutionProvider],
+    threads: Threads,
+    prepacked: &PrepackedWeights,
+) -> Result<LoadedSession, RuntimeError> {
+    load_first(env, model, providers, threads, Some(prepacked))
+}
+
+fn load_first(
+    env: &Environment,
+    model: &Path,
+    providers: &[ExecutionProvider],
+    threads: Threads,
+    prepacked: Option<&PrepackedWeights>,
+) -> Result<LoadedSession, RuntimeError> {
     let mut reasons = Vec::new();
     for &provider in providers {
-        match try_load(env, model, provider, threads) {
+        match try_load(env, model, provider, threads, prepacked) {
             Ok(session) => return Ok(LoadedSession { session, provider }),
             Err(reason) => {
                 tracing::info!(model = %model.display(), ?provider, %reason, "execution provider unavailable here, trying the next");
@@ -65,8 +88,14 @@ pub fn load_session(
     Err(RuntimeError::NoProvider { path: model.to_owned(), wanted: providers.to_vec(), reasons: reasons.join("; ") })
 }
 
-fn try_load(env: &Environment, model: &Path, provider: ExecutionProvider, threads: Threads) -> Result<Session, String> {
-    let builder = Session::builder(env)
+fn try_load(
+    env: &Environment,
+    model: &Path,
+    provider: ExecutionProvider,
+    threads: Threads,
+    prepacked: Option<&PrepackedWeights>,
+) -> Result<Session, String> {
+    let mut builder = Session::builder(env)
         .map_err(|e| e.to_string())?
         .with_optimization_level(GraphOptimizationLevel::Level3)
         .map_err(|e| e.to_string())?
@@ -76,6 +105,19 @@ fn try_load(env: &Environment, model: &Path, provider: ExecutionProvider, thread
         .map_err(|e| e.to_string())?
         .with_inter_op_spinning(threads.spin)
         .map_err(|e| e.to_string())?;
+    if std::env::var("XP_MEMPAT").as_deref() == Ok("0") {
+        builder = builder.with_memory_pattern(false).map_err(|e| e.to_string())?;
+    }
+    if std::env::var("XP_ARENA").as_deref() == Ok("0") {
+        use ort::AsPointer;
+        let status = unsafe { (ort::api().DisableCpuMemArena)(builder.ptr_mut()) };
+        if !status.0.is_null() {
+            return Err("DisableCpuMemArena failed".into());
+        }
+    }
+    if let Some(weights) = prepacked {
+        builder = builder.with_prepacked_weights(weights).map_err(|e| e.to_string())?;
+    }
     let mut builder = match provider {
         ExecutionProvider::Cpu => builder,
         ExecutionProvider::Cuda => cuda(builder)?,
