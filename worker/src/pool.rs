@@ -199,6 +199,9 @@ fn serve(shared: &Shared, mut encoder: Encoder, kind: Kind, threads: usize) {
                 if state.closed {
                     return;
                 }
+                // Texts of a job that stopped waiting (canceled by a lease's loss, or shutdown)
+                // are not worth running.
+                state.items.retain(|i| !i.reply.is_closed());
                 if let Some(picked) = choose(shared, &state, kind, threads) {
                     break picked;
                 }

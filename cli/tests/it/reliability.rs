@@ -116,16 +116,18 @@ async fn long_job_is_taken_over_by_a_lease_and_completes_once(kind: Kind) {
     let config = WorkerConfig {
         lease_after: Duration::from_millis(100),
         lease_ttl: Duration::from_millis(900),
+        // One session of one thread, so the job's texts run one batch after another.
         intra_threads: Some(1),
+        sessions: Some(1),
         ..WorkerConfig::default()
     };
     let worker = env.worker_with(config);
-    let texts: Vec<String> = (0..128)
-        .map(|i| format!("A somewhat longer sentence, number {i}, to keep the model busy for a while."))
+    let texts: Vec<String> = (0..256)
+        .map(|i| format!("A somewhat longer sentence, number {i}, to keep the model busy for a while, and then some more words so that every text costs the model a little longer."))
         .collect();
     let id = gw.submit_ok(json!({ "texts": texts })).await;
     let job = gw.finished(id, JOB_TIMEOUT).await;
-    assert_eq!(embeddings(&job).len(), 128);
+    assert_eq!(embeddings(&job).len(), 256);
     assert!(job["metrics"]["run_ms"].as_i64().unwrap() > 300, "premise: the run outlasts several heartbeats: {job}");
     assert_eq!(job["attempts"], 1, "leased, heartbeated, never reaped: {job}");
     worker.stop().await;
