@@ -25,6 +25,9 @@ pub async fn completion(
             _ = tokio::time::sleep_until(deadline) => return None,
             _ = state.shutdown.cancelled() => return None,
             event = rx.recv() => match event {
+                Ok(JobEvent { kind: EventKind::Completed, record: Some(record), .. }) if record.status.is_terminal() => {
+                    return Some(*record);
+                }
                 Ok(e) if e.kind == EventKind::Completed => {}
                 Ok(_) => continue,
                 Err(broadcast::error::RecvError::Lagged(_)) => {}

@@ -150,6 +150,10 @@ pub struct JobEvent {
     pub id: String,
     pub kind: EventKind,
     pub data: serde_json::Value,
+    /// With a live `completed` event: the finished record as the transition left it, so a
+    /// waiter can answer without reading it back. Never in the log.
+    #[serde(skip)]
+    pub record: Option<Box<JobRecord>>,
 }
 
 impl JobRecord {

@@ -43,18 +43,42 @@ pub struct Job {
 }
 
 /// Runs one embedding job to the end. Returns whether the store failed (the caller backs off).
+///
+/// Its texts go to the pool while the store starts the job, so the start's round trip overlaps
+/// tokenisation and inference; a job the store says not to run (finished, canceled, expired) has
+/// its texts withdrawn when their future is dropped.
 pub async fn embed_one(ctx: &Ctx, delivery: Delivery) -> bool {
     let started = std::time::Instant::now();
-    let mut job = match admit(ctx, delivery).await {
+    let Some(received) = receive(ctx, delivery).await else { return false };
+    let span = received.span.clone();
+    let mut ahead = EmbeddingInput::parse(&received.envelope.input, &ctx.spec.limits)
+        .ok()
+        .map(|input| Box::pin(ctx.infer.embed(input.texts).instrument(span.clone())));
+    let start = std::pin::pin!(start_job(ctx, received));
+    let (admitted, early) = match ahead.as_mut() {
+        None => (start.await, None),
+        Some(embed) => match futures::future::select(start, embed.as_mut()).await {
+            futures::future::Either::Left((admitted, _)) => (admitted, None),
+            futures::future::Either::Right((result, start)) => (start.await, Some(result)),
+        },
+    };
+    let mut job = match admitted {
         Admitted::Run(job) => *job,
         Admitted::Settled => return false,
         Admitted::StoreDown => return true,
     };
     let texts = std::mem::take(&mut job.texts);
     let count = texts.len();
-    let span = job.span.clone();
-    let run = ctx.infer.embed(texts).instrument(span.clone());
-    let result = guarded(run, std::slice::from_mut(&mut job), &ctx.backend, &ctx.owner, ctx.lease).await;
+    let result = match (early, ahead) {
+        (Some(result), _) => result,
+        (None, Some(embed)) => {
+            guarded(embed, std::slice::from_mut(&mut job), &ctx.backend, &ctx.owner, ctx.lease).await
+        }
+        (None, None) => {
+            let run = ctx.infer.embed(texts).instrument(span.clone());
+            guarded(run, std::slice::from_mut(&mut job), &ctx.backend, &ctx.owner, ctx.lease).await
+        }
+    };
     let result = result.map(|vectors| Produced::Output(success(vectors))).map_err(Failure::from);
     let trouble = settle(ctx, job, result).instrument(span).await;
     events::batch_done(&ctx.spec.name, 1, count, started.elapsed());
@@ -97,19 +121,41 @@ enum Admitted {
     StoreDown,
 }
 
-async fn admit(ctx: &Ctx, delivery: Delivery) -> Admitted {
-    let store = &ctx.backend.store;
+/// A delivery whose envelope decoded, with the span of this run of its job.
+struct Received {
+    envelope: Envelope,
+    delivery: Delivery,
+    span: tracing::Span,
+}
+
+/// Decodes a delivery's envelope; an undecodable message is rejected (it can never run).
+async fn receive(ctx: &Ctx, delivery: Delivery) -> Option<Received> {
     let envelope: Envelope = match serde_json::from_slice(&delivery.body) {
         Ok(e) => e,
         Err(e) => {
             events::undecodable(&ctx.spec.name, &e);
             let _ = delivery.reject().await;
-            return Admitted::Settled;
+            return None;
         }
     };
-    let id = envelope.id;
-    let span = tracing::info_span!("job", job_id = %id, model = %envelope.model, attempt = tracing::field::Empty);
+    let span =
+        tracing::info_span!("job", job_id = %envelope.id, model = %envelope.model, attempt = tracing::field::Empty);
     kiln_common::telemetry::set_parent(&span, delivery.traceparent.as_deref());
+    Some(Received { envelope, delivery, span })
+}
+
+async fn admit(ctx: &Ctx, delivery: Delivery) -> Admitted {
+    match receive(ctx, delivery).await {
+        Some(received) => start_job(ctx, received).await,
+        None => Admitted::Settled,
+    }
+}
+
+/// Starts the job in the store (or skips it), then reads its input.
+async fn start_job(ctx: &Ctx, received: Received) -> Admitted {
+    let store = &ctx.backend.store;
+    let Received { envelope, delivery, span } = received;
+    let id = envelope.id;
     let mut start = store.start(id, now_millis()).instrument(span.clone()).await;
     if let Ok(Start::Missing) = start {
         // Accepted, but its record is gone (expired, or lost by the store): run it all the same.

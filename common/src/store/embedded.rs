@@ -104,14 +104,20 @@ impl Inner {
     /// Appends an event to the job's log, tells its subscribers, and queues its webhook delivery.
     fn emit(&mut self, id: JobId, kind: EventKind, data: serde_json::Value, now: UnixMillis) {
         self.next_event += 1;
-        let event = JobEvent { id: self.next_event.to_string(), kind, data };
+        let event = JobEvent { id: self.next_event.to_string(), kind, data, record: None };
         let Some(entry) = self.records.get_mut(&id) else { return };
         if entry.events.len() >= MAX_EVENTS {
             entry.events.remove(0);
         }
         entry.events.push(event.clone());
         if let Some(tx) = self.subscribers.get(&id) {
-            let _ = tx.send(event.clone());
+            let mut live = event.clone();
+            if kind == EventKind::Completed {
+                let mut r = entry.record.clone();
+                r.derive_metrics();
+                live.record = Some(Box::new(r));
+            }
+            let _ = tx.send(live);
         }
         let Some(hook) = &entry.record.webhook else { return };
         let wants = |e: &str| hook.events.iter().any(|w| w == e);

@@ -16,6 +16,7 @@ kiln_common::both_backends!(
     retry_and_progress_respect_terminal_states,
     leases_lapse_once_and_are_reaped_by_one_claimant,
     redrive_only_moves_failed_jobs,
+    a_live_completed_event_carries_the_finished_record,
 );
 
 fn record() -> JobRecord {
@@ -170,4 +171,29 @@ async fn redrive_only_moves_failed_jobs(kind: Kind) {
     let again = b.store.get(r.id).await.unwrap().unwrap();
     assert_eq!((again.status, again.attempts, again.error, again.completed_at), (JobStatus::Queued, 0, None, None));
     assert_eq!(b.store.redrive(JobId::random()).await.unwrap(), Transition::Missing);
+}
+
+/// A waiter answers from the pushed `completed` event without reading the record back: the event
+/// carries the record as the transition left it (the log's copy does not).
+async fn a_live_completed_event_carries_the_finished_record(kind: Kind) {
+    let b = backend(kind, Duration::from_secs(60));
+    let r = record();
+    let mut events = b.store.subscribe(r.id).await;
+    b.store.create(&r).await.unwrap();
+    b.store.start(r.id, 1_010).await.unwrap();
+    let output = Outcome::Succeeded(r#"{"dim":2,"embeddings":[[0.6,-0.8]],"note":"a/b \"q\"\nx"}"#.into());
+    b.store.finish(r.id, &output, 1_025).await.unwrap();
+    let completed = loop {
+        let e = tokio::time::timeout(Duration::from_secs(5), events.recv()).await.expect("an event in time").unwrap();
+        if e.kind == kiln_proto::EventKind::Completed {
+            break e;
+        }
+        assert!(e.record.is_none(), "only completed events carry the record: {e:?}");
+    };
+    let pushed = completed.record.expect("the completed event carries the record");
+    assert_eq!(*pushed, b.store.get(r.id).await.unwrap().unwrap());
+    assert_eq!(pushed.output.as_ref().unwrap()["note"], "a/b \"q\"\nx");
+    assert_eq!((pushed.status, pushed.metrics.run_ms), (JobStatus::Succeeded, Some(15)));
+    let logged = b.store.events(r.id, None).await.unwrap();
+    assert!(logged.iter().all(|e| e.record.is_none()), "the log keeps no records");
 }

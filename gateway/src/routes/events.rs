@@ -116,7 +116,10 @@ async fn forward(
     }
     let data = match event.kind {
         // Completion carries the whole record, output included.
-        EventKind::Completed => serde_json::to_value(current(state, id).await?).unwrap_or_default(),
+        EventKind::Completed => match &event.record {
+            Some(record) => serde_json::to_value(record).unwrap_or_default(),
+            None => serde_json::to_value(current(state, id).await?).unwrap_or_default(),
+        },
         EventKind::Status | EventKind::Progress => event.data.clone(),
     };
     send(tx, event.kind, &event.id, data).await?;

@@ -14,6 +14,7 @@ pub(super) fn event(id: String, kind: &str, data: &str) -> Option<JobEvent> {
         id,
         kind: EventKind::parse(kind)?,
         data: serde_json::from_str(data).unwrap_or(serde_json::Value::Null),
+        record: None,
     })
 }
 
@@ -45,7 +46,13 @@ impl Hub {
         jobs.entry(id).or_insert_with(|| broadcast::channel(64).0).subscribe()
     }
 
+    /// A message is `job-id event-id kind data`, and for `completed` events a newline and the
+    /// job's hash as a JSON object (see the transition scripts' `emit_for`).
     fn dispatch(&self, message: &str) {
+        let (message, record) = match message.split_once('\n') {
+            Some((m, r)) => (m, Some(r)),
+            None => (message, None),
+        };
         let mut parts = message.splitn(4, ' ');
         let (Some(id), Some(eid), Some(kind), Some(data)) = (parts.next(), parts.next(), parts.next(), parts.next())
         else {
@@ -54,8 +61,13 @@ impl Hub {
         let Ok(id) = id.parse::<JobId>() else { return };
         let jobs = self.jobs.lock().expect("hub lock");
         if let Some(tx) = jobs.get(&id)
-            && let Some(e) = event(eid.to_owned(), kind, data)
+            && let Some(mut e) = event(eid.to_owned(), kind, data)
         {
+            // A record that does not decode is left out: the waiter reads it back instead.
+            e.record = record
+                .and_then(|r| serde_json::from_str::<HashMap<String, String>>(r).ok())
+                .and_then(|fields| super::decode(id, &fields).ok())
+                .map(Box::new);
             let _ = tx.send(e);
         }
     }

@@ -469,7 +469,7 @@ impl Store for RedisStore {
     }
 }
 
-fn decode(id: JobId, f: &HashMap<String, String>) -> Result<JobRecord, String> {
+pub(super) fn decode(id: JobId, f: &HashMap<String, String>) -> Result<JobRecord, String> {
     let get = |k: &str| f.get(k).ok_or_else(|| format!("field {k} missing"));
     let millis = |k: &str| f.get(k).map(|v| v.parse::<i64>().map_err(|e| format!("{k}: {e}"))).transpose();
     let json = |k: &str| {

@@ -32,7 +32,14 @@ local function emit_for(jk, jid, kind, data)
   local ek = jk .. ':events'
   local eid = redis.call('XADD', ek, 'MAXLEN', '~', '1000', '*', 'kind', kind, 'data', data)
   redis.call('PEXPIRE', ek, retention)
-  redis.call('PUBLISH', channel, jid .. ' ' .. eid .. ' ' .. kind .. ' ' .. data)
+  local message = jid .. ' ' .. eid .. ' ' .. kind .. ' ' .. data
+  if kind == 'completed' then
+    -- The finished record rides along, so a waiter answers without reading it back.
+    local flat, record = redis.call('HGETALL', jk), {}
+    for i = 1, #flat, 2 do record[flat[i]] = flat[i + 1] end
+    message = message .. '\n' .. cjson.encode(record)
+  end
+  redis.call('PUBLISH', channel, message)
   if not redis.call('HGET', jk, 'webhook_url') then return end
   local wanted = ',' .. (redis.call('HGET', jk, 'webhook_events') or '') .. ','
   local hook, did
