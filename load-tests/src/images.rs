@@ -1,5 +1,5 @@
 //! The images scenario: the terrain pipeline alone (the worker's own code: model run, heights,
-//! PNG encoding, one image per run) against images through the fleet — submit with `Prefer:
+//! PNG encoding, one image per run, one session on every core) against images through the fleet — submit with `Prefer:
 //! wait`, then download the PNG — with closed-loop clients.
 
 use std::time::Instant;
@@ -28,7 +28,8 @@ pub async fn bare(args: &Args) -> anyhow::Result<Bare> {
     let cache = kiln_common::config::default_cache_dir();
     let config = kiln_worker::WorkerConfig::default();
     let dylib = kiln_worker::resolve_onnxruntime(&config, &cache)?;
-    let threads = kiln_worker::Threads { intra: args.threads, spin: config.ort_spin };
+    // One session on every core: the image worker's own `auto`.
+    let threads = kiln_worker::Threads { intra: kiln_worker::runtime::default_threads(), spin: config.ort_spin };
     let infer = tokio::task::spawn_blocking(move || kiln_worker::load_model(&spec, &dylib, &cache, threads)).await??;
     let mut single = Samples::default();
     let (mut images, mut seed) = (0u64, 0u64);
@@ -77,7 +78,7 @@ pub async fn warm_up(http: &reqwest::Client, url: &str, model: &str) -> anyhow::
 pub async fn fleet(http: &reqwest::Client, url: &str, args: &Args, clients: usize) -> anyhow::Result<(f64, Samples)> {
     let (http, url, model) = (http.clone(), url.to_owned(), args.image_model.clone());
     let first = 1_000_000 * clients as u64;
-    crate::closed_loop(clients, args.duration, move |n| {
+    crate::scenarios::closed_loop(clients, args.duration, move |n| {
         let (http, url, model) = (http.clone(), url.clone(), model.clone());
         async move { one(&http, &url, &model, first + n as u64).await }
     })

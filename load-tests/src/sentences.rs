@@ -1,5 +1,6 @@
-//! Varied, ordinary English sentences, all distinct, for benchmark inputs: no two jobs of a
-//! scenario share an input unless the scenario is the cache.
+//! The `short` mix's generator: varied, ordinary, templated English sentences (15–29 tokens), all
+//! distinct, for benchmark inputs: no two jobs of a scenario share an input unless the scenario
+//! is the cache.
 
 const SUBJECTS: [&str; 16] = [
     "The old fisherman",
@@ -75,7 +76,12 @@ pub fn sentence(n: usize) -> String {
     if n.is_multiple_of(3) { format!("{s} {v} {o} {t}") } else { format!("{s} {v} {o}.") }
 }
 
+/// The `n`-th input of the `short` mix: a sentence made distinct for every `n` by its number.
+pub fn numbered(n: usize) -> String {
+    format!("{} ({n})", sentence(n % 32768))
+}
+
 /// Distinct sentences from `start`, so scenarios never repeat one another's inputs.
 pub fn batch(start: usize, count: usize) -> Vec<String> {
-    (start..start + count).map(|n| format!("{} ({n})", sentence(n % 32768))).collect()
+    (start..start + count).map(numbered).collect()
 }

@@ -218,12 +218,11 @@ fn solve_subset(xtx: &[[f64; 3]; 3], xty: &[f64; 3], idx: &[usize]) -> Option<Ve
             return None;
         }
         a.swap(col, pivot);
-        for r in 0..n {
+        let pivot_row = a[col].clone();
+        for (r, row) in a.iter_mut().enumerate() {
             if r != col {
-                let f = a[r][col] / a[col][col];
-                for c in col..=n {
-                    a[r][c] -= f * a[col][c];
-                }
+                let f = row[col] / pivot_row[col];
+                row.iter_mut().zip(&pivot_row).skip(col).for_each(|(x, p)| *x -= f * p);
             }
         }
     }
