@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManager;
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
@@ -46,10 +46,7 @@ impl RedisCache {
     pub fn new(url: &Secret, prefix: &str, ttl: Duration, timeout: Duration) -> Result<Self, StoreError> {
         let client = redis::Client::open(url.expose())
             .map_err(|e| StoreError::Unavailable(format!("bad cache Redis URL: {e}")))?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout))
-            .set_number_of_retries(1);
+        let config = crate::store::redis::connection_config(timeout, timeout);
         let conn = ConnectionManager::new_lazy_with_config(client, config)
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
         Ok(Self { conn, prefix: format!("{prefix}cache:"), ttl })

@@ -47,7 +47,7 @@ pub struct WorkerConfig {
     /// Texts per model run at most, overriding the model's `max_batch` (1 turns batching off).
     #[arg(long, env = "KILN_MAX_BATCH")]
     pub max_batch: Option<usize>,
-    /// Padded tokens (texts × the longest text's tokens) per model run at most. `auto`: 4096 on
+    /// Padded tokens (texts × the longest text's tokens) per model run at most. `auto`: 2048 on
     /// a CPU, 16384 on a GPU. Bounds the activations' memory; within it, the measured cost
     /// table decides what runs together.
     #[arg(long, env = "KILN_MAX_BATCH_TOKENS", default_value = "auto", value_parser = parse_auto)]

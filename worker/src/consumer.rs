@@ -91,20 +91,22 @@ fn pipeline_depth(ctx: &Ctx) -> usize {
 async fn serve(ctx: &Ctx, shutdown: &CancellationToken, mut deliveries: Deliveries) -> Stop {
     let mut tick = tokio::time::interval(IDLE_TICK);
     let mut in_flight = FuturesUnordered::new();
-    let mut store_trouble = false;
+    // When the store fails, the loop takes no new delivery for BACKOFF_MIN — once per episode:
+    // the many jobs in flight that fail together (a full prefetch window) back off together.
+    let mut trouble = Backoff::default();
     let stop = loop {
-        if store_trouble && pause(BACKOFF_MIN, shutdown).await {
+        if trouble.due() && pause(BACKOFF_MIN, shutdown).await {
             break Stop::Shutdown;
         }
         while in_flight.len() >= pipeline_depth(ctx) {
-            store_trouble = in_flight.next().await.unwrap_or(false);
+            trouble.saw(in_flight.next().await.unwrap_or(false));
             ctx.health.beat(&ctx.spec.name);
         }
         let first = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break Stop::Shutdown,
-            Some(trouble) = in_flight.next(), if !in_flight.is_empty() => {
-                store_trouble = trouble;
+            Some(failed) = in_flight.next(), if !in_flight.is_empty() => {
+                trouble.saw(failed);
                 ctx.health.beat(&ctx.spec.name);
                 continue;
             }
@@ -154,6 +156,31 @@ async fn serve(ctx: &Ctx, shutdown: &CancellationToken, mut deliveries: Deliveri
     // Batches in hand finish before the consumer closes (which hands back the rest).
     while in_flight.next().await.is_some() {}
     stop
+}
+
+/// Store trouble reported by finished work, turned into at most one pause per `BACKOFF_MIN`.
+#[derive(Default)]
+struct Backoff {
+    /// Trouble seen since the last pause.
+    pending: bool,
+    /// Trouble reported before this instant belongs to the pause already taken.
+    quiet_until: Option<tokio::time::Instant>,
+}
+
+impl Backoff {
+    fn saw(&mut self, failed: bool) {
+        let covered = self.quiet_until.is_some_and(|t| tokio::time::Instant::now() < t);
+        self.pending |= failed && !covered;
+    }
+
+    /// Whether to pause now; a pause covers the trouble that comes in during it.
+    fn due(&mut self) -> bool {
+        if !std::mem::take(&mut self.pending) {
+            return false;
+        }
+        self.quiet_until = Some(tokio::time::Instant::now() + BACKOFF_MIN);
+        true
+    }
 }
 
 /// Tells the store this worker serves the model, for `GET /v1/models`; best effort.

@@ -192,7 +192,7 @@ fn embedding_pool(
     }
     let limits = planner::Limits {
         max_batch: layout.max_batch.unwrap_or(spec.max_batch).max(1),
-        max_batch_tokens: layout.max_batch_tokens.unwrap_or(if on_gpu { 16384 } else { 4096 }),
+        max_batch_tokens: layout.max_batch_tokens.unwrap_or(if on_gpu { 16384 } else { 2048 }),
     };
     let described = match wide_t {
         Some(t) => format!("1x{t} alone, {narrow_n}x{narrow_t} under load"),

@@ -290,10 +290,11 @@ async fn scenario_job_longer_than_the_consumer_timeout() {
     let models = TempRepo::new(set("max_batch", "2"));
     let env = Env::from_parts(Backend::external(&args).unwrap(), Some(args.clone())).with_models(&models);
     let gw = env.gateway().await;
-    let lease = [("KILN_LEASE_AFTER", "500ms"), ("KILN_LEASE_TTL", "3s")];
+    // One session, so the job's batches run one after another and the run outlasts the timeout.
+    let lease = [("KILN_LEASE_AFTER", "500ms"), ("KILN_LEASE_TTL", "3s"), ("KILN_SESSIONS", "1")];
     let mut a = ChildWorker::spawn(&args, &models.0, &worker_env(&lease));
     let texts: Vec<String> = (0..256)
-        .map(|i| format!("Sentence {i} of a long job: {}", "the quick brown fox jumps over the lazy dog ".repeat(4)))
+        .map(|i| format!("Sentence {i} of a long job: {}", "the quick brown fox jumps over the lazy dog ".repeat(8)))
         .collect();
     let long = gw.submit_ok(json!({ "texts": texts })).await;
     let job = gw.finished(long, DONE_TIMEOUT).await;

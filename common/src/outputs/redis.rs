@@ -7,7 +7,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use kiln_proto::JobId;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManager;
 
 use super::{FileMeta, OutputError, OutputStore, check, valid_name};
 use crate::config::Secret;
@@ -23,10 +23,7 @@ impl RedisOutputs {
     pub fn new(url: &Secret, key_prefix: &str, retention: Duration, timeout: Duration) -> Result<Self, OutputError> {
         let client =
             redis::Client::open(url.expose()).map_err(|e| OutputError::Unavailable(format!("bad Redis URL: {e}")))?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout))
-            .set_number_of_retries(1);
+        let config = crate::store::redis::connection_config(timeout, timeout);
         let conn = ConnectionManager::new_lazy_with_config(client, config).map_err(unavailable)?;
         Ok(Self { conn, prefix: key_prefix.to_owned(), retention })
     }

@@ -17,6 +17,7 @@ kiln_common::both_backends!(
     leases_lapse_once_and_are_reaped_by_one_claimant,
     redrive_only_moves_failed_jobs,
     a_live_completed_event_carries_the_finished_record,
+    a_burst_of_concurrent_calls_on_a_busy_machine_all_complete,
 );
 
 fn record() -> JobRecord {
@@ -196,4 +197,44 @@ async fn a_live_completed_event_carries_the_finished_record(kind: Kind) {
     assert_eq!((pushed.status, pushed.metrics.run_ms), (JobStatus::Succeeded, Some(15)));
     let logged = b.store.events(r.id, None).await.unwrap();
     assert!(logged.iter().all(|e| e.record.is_none()), "the log keeps no records");
+}
+
+/// A worker admits its whole prefetch window at once: hundreds of concurrent store calls on one
+/// connection while inference keeps every core busy, well past redis-rs's default request channel
+/// of 50. All of them complete, promptly. (The stall this guards against — see
+/// `connection_config` — was seen through the benchmark's backlog scenario; this burst alone did
+/// not reproduce it on the old settings.)
+async fn a_burst_of_concurrent_calls_on_a_busy_machine_all_complete(kind: Kind) {
+    let b = backend(kind, Duration::from_secs(60));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let spinners: Vec<_> = (0..2)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut x = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+                }
+                x
+            })
+        })
+        .collect();
+    let output =
+        Outcome::Succeeded(format!(r#"{{"dim":384,"embeddings":[[{}]]}}"#, vec!["0.012345678"; 384].join(",")));
+    let mut failed = Vec::new();
+    let started = std::time::Instant::now();
+    for _round in 0..5 {
+        let records: Vec<JobRecord> = (0..128).map(|_| record()).collect();
+        let creates = futures::future::join_all(records.iter().map(|r| b.store.create(r))).await;
+        let starts = futures::future::join_all(records.iter().map(|r| b.store.start(r.id, 2_000))).await;
+        let finishes = futures::future::join_all(records.iter().map(|r| b.store.finish(r.id, &output, 2_010))).await;
+        failed.extend(creates.into_iter().filter_map(Result::err).map(|e| e.to_string()));
+        failed.extend(starts.into_iter().filter_map(Result::err).map(|e| e.to_string()));
+        failed.extend(finishes.into_iter().filter_map(Result::err).map(|e| e.to_string()));
+    }
+    let took = started.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    spinners.into_iter().for_each(|s| drop(s.join()));
+    assert!(failed.is_empty(), "{} of 1920 calls failed after {took:?}, e.g. {:?}", failed.len(), failed.first());
+    assert!(took < Duration::from_secs(4), "1920 calls took {took:?}");
 }

@@ -57,11 +57,8 @@ impl RedisStore {
     pub fn new(config: RedisConfig) -> Result<Self, StoreError> {
         let client = redis::Client::open(config.url.expose())
             .map_err(|e| StoreError::Unavailable(format!("bad Redis URL: {e}")))?;
-        let mgr_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(config.connect_timeout))
-            .set_response_timeout(Some(config.response_timeout))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_secs(2));
+        let mgr_config =
+            connection_config(config.connect_timeout, config.response_timeout).set_max_delay(Duration::from_secs(2));
         let conn = ConnectionManager::new_lazy_with_config(client.clone(), mgr_config).map_err(unavailable)?;
         let scripts = Scripts::new();
         Ok(Self { conn, client, config, scripts, hub: Arc::new(Hub::default()) })
@@ -126,6 +123,24 @@ impl RedisStore {
     async fn apply(&self, inv: &redis::ScriptInvocation<'_>) -> Result<Transition, StoreError> {
         Ok(transition(self.invoke(inv).await?))
     }
+}
+
+/// Requests in flight on one multiplexed connection at most; more wait for a permit.
+const CONNECTION_CONCURRENCY: usize = 512;
+
+/// The settings of every Redis connection of a process (job store, cache, outputs).
+///
+/// redis-rs queues requests for its connection task in a bounded channel (50 by default); with
+/// more callers than that at once (a worker admitting a full prefetch window of jobs), the
+/// connection stalled until every request in it timed out. Its own concurrency limit, below a
+/// larger channel, keeps the channel from ever filling: callers past the limit wait for a permit.
+pub(crate) fn connection_config(connect: Duration, response: Duration) -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(connect))
+        .set_response_timeout(Some(response))
+        .set_number_of_retries(1)
+        .set_concurrency_limit(CONNECTION_CONCURRENCY)
+        .set_pipeline_buffer_size(2 * CONNECTION_CONCURRENCY)
 }
 
 fn unavailable(e: redis::RedisError) -> StoreError {
