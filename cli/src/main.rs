@@ -1,6 +1,11 @@
 //! `kiln`: the embedded default (`kiln dev`), each role on its own (`kiln gateway`, `kiln worker`),
 //! asset fetching, client commands, and `kiln batch`.
 
+/// A process of many small short-lived allocations (requests, JSON, AMQP frames): glibc malloc
+/// was about a sixth of the gateway's CPU under submit load.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::net::{IpAddr, SocketAddr};
 use std::process::ExitCode;
 use std::time::Duration;

@@ -1,5 +1,10 @@
 //! `kiln-gateway`: parse config, init telemetry, bind, serve until SIGTERM, drain.
 
+/// A process of many small short-lived allocations (requests, JSON, AMQP frames): glibc malloc
+/// was about a sixth of the gateway's CPU under submit load.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::process::ExitCode;
 
 use clap::Parser;
