@@ -8,7 +8,8 @@ use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use kiln_common::models::{EmbeddingSpec, ExecutionProvider, ModelRepository, Pooling};
+use kiln_common::models::{EmbeddingSpec, ExecutionProvider, ModelRepository};
+use kiln_worker::pool_embedding as pool;
 use ndarray::Array2;
 use ort::environment::Environment;
 use ort::session::Session;
@@ -151,30 +152,6 @@ impl Embedder {
         }
         Ok(out)
     }
-}
-
-/// The worker's pooling: mean over the attention mask (or CLS), then L2 normalisation.
-fn pool(hidden: &[f32], mask: &[i64], dim: usize, spec: &EmbeddingSpec) -> Vec<f32> {
-    let mut out = vec![0f32; dim];
-    match spec.pooling {
-        Pooling::Cls => out.copy_from_slice(&hidden[..dim]),
-        Pooling::Mean => {
-            let mut count = 0f32;
-            for (tok, &m) in hidden.chunks_exact(dim).zip(mask) {
-                if m != 0 {
-                    count += 1.0;
-                    out.iter_mut().zip(tok).for_each(|(o, t)| *o += t);
-                }
-            }
-            let count = count.max(1e-9);
-            out.iter_mut().for_each(|o| *o /= count);
-        }
-    }
-    if spec.normalize {
-        let norm = out.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
-        out.iter_mut().for_each(|x| *x /= norm);
-    }
-    out
 }
 
 /// Every `sessions × threads` that uses exactly `cores`, widest session first.
@@ -341,14 +318,5 @@ mod tests {
         assert!(rate.is_some_and(|r| r > 0.0), "{rate:?}");
         // two warm-up batches and at least one timed batch per session
         assert!(corpus.usage_since(mark).texts >= 8, "{} texts taken", corpus.usage_since(mark).texts);
-    }
-
-    #[test]
-    fn mean_pooling_ignores_padding_and_normalises() {
-        let spec = EmbeddingSpec { max_length: 8, pooling: Pooling::Mean, normalize: true };
-        let hidden = [3.0, 0.0, 1.0, 4.0, 100.0, 100.0];
-        let v = pool(&hidden, &[1, 1, 0], 2, &spec);
-        let expect = [2.0f32 / 8.0f32.sqrt(), 2.0 / 8.0f32.sqrt()];
-        assert!((v[0] - expect[0]).abs() < 1e-6 && (v[1] - expect[1]).abs() < 1e-6, "{v:?}");
     }
 }

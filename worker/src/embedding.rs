@@ -127,8 +127,9 @@ impl Encoder {
     }
 }
 
-/// Pools one text's token vectors (`seq × dim`, row-major) into one vector.
-fn pool(hidden: &[f32], mask: &[i64], dim: usize, spec: &EmbeddingSpec) -> Vec<f32> {
+/// Pools one text's token vectors (`seq × dim`, row-major) into one vector: mean over the
+/// attention mask (or the CLS token), then L2 normalisation, as the model's spec says.
+pub fn pool(hidden: &[f32], mask: &[i64], dim: usize, spec: &EmbeddingSpec) -> Vec<f32> {
     let mut out = vec![0f32; dim];
     match spec.pooling {
         Pooling::Cls => out.copy_from_slice(&hidden[..dim]),
