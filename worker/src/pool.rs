@@ -193,7 +193,7 @@ fn choose(shared: &Shared, state: &State, kind: Kind, threads: usize) -> Option<
 /// A session's thread: take a planned batch, run it, record its cost, answer its texts.
 fn serve(shared: &Shared, mut encoder: Encoder, kind: Kind, threads: usize) {
     loop {
-        let batch: Vec<Item> = {
+        let (batch, shape, estimate) = {
             let mut state = shared.lock();
             let picked = loop {
                 if state.closed {
@@ -209,12 +209,10 @@ fn serve(shared: &Shared, mut encoder: Encoder, kind: Kind, threads: usize) {
             };
             state.busy_threads += threads;
             state.wide_busy |= kind == Kind::Wide;
-            take(&mut state.items, &picked)
-        };
-        let shape = Shape { batch: batch.len(), len: batch.iter().map(|i| i.ids.len()).max().unwrap_or(1) };
-        let estimate = {
-            let state = shared.lock();
-            table(&state, kind).estimate(shape)
+            let batch = take(&mut state.items, &picked);
+            let shape = Shape { batch: batch.len(), len: batch.iter().map(|i| i.ids.len()).max().unwrap_or(1) };
+            let estimate = table(&state, kind).estimate(shape);
+            (batch, shape, estimate)
         };
         let span = tracing::info_span!(parent: &batch[0].span, "inference", model = %shared.model, texts = shape.batch, seq_len = shape.len);
         for item in &batch[1..] {

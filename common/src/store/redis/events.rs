@@ -59,10 +59,9 @@ impl Hub {
             return;
         };
         let Ok(id) = id.parse::<JobId>() else { return };
-        let jobs = self.jobs.lock().expect("hub lock");
-        if let Some(tx) = jobs.get(&id)
-            && let Some(mut e) = event(eid.to_owned(), kind, data)
-        {
+        // Decoded only for a job someone waits on, and outside the lock every subscriber takes.
+        let Some(tx) = self.jobs.lock().expect("hub lock").get(&id).cloned() else { return };
+        if let Some(mut e) = event(eid.to_owned(), kind, data) {
             // A record that does not decode is left out: the waiter reads it back instead.
             e.record = record
                 .and_then(|r| serde_json::from_str::<HashMap<String, String>>(r).ok())
