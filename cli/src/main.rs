@@ -161,11 +161,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Dev { port, host, external, backend, worker, models, mut webhooks } => {
             let repo = ModelRepository::load(&models.models_dir)?;
-            let backend = if external {
-                Backend::external(&backend)?
-            } else {
-                Backend::embedded_with_cache(backend.job_retention, backend.cache_ttl)
-            };
+            let backend = if external { Backend::external(&backend)? } else { Backend::embedded_for(&backend) };
             let addr = SocketAddr::new(host, port);
             let listener =
                 tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;

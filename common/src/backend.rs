@@ -10,7 +10,7 @@ use crate::cache::{Cache, EmbeddedCache, RedisCache};
 use crate::config::BackendArgs;
 use crate::outputs::redis::RedisOutputs;
 use crate::outputs::{EmbeddedOutputs, FsOutputs, OutputStore};
-use crate::store::embedded::EmbeddedStore;
+use crate::store::embedded::{EmbeddedStore, StoreSettings};
 use crate::store::redis::{RedisConfig, RedisStore};
 use crate::store::{Store, StoreError};
 
@@ -35,9 +35,23 @@ impl Backend {
     }
 
     pub fn embedded_with_cache(retention: Duration, cache_ttl: Duration) -> Self {
+        Self::embedded_store(EmbeddedStore::new(retention), retention, cache_ttl)
+    }
+
+    /// In-process broker, store and cache with these settings (retentions, sweeping, cache TTL).
+    pub fn embedded_for(args: &BackendArgs) -> Self {
+        let store = EmbeddedStore::with(StoreSettings {
+            retention: args.job_retention,
+            finished_retention: args.result_retention.unwrap_or(args.job_retention),
+            sweep_after: args.sweep_after,
+        });
+        Self::embedded_store(store, args.job_retention, args.cache_ttl)
+    }
+
+    fn embedded_store(store: EmbeddedStore, retention: Duration, cache_ttl: Duration) -> Self {
         Self {
             broker: Arc::new(EmbeddedBroker::default()),
-            store: Arc::new(EmbeddedStore::new(retention)),
+            store: Arc::new(store),
             cache: Arc::new(EmbeddedCache::new(cache_ttl, EMBEDDED_CACHE_ENTRIES)),
             outputs: Arc::new(EmbeddedOutputs::new(retention, EMBEDDED_OUTPUT_BYTES)),
         }
@@ -57,6 +71,8 @@ impl Backend {
             url: args.redis_url.clone(),
             key_prefix: args.key_prefix.clone(),
             retention: args.job_retention,
+            finished_retention: args.result_retention.unwrap_or(args.job_retention),
+            sweep_after: args.sweep_after,
             connect_timeout: args.connect_timeout,
             response_timeout: args.io_timeout,
         })?;

@@ -96,6 +96,17 @@ pub struct BackendArgs {
     /// How long job records are kept after acceptance and after completion (`24h`, `30m`, ...).
     #[arg(long, env = "KILN_JOB_RETENTION", default_value = "24h", value_parser = parse_duration)]
     pub job_retention: Duration,
+    /// How long a finished job's record (its result) is kept after completion; default: the job
+    /// retention. Keep it at least as long as webhooks are retried (`KILN_WEBHOOK_GIVE_UP_AFTER`).
+    /// It bounds the store's memory: about the bytes of one result × finished jobs per second ×
+    /// this (see README, "What a job costs the store").
+    #[arg(long, env = "KILN_RESULT_RETENTION", value_parser = parse_duration)]
+    pub result_retention: Option<Duration>,
+    /// How long a live job may go without any transition (or lease renewal) before the sweeper
+    /// checks it: a queued or running job with no live lease and no live worker is queued again
+    /// from its stored envelope, or ended `job_lost` when it cannot be rebuilt.
+    #[arg(long, env = "KILN_SWEEP_AFTER", default_value = "10m", value_parser = parse_duration)]
+    pub sweep_after: Duration,
     /// Redis URL of the result cache; default: the job store's Redis. Give the cache its own
     /// instance with `maxmemory-policy allkeys-lfu` in production.
     #[arg(long, env = "KILN_CACHE_REDIS_URL")]

@@ -105,7 +105,7 @@ pub async fn redrive(backend: &Backend, selection: Selection) -> Result<RedriveR
                     Err(e) => return Err(e.into()),
                 }
             }
-            Transition::AlreadyTerminal(_) | Transition::NotApplicable(_) => {
+            Transition::AlreadyTerminal(_) | Transition::NotApplicable(_) | Transition::Superseded => {
                 delivery.ack().await?;
                 report.dropped.push(id);
                 continue;

@@ -35,6 +35,10 @@ pub fn enqueue_rolled_back(id: JobId, discarded: bool) {
     tracing::warn!(target: "kiln::gateway", job_id = %id, discarded, "publish failed; job record withdrawn");
 }
 
+pub fn confirm_not_recorded(id: JobId, error: &dyn std::fmt::Display) {
+    tracing::warn!(target: "kiln::gateway", job_id = %id, %error, "job enqueued, but its confirmation was not recorded; its first start records it");
+}
+
 pub fn job_canceled(id: JobId) {
     tracing::info!(target: "kiln::gateway", job_id = %id, "job canceled");
 }

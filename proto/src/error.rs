@@ -47,13 +47,15 @@ pub enum ErrorCode {
     DeadlineExceeded,
     /// The job was started too many times without finishing: its workers crashed or were killed.
     WorkerLost,
+    /// The job's work was lost and could not be rebuilt (no message, no lease, no stored envelope).
+    JobLost,
     /// An unexpected server error; details are in the server log, never in the response.
     Internal,
 }
 
 impl ErrorCode {
     /// Every code, for documentation (the OpenAPI description lists them).
-    pub const ALL: [ErrorCode; 21] = [
+    pub const ALL: [ErrorCode; 22] = [
         Self::MalformedJson,
         Self::InvalidRequest,
         Self::InvalidInput,
@@ -74,6 +76,7 @@ impl ErrorCode {
         Self::InferenceFailed,
         Self::DeadlineExceeded,
         Self::WorkerLost,
+        Self::JobLost,
         Self::Internal,
     ];
 
@@ -99,6 +102,7 @@ impl ErrorCode {
             Self::InferenceFailed => "inference_failed",
             Self::DeadlineExceeded => "deadline_exceeded",
             Self::WorkerLost => "worker_lost",
+            Self::JobLost => "job_lost",
             Self::Internal => "internal",
         }
     }

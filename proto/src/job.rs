@@ -209,6 +209,21 @@ pub struct Envelope {
     /// Where the output goes in the result cache; none when the job opted out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache_key: Option<String>,
+    /// The job's metadata, webhook and trace context: what a worker needs to rebuild its record
+    /// if the store lost it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<EnvelopeWebhook>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
+}
+
+/// A job's webhook, as its envelope carries it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EnvelopeWebhook {
+    pub url: String,
+    pub events: Vec<String>,
 }
 
 impl Envelope {
@@ -219,7 +234,32 @@ impl Envelope {
         created_at: UnixMillis,
         deadline: Option<UnixMillis>,
     ) -> Self {
-        Self { v: ENVELOPE_VERSION, id, model, input, created_at, deadline, history: Vec::new(), cache_key: None }
+        Self {
+            v: ENVELOPE_VERSION,
+            id,
+            model,
+            input,
+            created_at,
+            deadline,
+            history: Vec::new(),
+            cache_key: None,
+            metadata: None,
+            webhook: None,
+            traceparent: None,
+        }
+    }
+
+    /// The queued record of this job, rebuilt from its message: for a store that lost it.
+    pub fn record(&self) -> JobRecord {
+        let mut record = JobRecord::queued(self.id, self.model.clone(), self.created_at, self.metadata.clone());
+        record.deadline_at = self.deadline;
+        record.webhook = self.webhook.as_ref().map(|w| WebhookState {
+            url: w.url.clone(),
+            events: w.events.clone(),
+            ..Default::default()
+        });
+        record.traceparent = self.traceparent.clone();
+        record
     }
 }
 

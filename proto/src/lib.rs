@@ -9,8 +9,8 @@ mod task;
 pub use error::{ApiErrorBody, ErrorCode, ErrorDetail};
 pub use id::{JobId, ModelName, ModelNameError};
 pub use job::{
-    AttemptRecord, DeadLetter, ENVELOPE_VERSION, Envelope, EventKind, JobError, JobEvent, JobMetrics, JobRecord,
-    JobStatus, ModelInfo, WebhookState,
+    AttemptRecord, DeadLetter, ENVELOPE_VERSION, Envelope, EnvelopeWebhook, EventKind, JobError, JobEvent, JobMetrics,
+    JobRecord, JobStatus, ModelInfo, WebhookState,
 };
 pub use task::{
     Colormap, EmbeddingInput, EmbeddingOutput, ImageGenerationInput, ImageOutput, InputError, InputLimits, MAX_SEED,

@@ -1,55 +1,43 @@
 //! A job, start to end: decode and start it (skipping duplicates, expired and withdrawn jobs,
 //! giving up on jobs started too often), validate its input, run it, then settle it — store the
-//! result, retry with backoff, or dead-letter — and only then acknowledge its message.
+//! result, retry with backoff, or dead-letter — through [`crate::job::Job`], which alone lets go
+//! of its message.
 //!
 //! An embedding job runs on its own: its texts join the model's pool, which batches them with
 //! every other job's by measured cost ([`crate::pool`]) and runs a batch's texts alone if it fails,
 //! so one bad job cannot fail its batch-mates. Image jobs come in batches of deliveries and run
 //! one after the other.
 
+use std::time::Duration;
+
 use kiln_common::broker::Delivery;
-use kiln_common::store::{Outcome, Start, StoreError, Transition};
+use kiln_common::store::{Creation, Outcome, Start, StoreError, Transition};
 use kiln_proto::{
     AttemptRecord, DeadLetter, ENVELOPE_VERSION, EmbeddingInput, EmbeddingOutput, Envelope, ImageGenerationInput,
-    InputError, JobId, JobRecord, Task, TextToImageInput, now_millis,
+    InputError, Task, TextToImageInput, now_millis,
 };
 
-use crate::consumer::Ctx;
+use crate::ctx::Ctx;
 use crate::errors::{Disposition, Failure, dispose};
 use crate::events;
 use crate::images::{self, Produced};
 use crate::inference::ImageWork;
+use crate::job::{self, Job, Settled};
 use crate::lease::guarded;
 use tracing::Instrument;
 
-pub struct Job {
-    pub id: JobId,
-    pub envelope: Envelope,
-    /// The message as received, kept for leases.
-    pub body: Vec<u8>,
-    /// The broker's message, until it is acknowledged (at the end, or when a lease takes over).
-    pub delivery: Option<Delivery>,
-    /// Held by a lease in the store instead of by the broker.
-    pub leased: bool,
-    pub attempt: u32,
-    /// An embedding job's texts.
-    pub texts: Vec<String>,
-    /// An image job's work.
-    pub images: Option<ImageWork>,
-    /// This run of the job, a child of the span that published it (the HTTP request).
-    pub span: tracing::Span,
-    /// When this run started.
-    pub started: std::time::Instant,
-}
+/// How long a worker keeps trying to start a job while the store fails, before handing its
+/// message back (each hand-back counts against the queue's delivery limit).
+const START_PATIENCE: Duration = Duration::from_secs(20);
 
-/// Runs one embedding job to the end. Returns whether the store failed (the caller backs off).
+/// Runs one embedding job to the end.
 ///
 /// Its texts go to the pool while the store starts the job, so the start's round trip overlaps
 /// tokenisation and inference; a job the store says not to run (finished, canceled, expired) has
 /// its texts withdrawn when their future is dropped.
-pub async fn embed_one(ctx: &Ctx, delivery: Delivery) -> bool {
+pub async fn embed_one(ctx: &Ctx, delivery: Delivery) -> Settled {
     let started = std::time::Instant::now();
-    let Some(received) = receive(ctx, delivery).await else { return false };
+    let Some(received) = receive(ctx, delivery).await else { return Settled::Done };
     let span = received.span.clone();
     let mut ahead = EmbeddingInput::parse(&received.envelope.input, &ctx.spec.limits)
         .ok()
@@ -64,8 +52,7 @@ pub async fn embed_one(ctx: &Ctx, delivery: Delivery) -> bool {
     };
     let mut job = match admitted {
         Admitted::Run(job) => *job,
-        Admitted::Settled => return false,
-        Admitted::StoreDown => return true,
+        Admitted::Settled(settled) => return settled,
     };
     let texts = std::mem::take(&mut job.texts);
     let count = texts.len();
@@ -85,40 +72,43 @@ pub async fn embed_one(ctx: &Ctx, delivery: Delivery) -> bool {
     trouble
 }
 
-/// Runs a batch of image jobs to the end, one after the other. Returns whether the store failed
-/// (the caller backs off).
-pub async fn images(ctx: &Ctx, batch: Vec<Delivery>) -> bool {
+/// Runs a batch of image jobs to the end, one after the other; handed back if any was.
+pub async fn images(ctx: &Ctx, batch: Vec<Delivery>) -> Settled {
     let started = std::time::Instant::now();
-    let mut store_trouble = false;
+    let mut settled = Settled::Done;
+    let mut note = |s: Settled| {
+        if s == Settled::HandedBack {
+            settled = s;
+        }
+    };
     let mut jobs = Vec::with_capacity(batch.len());
     for delivery in batch {
         match admit(ctx, delivery).await {
             Admitted::Run(job) => jobs.push(*job),
-            Admitted::Settled => {}
-            Admitted::StoreDown => store_trouble = true,
+            Admitted::Settled(s) => note(s),
         }
     }
     let count = jobs.len();
     for mut job in jobs {
         let Some(work) = job.images.take() else {
-            store_trouble |= settle(ctx, job, Err(Failure::Input("not an image job".into()))).await;
+            note(settle(ctx, job, Err(Failure::Input("not an image job".into()))).await);
             continue;
         };
-        let (id, span) = (job.id, job.span.clone());
+        let (id, run_token, span) = (job.id, job.run, job.span.clone());
         let mut one = [job];
-        let run = images::run(ctx, id, work).instrument(span.clone());
+        let run = images::run(ctx, id, run_token, work).instrument(span.clone());
         let result = guarded(run, &mut one, &ctx.backend, &ctx.owner, ctx.lease).await;
         let [job] = one;
-        store_trouble |= settle(ctx, job, result).instrument(span).await;
+        note(settle(ctx, job, result).instrument(span).await);
     }
     events::batch_done(&ctx.spec.name, count, 0, started.elapsed());
-    store_trouble
+    settled
 }
 
 enum Admitted {
     Run(Box<Job>),
-    Settled,
-    StoreDown,
+    /// Not run: skipped, failed at once, or handed back.
+    Settled(Settled),
 }
 
 /// A delivery whose envelope decoded, with the span of this run of its job.
@@ -134,7 +124,7 @@ async fn receive(ctx: &Ctx, delivery: Delivery) -> Option<Received> {
         Ok(e) => e,
         Err(e) => {
             events::undecodable(&ctx.spec.name, &e);
-            let _ = delivery.reject().await;
+            job::reject(delivery).await;
             return None;
         }
     };
@@ -147,67 +137,73 @@ async fn receive(ctx: &Ctx, delivery: Delivery) -> Option<Received> {
 async fn admit(ctx: &Ctx, delivery: Delivery) -> Admitted {
     match receive(ctx, delivery).await {
         Some(received) => start_job(ctx, received).await,
-        None => Admitted::Settled,
+        None => Admitted::Settled(Settled::Done),
     }
 }
 
-/// Starts the job in the store (or skips it), then reads its input.
+/// Starts the job in the store (or skips it), then reads its input. A store that fails is tried
+/// again for a while with the message held, then the message is handed back.
 async fn start_job(ctx: &Ctx, received: Received) -> Admitted {
-    let store = &ctx.backend.store;
     let Received { envelope, delivery, span } = received;
     let id = envelope.id;
-    let mut start = store.start(id, now_millis()).instrument(span.clone()).await;
-    if let Ok(Start::Missing) = start {
-        // Accepted, but its record is gone (expired, or lost by the store): run it all the same.
-        let record = JobRecord::queued(id, envelope.model.clone(), envelope.created_at, None);
-        match store.create(&record).await {
-            Ok(()) | Err(StoreError::Conflict(_)) => start = store.start(id, now_millis()).await,
-            Err(e) => start = Err(e),
+    let patience = tokio::time::Instant::now() + START_PATIENCE;
+    let mut pause = Duration::from_millis(100);
+    let start = loop {
+        match start_or_rebuild(ctx, &envelope, &delivery.body).instrument(span.clone()).await {
+            Err(e) if tokio::time::Instant::now() + pause < patience => {
+                events::start_failed(id, &e);
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
+            }
+            other => break other,
         }
-    }
+    };
     let attempt = match start {
         Ok(Start::Started { attempt }) => attempt,
-        Ok(skip @ (Start::Expired | Start::AlreadyTerminal(_) | Start::Withdrawn | Start::Missing)) => {
+        Ok(skip @ (Start::Expired | Start::AlreadyTerminal(_) | Start::Withdrawn | Start::Missing | Start::Held)) => {
             events::skipped(id, &skip);
             let outcome = if skip == Start::Expired { "expired" } else { "skipped" };
             events::job_outcome(&ctx.spec, outcome, None);
-            let _ = delivery.ack().await;
-            return Admitted::Settled;
+            job::skip(delivery).await;
+            return Admitted::Settled(Settled::Done);
         }
         Err(e) => {
             events::handed_back(id, &e);
-            let _ = delivery.requeue().await;
-            return Admitted::StoreDown;
+            job::not_started(delivery).await;
+            return Admitted::Settled(Settled::HandedBack);
         }
     };
     span.record("attempt", attempt);
     if attempt == 1 {
         events::queue_wait(&ctx.spec, envelope.created_at);
     }
-    let body = delivery.body.clone();
-    let mut job = Job {
-        id,
-        envelope,
-        body,
-        delivery: Some(delivery),
-        leased: false,
-        attempt,
-        texts: Vec::new(),
-        images: None,
-        span,
-        started: std::time::Instant::now(),
-    };
+    let mut job = Job::new(envelope, delivery, attempt, span);
     events::in_flight(&ctx.spec, 1.0);
     if attempt > ctx.retry.max_attempts {
-        let trouble = settle(ctx, job, Err(Failure::Abandoned { starts: attempt - 1 })).await;
-        return if trouble { Admitted::StoreDown } else { Admitted::Settled };
+        return Admitted::Settled(settle(ctx, job, Err(Failure::Abandoned { starts: attempt - 1 })).await);
     }
     match parse(ctx, &mut job) {
         Ok(()) => Admitted::Run(Box::new(job)),
-        Err(e) => {
-            let trouble = settle(ctx, job, Err(Failure::Input(e.to_string()))).await;
-            if trouble { Admitted::StoreDown } else { Admitted::Settled }
+        Err(e) => Admitted::Settled(settle(ctx, job, Err(Failure::Input(e.to_string()))).await),
+    }
+}
+
+/// Starts the job; a job whose record is gone (expired, or lost by the store) is rebuilt from its
+/// message — deadline, webhook and metadata included — and started all the same.
+async fn start_or_rebuild(ctx: &Ctx, envelope: &Envelope, body: &[u8]) -> Result<Start, StoreError> {
+    let store = &ctx.backend.store;
+    let start = store.start(envelope.id, &ctx.owner).await?;
+    if start != Start::Missing {
+        return Ok(start);
+    }
+    let text = String::from_utf8_lossy(body);
+    let how = Creation { envelope: Some(&text), idempotency_key: None };
+    match store.insert(&envelope.record(), &how).await {
+        Ok(()) | Err(StoreError::Conflict(_)) => {
+            events::rebuilt(envelope.id);
+            store.start(envelope.id, &ctx.owner).await
         }
+        Err(e) => Err(e),
     }
 }
 
@@ -239,85 +235,74 @@ fn success(embeddings: Vec<Vec<f32>>) -> String {
     serde_json::to_string(&EmbeddingOutput { embeddings, dim }).expect("embeddings serialise")
 }
 
-/// Settles one job and then its message. Returns whether the store or broker failed, in which
-/// case the job is handed back (its message requeued, or its lease left to lapse).
-async fn settle(ctx: &Ctx, mut job: Job, result: Result<Produced, Failure>) -> bool {
+/// Settles one job: its outcome to the store, then its message (through [`Job`]).
+async fn settle(ctx: &Ctx, mut job: Job, result: Result<Produced, Failure>) -> Settled {
     events::in_flight(&ctx.spec, -1.0);
     let id = job.id;
     let ok = result.is_ok();
     let outcome = match result {
         Ok(Produced::Output(output)) => Outcome::Succeeded(output),
-        // Canceled while running: the record is terminal already; the message is done with.
+        // Canceled (or superseded) while running: the record has its state; the message is done.
         Ok(Produced::Stopped) => {
-            events::job_outcome(&ctx.spec, "canceled", Some(&job));
-            return ack(job).await;
+            events::job_outcome(&ctx.spec, "canceled", Some(run_of(&job)));
+            return job.done().await;
         }
-        Err(failure) => match dispose(failure, id, job.attempt, &ctx.retry) {
+        Err(failure) => match dispose(failure, id, job.run, &ctx.retry) {
             Disposition::Fail(error) => {
                 events::job_failed(id, &error.message);
                 Outcome::Failed(error)
             }
             Disposition::Retry { after, error } => {
-                job.envelope.history.push(AttemptRecord { attempt: job.attempt, at: now_millis(), error });
+                job.envelope.history.push(AttemptRecord { attempt: job.run, at: now_millis(), error });
                 let body = serde_json::to_vec(&job.envelope).expect("envelopes serialise");
                 // Publish the retry first: until it is confirmed, the job stays with this message
                 // (or lease), so a failure here loses nothing.
                 if let Err(e) = ctx.backend.broker.publish_delayed(&ctx.spec.name, body, after).await {
-                    return hand_back(job, &e).await;
+                    return job.hand_back(&e).await;
                 }
-                let _ = ctx.backend.store.retry(id).await;
-                events::retry_scheduled(&ctx.spec, id, job.attempt, after);
-                return ack(job).await;
+                let _ = ctx.backend.store.retry(id, job.run, kiln_common::broker::delay_step(after)).await;
+                events::retry_scheduled(&ctx.spec, id, job.run, after);
+                return job.done().await;
             }
             Disposition::DeadLetter(error) => {
                 let letter = DeadLetter {
                     v: ENVELOPE_VERSION,
                     envelope: job.envelope.clone(),
                     reason: error.clone(),
-                    attempts: job.attempt,
+                    attempts: job.run,
                     dead_at: now_millis(),
                 };
                 let body = serde_json::to_vec(&letter).expect("dead letters serialise");
                 if let Err(e) = ctx.backend.broker.dead_letter(body).await {
-                    return hand_back(job, &e).await;
+                    return job.hand_back(&e).await;
                 }
                 events::dead_lettered(&ctx.spec, id, &error.message);
                 Outcome::Failed(error)
             }
         },
     };
-    match ctx.backend.store.finish(id, &outcome, now_millis()).await {
+    match ctx.backend.store.finish(id, job.run, &outcome).await {
         Ok(Transition::Applied) => {
-            events::run_completed(id, job.attempt, ok, true);
-            events::job_outcome(&ctx.spec, if ok { "succeeded" } else { "failed" }, Some(&job));
+            events::run_completed(id, job.run, ok, true);
+            events::job_outcome(&ctx.spec, if ok { "succeeded" } else { "failed" }, Some(run_of(&job)));
             if let (Outcome::Succeeded(output), Some(key)) = (&outcome, &job.envelope.cache_key)
                 && let Err(e) = ctx.backend.cache.put(key, output).await
             {
                 events::cache_unavailable(&e);
             }
-            ack(job).await
+            job.done().await
         }
         Ok(other) => {
-            // Another run of this job completed first; this one ran to completion all the same.
-            events::run_completed(id, job.attempt, ok, false);
+            // Another run of this job completed first, or superseded this one: its result is
+            // not this run's to write.
+            events::run_completed(id, job.run, ok, false);
             events::duplicate_finish(id, &format!("{other:?}"));
-            ack(job).await
+            job.done().await
         }
-        Err(e) => hand_back(job, &e).await,
+        Err(e) => job.hand_back(&e).await,
     }
 }
 
-async fn ack(job: Job) -> bool {
-    if let Some(d) = job.delivery {
-        let _ = d.ack().await;
-    }
-    false
-}
-
-async fn hand_back(job: Job, error: &(dyn std::fmt::Display + Sync)) -> bool {
-    events::handed_back(job.id, error);
-    if let Some(d) = job.delivery {
-        let _ = d.requeue().await;
-    }
-    true
+fn run_of(job: &Job) -> events::RunTiming {
+    events::RunTiming { started: job.started, created_at: job.envelope.created_at }
 }

@@ -4,41 +4,23 @@
 //! at most `batch_wait`). An idle tick checks that the consumer's channel is still open, so a
 //! consumer that stopped silently is replaced, and reports progress to the health probes.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
-use kiln_common::Backend;
 use kiln_common::broker::Deliveries;
-use kiln_common::models::ModelSpec;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::config::WorkerConfig;
-use crate::errors::RetryPolicy;
+use crate::ctx::Ctx;
 use crate::events;
-use crate::health::{Health, LoopState};
-use crate::inference::InferenceHandle;
-use crate::lease::LeasePolicy;
+use crate::health::LoopState;
+use crate::job::Settled;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// How often a consumer checks its channel, reports progress and announces itself.
 const IDLE_TICK: Duration = Duration::from_secs(5);
-
-/// Everything one model's loop needs.
-pub struct Ctx {
-    pub spec: ModelSpec,
-    pub infer: InferenceHandle,
-    pub backend: Backend,
-    pub config: Arc<WorkerConfig>,
-    pub retry: RetryPolicy,
-    pub lease: LeasePolicy,
-    /// This worker's identity in leases.
-    pub owner: String,
-    pub health: Health,
-}
 
 pub async fn consume(ctx: Ctx, shutdown: CancellationToken) {
     let name = ctx.spec.name.clone();
@@ -99,7 +81,7 @@ async fn serve(ctx: &Ctx, shutdown: &CancellationToken, mut deliveries: Deliveri
             break Stop::Shutdown;
         }
         while in_flight.len() >= pipeline_depth(ctx) {
-            trouble.saw(in_flight.next().await.unwrap_or(false));
+            trouble.saw(in_flight.next().await.unwrap_or(Settled::Done));
             ctx.health.beat(&ctx.spec.name);
         }
         let first = tokio::select! {
@@ -168,9 +150,9 @@ struct Backoff {
 }
 
 impl Backoff {
-    fn saw(&mut self, failed: bool) {
+    fn saw(&mut self, settled: Settled) {
         let covered = self.quiet_until.is_some_and(|t| tokio::time::Instant::now() < t);
-        self.pending |= failed && !covered;
+        self.pending |= settled == Settled::HandedBack && !covered;
     }
 
     /// Whether to pause now; a pause covers the trouble that comes in during it.
@@ -185,7 +167,7 @@ impl Backoff {
 
 /// Tells the store this worker serves the model, for `GET /v1/models`; best effort.
 async fn announce(ctx: &Ctx) {
-    let _ = ctx.backend.store.worker_seen(&ctx.spec.name, &ctx.owner, kiln_proto::now_millis()).await;
+    let _ = ctx.backend.store.worker_seen(&ctx.spec.name, &ctx.owner).await;
 }
 
 /// Waits `d` unless shutdown comes first; returns whether it did.

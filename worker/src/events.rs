@@ -74,7 +74,20 @@ pub fn lease_lost(id: JobId, found: &str) {
 }
 
 pub fn lease_reaped(id: JobId) {
-    tracing::warn!(target: "kiln::worker", job_id = %id, "lapsed lease: job queued again");
+    tracing::warn!(target: "kiln::worker", job_id = %id, "job queued again (lapsed lease, orphan or stray)");
+}
+
+pub fn stray(id: JobId, found: kiln_common::store::Stray) {
+    metrics::counter!("kiln_worker_strays_total", "outcome" => if found == kiln_common::store::Stray::Lost { "lost" } else { "requeued" }).increment(1);
+    tracing::warn!(target: "kiln::worker", job_id = %id, ?found, "sweeper found a stray job (no message, no lease, no live worker)");
+}
+
+pub fn start_failed(id: JobId, error: &dyn Display) {
+    tracing::warn!(target: "kiln::worker", job_id = %id, %error, "cannot start the job: store unavailable; holding its message and trying again");
+}
+
+pub fn rebuilt(id: JobId) {
+    tracing::warn!(target: "kiln::worker", job_id = %id, "job record missing (expired or lost by the store): rebuilt from its message");
 }
 
 pub fn reaper_failed(error: &dyn Display) {
@@ -137,16 +150,22 @@ pub fn progress_unavailable(id: JobId, error: &dyn Display) {
     tracing::warn!(target: "kiln::worker", job_id = %id, %error, "progress not recorded: store unavailable; the job goes on");
 }
 
+/// When a run started, and when its job was submitted.
+pub struct RunTiming {
+    pub started: std::time::Instant,
+    pub created_at: kiln_proto::UnixMillis,
+}
+
 /// A job run ended (`succeeded`, `failed`, `canceled`) or a delivery was not run (`expired`,
 /// `skipped`); for runs, also how long it ran and how long since it was submitted.
-pub fn job_outcome(spec: &ModelSpec, outcome: &'static str, run: Option<&crate::batch::Job>) {
+pub fn job_outcome(spec: &ModelSpec, outcome: &'static str, run: Option<RunTiming>) {
     let (model, task) = (spec.name.to_string(), spec.task.as_str());
     metrics::counter!("kiln_worker_jobs_total", "model" => model.clone(), "task" => task, "outcome" => outcome)
         .increment(1);
     if let Some(job) = run {
         metrics::histogram!("kiln_worker_run_duration_seconds", "model" => model.clone(), "task" => task)
             .record(job.started.elapsed());
-        let e2e = (kiln_proto::now_millis() - job.envelope.created_at).max(0) as f64 / 1e3;
+        let e2e = (kiln_proto::now_millis() - job.created_at).max(0) as f64 / 1e3;
         metrics::histogram!("kiln_worker_end_to_end_seconds", "model" => model, "task" => task).record(e2e);
     }
 }

@@ -5,11 +5,12 @@
 
 use std::time::{Duration, Instant};
 
+use kiln_common::store::Run;
 use kiln_proto::{ImageOutput, JobId, OutputFile};
 
 use tracing::Instrument;
 
-use crate::consumer::Ctx;
+use crate::ctx::Ctx;
 use crate::errors::Failure;
 use crate::events;
 use crate::inference::{ImageWork, Update};
@@ -30,7 +31,7 @@ fn file_name(index: u32) -> String {
 }
 
 /// Runs `work` for job `id` to the end.
-pub async fn run(ctx: &Ctx, id: JobId, work: ImageWork) -> Result<Produced, Failure> {
+pub async fn run(ctx: &Ctx, id: JobId, run: Run, work: ImageWork) -> Result<Produced, Failure> {
     let (seed, count, steps, size) = work.shape();
     let outputs = &ctx.backend.outputs;
     let mut files = Vec::with_capacity(count as usize);
@@ -48,6 +49,7 @@ pub async fn run(ctx: &Ctx, id: JobId, work: ImageWork) -> Result<Produced, Fail
         events::images_resumed(id, first, count);
     }
     let inference = tracing::info_span!("inference", model = %ctx.spec.name, images = count - first);
+    let token = run;
     let mut run = ctx.infer.images(work, first).instrument(inference).await?;
     let total = count * steps;
     let mut last_step_write = Instant::now();
@@ -65,7 +67,7 @@ pub async fn run(ctx: &Ctx, id: JobId, work: ImageWork) -> Result<Produced, Fail
                 let go_on = !due || {
                     last_step_write = Instant::now();
                     written = done;
-                    still_running(ctx, id, done, total).await
+                    still_running(ctx, id, token, done, total).await
                 };
                 stopped |= !go_on;
                 run.proceed(go_on);
@@ -83,7 +85,7 @@ pub async fn run(ctx: &Ctx, id: JobId, work: ImageWork) -> Result<Produced, Fail
                 let step = (index + 1) * steps;
                 let go_on = step == written || {
                     written = step;
-                    still_running(ctx, id, step, total).await
+                    still_running(ctx, id, token, step, total).await
                 };
                 stopped |= !go_on;
                 run.proceed(go_on);
@@ -125,9 +127,9 @@ fn finish(seed: u64, files: Vec<OutputFile>) -> Result<Produced, Failure> {
 
 /// Records progress; false when the job is no longer running (canceled, or finished elsewhere).
 /// A store that cannot be reached does not stop the job: progress is informative.
-async fn still_running(ctx: &Ctx, id: JobId, step: u32, total: u32) -> bool {
+async fn still_running(ctx: &Ctx, id: JobId, run: Run, step: u32, total: u32) -> bool {
     let progress = serde_json::json!({ "step": step, "total": total });
-    match ctx.backend.store.progress(id, &progress).await {
+    match ctx.backend.store.progress(id, run, &progress).await {
         Ok(kiln_common::store::Transition::Applied) => true,
         Ok(other) => {
             events::progress_refused(id, &format!("{other:?}"));

@@ -1,19 +1,25 @@
-//! Long jobs. A batch still running after `lease_after` is taken over from RabbitMQ: each job's
-//! envelope goes into the store under a lease held by this worker, its message is acknowledged (so
-//! the broker's consumer timeout cannot fire), and a heartbeat renews the lease until the batch
-//! ends. If the worker dies, the lease lapses and the reaper — running in every worker — queues
-//! the job again, exactly once.
+//! Long jobs, and jobs to queue again. A run still going after `lease_after` is taken over from
+//! RabbitMQ ([`crate::job::Job::take_lease`]): its envelope goes into the store under a lease held
+//! by this worker, its message is acknowledged (so the broker's consumer timeout cannot fire), and
+//! a heartbeat renews the lease until the run ends. If the worker dies, the lease lapses and the
+//! reaper — running in every worker — queues the job again, exactly once.
+//!
+//! The reaper also queues orphaned followers (their leader ended without an outcome) and the
+//! strays the sweeper finds: live jobs that went quiet past `KILN_SWEEP_AFTER` with no live lease
+//! and no live worker (a lost lease, a Redis that lost its last writes, a gateway that died
+//! between recording and publishing a job). Both are safe with any number of workers: the store
+//! hands each job to one caller.
 
 use std::future::Future;
 use std::time::Duration;
 
 use kiln_common::Backend;
-use kiln_common::store::Transition;
-use kiln_proto::{Envelope, now_millis};
+use kiln_common::store::Stray;
+use kiln_proto::Envelope;
 use tokio_util::sync::CancellationToken;
 
-use crate::batch::Job;
 use crate::events;
+use crate::job::Job;
 
 #[derive(Clone, Copy)]
 pub struct LeasePolicy {
@@ -21,9 +27,15 @@ pub struct LeasePolicy {
     pub ttl: Duration,
 }
 
-fn until(ttl: Duration) -> i64 {
-    now_millis() + ttl.as_millis() as i64
-}
+/// How long after its last sighting a worker counts as gone, for the sweeper (workers announce
+/// themselves every few seconds).
+const WORKER_GONE: Duration = Duration::from_secs(30);
+/// How many times the sweeper queues one job again before it ends it `job_lost`.
+const MAX_SWEEPS: u32 = 5;
+/// How often the sweeper looks; the store's index makes a look cheap.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// Jobs looked at (and handed out) per round, at most.
+const ROUND: usize = 100;
 
 /// Awaits `work`; if it outlasts the policy, moves `jobs` onto leases and heartbeats them.
 pub async fn guarded<T>(
@@ -41,59 +53,33 @@ pub async fn guarded<T>(
         tokio::select! {
             out = &mut work => return out,
             _ = &mut take_over, if heartbeat.is_none() => {
-                lease_all(jobs, backend, owner, policy.ttl).await;
+                for job in jobs.iter_mut() {
+                    job.take_lease(&*backend.store, owner, policy.ttl).await;
+                }
                 let mut every = tokio::time::interval(policy.ttl / 3);
                 every.tick().await;
                 heartbeat = Some(every);
             }
             _ = async { heartbeat.as_mut().expect("guarded by the condition").tick().await }, if heartbeat.is_some() => {
-                renew_all(jobs, backend, owner, policy.ttl).await;
-            }
-        }
-    }
-}
-
-async fn lease_all(jobs: &mut [Job], backend: &Backend, owner: &str, ttl: Duration) {
-    for job in jobs.iter_mut().filter(|j| j.delivery.is_some()) {
-        let envelope = String::from_utf8_lossy(&job.body).into_owned();
-        match backend.store.lease(job.id, owner, until(ttl), &envelope).await {
-            Ok(Transition::Applied) => {
-                if let Some(d) = job.delivery.take() {
-                    let _ = d.ack().await;
+                for job in jobs.iter_mut() {
+                    job.renew_lease(&*backend.store, policy.ttl).await;
                 }
-                job.leased = true;
-                events::leased(job.id);
             }
-            Ok(other) => events::lease_refused(job.id, &format!("{other:?}")),
-            // Keep the message: the job stays with the broker and may be redelivered if the
-            // consumer timeout fires, which the fenced writes make harmless.
-            Err(e) => events::lease_refused(job.id, &e),
         }
     }
 }
 
-async fn renew_all(jobs: &mut [Job], backend: &Backend, owner: &str, ttl: Duration) {
-    for job in jobs.iter_mut().filter(|j| j.leased) {
-        match backend.store.renew(job.id, owner, until(ttl)).await {
-            Ok(Transition::Applied) => {}
-            Ok(other) => {
-                job.leased = false;
-                events::lease_lost(job.id, &format!("{other:?}"));
-            }
-            Err(e) => events::lease_refused(job.id, &e),
-        }
-    }
-}
-
-/// Queues again the jobs whose leases lapsed, until `shutdown`.
-pub async fn reap(backend: Backend, owner: String, policy: LeasePolicy, shutdown: CancellationToken) {
-    let every = (policy.ttl / 3).max(Duration::from_millis(200));
+/// Queues again the jobs the store hands out (lapsed leases, orphans, strays), and sweeps for
+/// strays, until `shutdown`.
+pub async fn reap(backend: Backend, policy: LeasePolicy, shutdown: CancellationToken) {
+    let every = (policy.ttl / 3).clamp(Duration::from_millis(200), SWEEP_EVERY);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
-        let lapsed = match backend.store.reap(now_millis(), &owner, until(policy.ttl), 100).await {
+        sweep(&backend).await;
+        let lapsed = match backend.store.reap(ROUND).await {
             Ok(l) => l,
             Err(e) => {
                 events::reaper_failed(&e);
@@ -101,18 +87,39 @@ pub async fn reap(backend: Backend, owner: String, policy: LeasePolicy, shutdown
             }
         };
         for l in lapsed {
-            let Ok(envelope) = serde_json::from_str::<Envelope>(&l.envelope) else {
-                events::reaper_failed(&format!("job {}: unreadable envelope", l.id));
-                continue;
-            };
-            // Publish first: if it fails, the claim lapses and a later round tries again.
-            match backend.broker.publish(&envelope.model, l.envelope.into_bytes()).await {
-                Ok(()) => {
-                    let _ = backend.store.release(l.id, &owner).await;
-                    events::lease_reaped(l.id);
+            let published = match serde_json::from_str::<Envelope>(&l.envelope) {
+                Ok(envelope) => {
+                    backend.broker.publish(&envelope.model, l.envelope.into_bytes()).await.map_err(|e| e.to_string())
                 }
-                Err(e) => events::reaper_failed(&e),
+                Err(e) => Err(format!("unreadable envelope: {e}")),
+            };
+            match published {
+                Ok(()) => events::lease_reaped(l.id),
+                Err(e) => {
+                    events::reaper_failed(&format!("job {}: {e}", l.id));
+                    // Back to the store, to be handed out again shortly.
+                    let _ = backend.store.requeue_later(l.id, Duration::from_secs(1)).await;
+                }
             }
+        }
+    }
+}
+
+/// One round of the sweeper: each quiet job is checked (atomically, in the store) and handed to
+/// the reaper or ended.
+async fn sweep(backend: &Backend) {
+    let quiet = match backend.store.sweep(ROUND).await {
+        Ok(q) => q,
+        Err(e) => {
+            events::reaper_failed(&e);
+            return;
+        }
+    };
+    for id in quiet {
+        match backend.store.stray(id, WORKER_GONE, MAX_SWEEPS).await {
+            Ok(found @ (Stray::Requeued | Stray::Lost)) => events::stray(id, found),
+            Ok(Stray::Fine | Stray::Gone) => {}
+            Err(e) => events::reaper_failed(&e),
         }
     }
 }

@@ -4,6 +4,7 @@
 mod batch;
 pub mod config;
 mod consumer;
+mod ctx;
 pub mod diffusion;
 mod embedding;
 mod errors;
@@ -12,6 +13,7 @@ mod gpu;
 mod health;
 mod images;
 mod inference;
+mod job;
 mod lease;
 mod noise;
 pub mod planner;
@@ -256,7 +258,7 @@ pub async fn run(
     let lease = lease::LeasePolicy { after: config.lease_after, ttl: config.lease_ttl };
     let retry =
         errors::RetryPolicy { max_attempts: config.max_attempts, base: config.retry_base, max: config.retry_max };
-    tokio::spawn(lease::reap(backend.clone(), owner.clone(), lease, background.clone()));
+    tokio::spawn(lease::reap(backend.clone(), lease, background.clone()));
     tokio::spawn(gpu::report(background.clone()));
     let config = Arc::new(config);
     for spec in repo.iter().cloned() {
@@ -266,7 +268,7 @@ pub async fn run(
                 .await
                 .expect("load task")?
         };
-        let ctx = consumer::Ctx {
+        let ctx = ctx::Ctx {
             spec,
             infer,
             backend: backend.clone(),

@@ -216,7 +216,7 @@ async fn job_of_a_worker_that_died_before_acking_is_redelivered_and_completes_on
     let mut dying = env.backend.broker.consume(&model, 1).await.unwrap();
     let delivery = tokio::time::timeout(JOB_TIMEOUT, dying.next()).await.expect("delivery").unwrap().unwrap();
     assert!(!delivery.redelivered);
-    assert_eq!(env.backend.store.start(id, now_millis()).await.unwrap(), Start::Started { attempt: 1 });
+    assert_eq!(env.backend.store.start(id, "dying-worker").await.unwrap(), Start::Started { attempt: 1 });
     assert_eq!(gw.job(id).await["status"], "running");
     drop(delivery);
     drop(dying);
@@ -229,7 +229,7 @@ async fn job_of_a_worker_that_died_before_acking_is_redelivered_and_completes_on
     // A duplicate finishing late cannot overwrite the stored result.
     let late = Outcome::Succeeded(r#"{"dim":1,"embeddings":[[0.0]]}"#.into());
     assert_eq!(
-        env.backend.store.finish(id, &late, now_millis()).await.unwrap(),
+        env.backend.store.finish(id, 1, &late).await.unwrap(),
         Transition::AlreadyTerminal(JobStatus::Succeeded)
     );
     assert_eq!(gw.job(id).await["output"], job["output"]);

@@ -1,36 +1,49 @@
-//! The in-process job store of `kiln dev`: the same transitions, fencing, leases, expiry, event
-//! logs, idempotency claims and webhook outbox as the Redis store, on maps guarded by one mutex.
+//! The in-process job store of `kiln dev`: the same transitions, run fencing, leases, expiry,
+//! sweeping, event logs, idempotency claims and ordered webhook outbox as the Redis store (see
+//! [`super`] for what they guarantee), on maps guarded by one mutex. Its clock is the process's.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use kiln_proto::{EventKind, JobEvent, JobId, JobRecord, JobStatus, ModelName, UnixMillis};
+use kiln_proto::{EventKind, JobEvent, JobId, JobRecord, JobStatus, ModelName, UnixMillis, now_millis};
 use serde_json::json;
 use tokio::sync::broadcast;
-use tokio::time::Instant;
 
 use super::{
-    Claim, Coalesced, Lapsed, Outcome, Start, Store, StoreError, Transition, WebhookAttempt, WebhookDelivery,
-    canceled_error, deadline_error,
+    Claim, Coalesced, Creation, Lapsed, Outcome, Run, Start, Store, StoreError, Stray, Transition, WebhookAttempt,
+    WebhookDelivery, canceled_error, deadline_error, lost_error,
 };
 
+/// How long the store keeps things, and when it looks at a quiet job.
+#[derive(Debug, Clone, Copy)]
+pub struct StoreSettings {
+    /// A live job's record, counted again from each transition.
+    pub retention: Duration,
+    /// A finished job's record, counted from completion.
+    pub finished_retention: Duration,
+    /// How long a live job may go quiet before the sweeper looks at it.
+    pub sweep_after: Duration,
+}
+
 pub struct EmbeddedStore {
-    retention: Duration,
+    settings: StoreSettings,
     inner: Mutex<Inner>,
 }
 
 #[derive(Default)]
 struct Inner {
     records: HashMap<JobId, Entry>,
-    withdrawn: HashMap<JobId, Instant>,
-    /// (lease deadline, job) of long jobs held by leases.
+    withdrawn: HashMap<JobId, UnixMillis>,
+    /// (when, job) of jobs to hand out again: leases' deadlines, orphans and strays.
     leases: BTreeSet<(UnixMillis, JobId)>,
+    /// (due, job) of live jobs: by then something must have happened to them.
+    active: BTreeSet<(UnixMillis, JobId)>,
     writes_since_sweep: usize,
     next_event: u64,
     subscribers: HashMap<JobId, broadcast::Sender<JobEvent>>,
-    idempotency: HashMap<String, (JobId, String, bool, Instant)>,
+    idempotency: HashMap<String, IdemClaim>,
     /// (due time, delivery id) of webhook deliveries.
     hooks_due: BTreeSet<(UnixMillis, String)>,
     hooks: HashMap<String, Hook>,
@@ -40,6 +53,14 @@ struct Inner {
     workers: HashMap<ModelName, HashMap<String, UnixMillis>>,
 }
 
+struct IdemClaim {
+    job: JobId,
+    fingerprint: String,
+    committed: bool,
+    until: UnixMillis,
+    ttl: Duration,
+}
+
 struct Hook {
     job: JobId,
     event: String,
@@ -47,62 +68,142 @@ struct Hook {
     attempts: u32,
     body: Option<String>,
     due: UnixMillis,
+    seq: u64,
 }
 
 struct Entry {
     record: JobRecord,
-    expires: Instant,
+    expires: UnixMillis,
+    /// Who holds the job besides its message: a worker's lease, or the reaper (`requeue`).
     lease: Option<Lease>,
     events: Vec<JobEvent>,
     /// Jobs coalesced onto this one.
     followers: Vec<JobId>,
     /// The in-flight key this job leads.
     inflight: Option<String>,
-    /// A follower's envelope, to queue it on its own if its leader ends without an outcome.
+    /// The leader this job follows.
+    follows: Option<JobId>,
+    /// The job's message, while it is live.
     envelope: Option<String>,
+    /// Its message is known to be enqueued.
+    confirmed: bool,
+    /// The worker of its latest run.
+    worker: Option<String>,
+    sweeps: u32,
+    /// Its entry in `active`.
+    due: Option<UnixMillis>,
+    /// Its webhook events so far, and the pending ones in order: seq → delivery id.
+    hook_seq: u64,
+    hooks: BTreeMap<u64, String>,
 }
 
 impl Entry {
-    fn new(record: JobRecord, expires: Instant) -> Self {
-        Self { record, expires, lease: None, events: Vec::new(), followers: Vec::new(), inflight: None, envelope: None }
+    fn new(record: JobRecord, expires: UnixMillis) -> Self {
+        Self {
+            record,
+            expires,
+            lease: None,
+            events: Vec::new(),
+            followers: Vec::new(),
+            inflight: None,
+            follows: None,
+            envelope: None,
+            confirmed: false,
+            worker: None,
+            sweeps: 0,
+            due: None,
+            hook_seq: 0,
+            hooks: BTreeMap::new(),
+        }
     }
 }
 
 /// Most events kept per job, like the Redis stream's cap.
 const MAX_EVENTS: usize = 1000;
+/// Most followers one job carries, like the Redis store.
+const MAX_FOLLOWERS: usize = super::redis::MAX_FOLLOWERS;
+/// The lease owner of a job waiting for the reaper.
+const REQUEUE: &str = "requeue";
 
 struct Lease {
     owner: String,
     until: UnixMillis,
-    envelope: String,
 }
 
 /// Expired records are dropped on access, and swept in full every this many writes.
 const SWEEP_EVERY: usize = 1024;
 
+fn millis(d: Duration) -> i64 {
+    d.as_millis() as i64
+}
+
 impl Inner {
     fn live(&mut self, id: JobId) -> Option<&mut Entry> {
-        let now = Instant::now();
-        if self.records.get(&id).is_some_and(|e| e.expires <= now) {
+        if self.records.get(&id).is_some_and(|e| e.expires <= now_millis()) {
             self.drop_entry(id);
         }
         self.records.get_mut(&id)
     }
 
     fn drop_entry(&mut self, id: JobId) {
-        if let Some(Entry { lease: Some(l), .. }) = self.records.remove(&id) {
-            self.leases.remove(&(l.until, id));
+        if let Some(e) = self.records.remove(&id) {
+            if let Some(l) = e.lease {
+                self.leases.remove(&(l.until, id));
+            }
+            if let Some(d) = e.due {
+                self.active.remove(&(d, id));
+            }
         }
     }
 
-    fn release(&mut self, id: JobId) {
+    fn clear_lease(&mut self, id: JobId) {
         if let Some(l) = self.records.get_mut(&id).and_then(|e| e.lease.take()) {
             self.leases.remove(&(l.until, id));
         }
     }
 
+    fn set_lease(&mut self, id: JobId, owner: &str, until: UnixMillis) {
+        self.clear_lease(id);
+        if let Some(e) = self.records.get_mut(&id) {
+            e.lease = Some(Lease { owner: owner.to_owned(), until });
+            self.leases.insert((until, id));
+        }
+    }
+
+    /// A live job's retention starts again, and it has `after` to show activity again.
+    fn touch(&mut self, id: JobId, s: &StoreSettings, after: i64) {
+        let now = now_millis();
+        let Some(e) = self.records.get_mut(&id) else { return };
+        e.expires = now + millis(s.retention);
+        if let Some(old) = e.due.replace(now + after) {
+            self.active.remove(&(old, id));
+        }
+        self.active.insert((now + after, id));
+    }
+
+    /// A job became terminal: no lease, no envelope, nothing to watch.
+    fn ended(&mut self, id: JobId, s: &StoreSettings) {
+        self.clear_lease(id);
+        let Some(e) = self.records.get_mut(&id) else { return };
+        e.envelope = None;
+        e.expires = now_millis() + millis(s.finished_retention);
+        if let Some(old) = e.due.take() {
+            self.active.remove(&(old, id));
+        }
+    }
+
+    /// Hands a live job to the reaper, which queues its envelope again.
+    fn requeue(&mut self, id: JobId, s: &StoreSettings, at: UnixMillis) {
+        if let Some(e) = self.records.get_mut(&id) {
+            e.record.status = JobStatus::Queued;
+        }
+        self.set_lease(id, REQUEUE, at);
+        self.touch(id, s, millis(s.sweep_after));
+    }
+
     /// Appends an event to the job's log, tells its subscribers, and queues its webhook delivery.
-    fn emit(&mut self, id: JobId, kind: EventKind, data: serde_json::Value, now: UnixMillis) {
+    fn emit(&mut self, id: JobId, kind: EventKind, data: serde_json::Value) {
+        let now = now_millis();
         self.next_event += 1;
         let event = JobEvent { id: self.next_event.to_string(), kind, data, record: None };
         let Some(entry) = self.records.get_mut(&id) else { return };
@@ -128,16 +229,21 @@ impl Inner {
             EventKind::Status if running && wants("start") => ("job.started", format!("{id}:started:{}", event.id)),
             _ => return,
         };
+        entry.hook_seq += 1;
+        let seq = entry.hook_seq;
+        entry.hooks.retain(|_, d| *d != did);
+        entry.hooks.insert(seq, did.clone());
         if let Some(old) = self.hooks.get(&did) {
             self.hooks_due.remove(&(old.due, did.clone()));
         }
         self.hooks_due.insert((now, did.clone()));
-        self.hooks.insert(did, Hook { job: id, event: name.to_owned(), at: now, attempts: 0, body: None, due: now });
+        self.hooks
+            .insert(did, Hook { job: id, event: name.to_owned(), at: now, attempts: 0, body: None, due: now, seq });
     }
 
-    /// Completes the followers of `id` with its outcome, or — `None` — hands them to the lease
-    /// reaper to be queued on their own.
-    fn settle_followers(&mut self, id: JobId, outcome: Option<&Outcome>, now: UnixMillis, expires: Instant) {
+    /// Completes the followers of `id` with its outcome, or — `None` — hands them to the reaper
+    /// to be queued on their own.
+    fn settle_followers(&mut self, id: JobId, outcome: Option<&Outcome>, s: &StoreSettings) {
         let Some(entry) = self.records.get_mut(&id) else { return };
         let followers = std::mem::take(&mut entry.followers);
         if let Some(key) = entry.inflight.take()
@@ -145,6 +251,7 @@ impl Inner {
         {
             self.inflight.remove(&key);
         }
+        let now = now_millis();
         for fid in followers {
             let Some(f) = self.live(fid) else { continue };
             if f.record.status.is_terminal() {
@@ -154,19 +261,16 @@ impl Inner {
                 Some(outcome) => {
                     f.record.status = outcome.status();
                     f.record.completed_at = Some(now);
-                    f.expires = expires;
-                    f.envelope = None;
                     match outcome {
                         Outcome::Succeeded(out) => f.record.output = serde_json::from_str(out).ok(),
                         Outcome::Failed(err) => f.record.error = Some(err.clone()),
                     }
-                    self.emit(fid, EventKind::Completed, json!({"status": outcome.status()}), now);
+                    self.ended(fid, s);
+                    self.emit(fid, EventKind::Completed, json!({"status": outcome.status()}));
                 }
                 None => {
-                    let envelope = f.envelope.take().unwrap_or_default();
-                    f.record.status = JobStatus::Running;
-                    f.lease = Some(Lease { owner: "orphan".into(), until: 0, envelope });
-                    self.leases.insert((0, fid));
+                    f.follows = None;
+                    self.requeue(fid, s, 0);
                 }
             }
         }
@@ -176,24 +280,38 @@ impl Inner {
         self.writes_since_sweep += 1;
         if self.writes_since_sweep >= SWEEP_EVERY {
             self.writes_since_sweep = 0;
-            let now = Instant::now();
+            let now = now_millis();
             let expired: Vec<JobId> =
                 self.records.iter().filter(|(_, e)| e.expires <= now).map(|(id, _)| *id).collect();
             for id in expired {
                 self.drop_entry(id);
             }
             self.withdrawn.retain(|_, until| *until > now);
+            self.idempotency.retain(|_, c| c.until > now);
         }
+    }
+
+    fn is_live(&mut self, id: JobId) -> bool {
+        self.live(id).is_some_and(|e| !e.record.status.is_terminal())
     }
 }
 
 impl EmbeddedStore {
+    /// A store keeping finished jobs as long as live ones, sweeping after ten minutes.
     pub fn new(retention: Duration) -> Self {
-        Self { retention, inner: Mutex::new(Inner::default()) }
+        Self::with(StoreSettings { retention, finished_retention: retention, sweep_after: Duration::from_secs(600) })
+    }
+
+    pub fn with(settings: StoreSettings) -> Self {
+        Self { settings, inner: Mutex::new(Inner::default()) }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().expect("store lock")
+    }
+
+    fn idle(&self) -> i64 {
+        millis(self.settings.sweep_after)
     }
 
     /// Applies `f` to a live, non-terminal record; the common guard of the transitions.
@@ -210,6 +328,20 @@ impl EmbeddedStore {
         f(&mut inner, status)
     }
 
+    /// [`Self::transition`] for a write of run `run`, which must be the job's latest.
+    fn run_transition(&self, id: JobId, run: Run, f: impl FnOnce(&mut Inner) -> Transition) -> Transition {
+        self.transition(id, |inner, status| {
+            let entry = inner.records.get(&id).expect("checked live");
+            if status != JobStatus::Running {
+                return Transition::NotApplicable(status);
+            }
+            if entry.record.attempts != run {
+                return Transition::Superseded;
+            }
+            f(inner)
+        })
+    }
+
     fn record(inner: &mut Inner, id: JobId) -> &mut JobRecord {
         &mut inner.records.get_mut(&id).expect("checked live").record
     }
@@ -217,18 +349,27 @@ impl EmbeddedStore {
 
 #[async_trait]
 impl Store for EmbeddedStore {
-    async fn create(&self, record: &JobRecord) -> Result<(), StoreError> {
+    async fn insert(&self, record: &JobRecord, how: &Creation<'_>) -> Result<(), StoreError> {
+        let s = self.settings;
         let mut inner = self.lock();
         if inner.live(record.id).is_some() {
             return Err(StoreError::Conflict(record.id));
         }
-        inner.records.insert(record.id, Entry::new(record.clone(), Instant::now() + self.retention));
-        let (kind, data) = if record.status.is_terminal() {
-            (EventKind::Completed, json!({"status": record.status}))
+        let mut entry = Entry::new(record.clone(), now_millis() + millis(s.retention));
+        entry.envelope = how.envelope.map(str::to_owned);
+        inner.records.insert(record.id, entry);
+        if record.status.is_terminal() {
+            inner.ended(record.id, &s);
+            inner.emit(record.id, EventKind::Completed, json!({"status": record.status}));
         } else {
-            (EventKind::Status, json!({"status": "queued"}))
-        };
-        inner.emit(record.id, kind, data, record.created_at);
+            inner.touch(record.id, &s, self.idle());
+            inner.emit(record.id, EventKind::Status, json!({"status": "queued"}));
+        }
+        if let Some(key) = how.idempotency_key
+            && let Some(claim) = inner.idempotency.get_mut(key).filter(|c| c.job == record.id)
+        {
+            claim.until = now_millis() + millis(claim.ttl);
+        }
         inner.note_write();
         Ok(())
     }
@@ -237,19 +378,27 @@ impl Store for EmbeddedStore {
         &self,
         record: &JobRecord,
         inflight: &str,
-        envelope: &str,
+        how: &Creation<'_>,
     ) -> Result<Coalesced, StoreError> {
+        let s = self.settings;
         let mut inner = self.lock();
         if inner.live(record.id).is_some() {
             return Err(StoreError::Conflict(record.id));
         }
-        let expires = Instant::now() + self.retention;
         let leader = inner.inflight.get(inflight).copied();
-        let active = leader.and_then(|l| inner.live(l).filter(|e| !e.record.status.is_terminal()).map(|_| l));
-        let mut entry = Entry::new(record.clone(), expires);
-        let result = match active {
+        let followable = leader.filter(|l| {
+            inner.live(*l).is_some_and(|e| {
+                let confirmed =
+                    e.record.status == JobStatus::Running || (e.record.status == JobStatus::Queued && e.confirmed);
+                confirmed && e.followers.len() < MAX_FOLLOWERS
+            })
+        });
+        let mut entry = Entry::new(record.clone(), now_millis() + millis(s.retention));
+        entry.envelope = how.envelope.map(str::to_owned);
+        let result = match followable {
             Some(leader) => {
-                entry.envelope = Some(envelope.to_owned());
+                entry.follows = Some(leader);
+                entry.confirmed = true;
                 inner.records.get_mut(&leader).expect("live").followers.push(record.id);
                 Coalesced::Follower(leader)
             }
@@ -260,9 +409,24 @@ impl Store for EmbeddedStore {
             }
         };
         inner.records.insert(record.id, entry);
-        inner.emit(record.id, EventKind::Status, json!({"status": "queued"}), record.created_at);
+        inner.touch(record.id, &s, self.idle());
+        inner.emit(record.id, EventKind::Status, json!({"status": "queued"}));
         inner.note_write();
         Ok(result)
+    }
+
+    async fn confirm(&self, id: JobId, key: Option<&str>) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        if let Some(e) = inner.live(id).filter(|e| !e.record.status.is_terminal()) {
+            e.confirmed = true;
+        }
+        if let Some(key) = key
+            && let Some(claim) = inner.idempotency.get_mut(key).filter(|c| c.job == id)
+        {
+            claim.committed = true;
+            claim.until = now_millis() + millis(claim.ttl);
+        }
+        Ok(())
     }
 
     async fn get(&self, id: JobId) -> Result<Option<JobRecord>, StoreError> {
@@ -273,168 +437,228 @@ impl Store for EmbeddedStore {
         }))
     }
 
-    async fn start(&self, id: JobId, at: UnixMillis) -> Result<Start, StoreError> {
+    async fn start(&self, id: JobId, worker: &str) -> Result<Start, StoreError> {
+        let s = self.settings;
         let mut inner = self.lock();
         inner.note_write();
-        let retention = self.retention;
+        let now = now_millis();
         let Some(entry) = inner.live(id) else {
-            let withdrawn = inner.withdrawn.get(&id).is_some_and(|until| *until > Instant::now());
+            let withdrawn = inner.withdrawn.get(&id).is_some_and(|until| *until > now);
             return Ok(if withdrawn { Start::Withdrawn } else { Start::Missing });
         };
         let r = &mut entry.record;
         if r.status.is_terminal() {
             return Ok(Start::AlreadyTerminal(r.status));
         }
-        if r.status == JobStatus::Queued && r.deadline_at.is_some_and(|d| d < at) {
+        if r.status == JobStatus::Queued && r.deadline_at.is_some_and(|d| d < now) {
             r.status = JobStatus::Expired;
-            r.completed_at = Some(at);
+            r.completed_at = Some(now);
             r.error = Some(deadline_error());
-            entry.expires = Instant::now() + retention;
-            inner.emit(id, EventKind::Completed, json!({"status": "expired"}), at);
-            inner.settle_followers(id, None, at, Instant::now() + retention);
+            inner.ended(id, &s);
+            inner.emit(id, EventKind::Completed, json!({"status": "expired"}));
+            inner.settle_followers(id, None, &s);
             return Ok(Start::Expired);
         }
+        let held = entry.lease.as_ref().is_some_and(|l| l.owner != REQUEUE && l.until > now);
+        if r.status == JobStatus::Running && held {
+            return Ok(Start::Held);
+        }
         r.status = JobStatus::Running;
-        r.started_at = Some(at);
+        r.started_at = Some(now);
         r.attempts += 1;
         let attempt = r.attempts;
-        inner.release(id);
-        inner.emit(id, EventKind::Status, json!({"status": "running", "attempt": attempt}), at);
+        entry.worker = Some(worker.to_owned());
+        entry.confirmed = true;
+        inner.clear_lease(id);
+        inner.touch(id, &s, self.idle());
+        inner.emit(id, EventKind::Status, json!({"status": "running", "attempt": attempt}));
         Ok(Start::Started { attempt })
     }
 
-    async fn finish(&self, id: JobId, outcome: &Outcome, at: UnixMillis) -> Result<Transition, StoreError> {
-        let expires = Instant::now() + self.retention;
-        Ok(self.transition(id, |inner, _| {
-            inner.release(id);
-            let entry = inner.records.get_mut(&id).expect("checked live");
-            entry.expires = expires;
-            let r = &mut entry.record;
+    async fn finish(&self, id: JobId, run: Run, outcome: &Outcome) -> Result<Transition, StoreError> {
+        let s = self.settings;
+        Ok(self.run_transition(id, run, |inner| {
+            let r = Self::record(inner, id);
             r.status = outcome.status();
-            r.completed_at = Some(at);
+            r.completed_at = Some(now_millis());
             match outcome {
                 Outcome::Succeeded(out) => r.output = serde_json::from_str(out).ok(),
                 Outcome::Failed(err) => r.error = Some(err.clone()),
             }
-            inner.emit(id, EventKind::Completed, json!({"status": outcome.status()}), at);
-            inner.settle_followers(id, Some(outcome), at, expires);
+            inner.ended(id, &s);
+            inner.settle_followers(id, Some(outcome), &s);
+            inner.emit(id, EventKind::Completed, json!({"status": outcome.status()}));
             Transition::Applied
         }))
     }
 
-    async fn retry(&self, id: JobId) -> Result<Transition, StoreError> {
-        Ok(self.transition(id, |inner, _| {
-            inner.release(id);
+    async fn retry(&self, id: JobId, run: Run, delay: Duration) -> Result<Transition, StoreError> {
+        let s = self.settings;
+        let idle = self.idle();
+        Ok(self.run_transition(id, run, |inner| {
+            inner.clear_lease(id);
             Self::record(inner, id).status = JobStatus::Queued;
-            inner.emit(id, EventKind::Status, json!({"status": "queued"}), kiln_proto::now_millis());
+            inner.touch(id, &s, idle + millis(delay));
+            inner.emit(id, EventKind::Status, json!({"status": "queued"}));
             Transition::Applied
         }))
     }
 
-    async fn expire_if_due(&self, id: JobId, at: UnixMillis) -> Result<Transition, StoreError> {
-        let expires = Instant::now() + self.retention;
+    async fn expire_if_due(&self, id: JobId) -> Result<Transition, StoreError> {
+        let s = self.settings;
         Ok(self.transition(id, |inner, status| {
-            let entry = inner.records.get_mut(&id).expect("checked live");
-            let r = &mut entry.record;
-            if status != JobStatus::Queued || r.deadline_at.is_none_or(|d| d >= at) {
+            let now = now_millis();
+            let r = Self::record(inner, id);
+            if status != JobStatus::Queued || r.deadline_at.is_none_or(|d| d >= now) {
                 return Transition::NotApplicable(status);
             }
             r.status = JobStatus::Expired;
-            r.completed_at = Some(at);
+            r.completed_at = Some(now);
             r.error = Some(deadline_error());
-            entry.expires = expires;
-            inner.emit(id, EventKind::Completed, json!({"status": "expired"}), at);
-            inner.settle_followers(id, None, at, expires);
+            inner.ended(id, &s);
+            inner.emit(id, EventKind::Completed, json!({"status": "expired"}));
+            inner.settle_followers(id, None, &s);
             Transition::Applied
         }))
     }
 
-    async fn progress(&self, id: JobId, progress: &serde_json::Value) -> Result<Transition, StoreError> {
-        Ok(self.transition(id, |inner, _| {
+    async fn progress(&self, id: JobId, run: Run, progress: &serde_json::Value) -> Result<Transition, StoreError> {
+        let s = self.settings;
+        let idle = self.idle();
+        Ok(self.run_transition(id, run, |inner| {
             Self::record(inner, id).progress = Some(progress.clone());
-            inner.emit(id, EventKind::Progress, progress.clone(), kiln_proto::now_millis());
+            inner.touch(id, &s, idle);
+            inner.emit(id, EventKind::Progress, progress.clone());
             Transition::Applied
         }))
     }
 
     async fn discard(&self, id: JobId) -> Result<(), StoreError> {
+        let s = self.settings;
         let mut inner = self.lock();
-        inner.settle_followers(id, None, kiln_proto::now_millis(), Instant::now() + self.retention);
+        inner.settle_followers(id, None, &s);
         inner.drop_entry(id);
-        inner.withdrawn.insert(id, Instant::now() + self.retention);
+        inner.withdrawn.insert(id, now_millis() + millis(s.retention));
         Ok(())
     }
 
-    async fn lease(&self, id: JobId, owner: &str, until: UnixMillis, envelope: &str) -> Result<Transition, StoreError> {
+    async fn lease(
+        &self,
+        id: JobId,
+        run: Run,
+        owner: &str,
+        ttl: Duration,
+        envelope: &str,
+    ) -> Result<Transition, StoreError> {
+        let s = self.settings;
+        let idle = self.idle();
+        Ok(self.run_transition(id, run, |inner| {
+            inner.set_lease(id, owner, now_millis() + millis(ttl));
+            inner.records.get_mut(&id).expect("checked live").envelope = Some(envelope.to_owned());
+            inner.touch(id, &s, idle + millis(ttl));
+            Transition::Applied
+        }))
+    }
+
+    async fn renew(&self, id: JobId, owner: &str, ttl: Duration) -> Result<Transition, StoreError> {
+        let s = self.settings;
+        let idle = self.idle();
         Ok(self.transition(id, |inner, status| {
-            if status != JobStatus::Running {
+            let entry = inner.records.get(&id).expect("checked live");
+            if status != JobStatus::Running || entry.lease.as_ref().is_none_or(|l| l.owner != owner) {
                 return Transition::NotApplicable(status);
             }
-            inner.release(id);
-            inner.leases.insert((until, id));
-            let lease = Lease { owner: owner.to_owned(), until, envelope: envelope.to_owned() };
-            inner.records.get_mut(&id).expect("checked live").lease = Some(lease);
+            inner.set_lease(id, owner, now_millis() + millis(ttl));
+            inner.touch(id, &s, idle + millis(ttl));
             Transition::Applied
         }))
     }
 
-    async fn renew(&self, id: JobId, owner: &str, until: UnixMillis) -> Result<Transition, StoreError> {
-        Ok(self.transition(id, |inner, status| {
-            let entry = inner.records.get_mut(&id).expect("checked live");
-            let Some(lease) = entry.lease.as_mut().filter(|l| l.owner == owner && status == JobStatus::Running) else {
-                return Transition::NotApplicable(status);
-            };
-            let old = std::mem::replace(&mut lease.until, until);
-            inner.leases.remove(&(old, id));
-            inner.leases.insert((until, id));
-            Transition::Applied
-        }))
-    }
-
-    async fn reap(
-        &self,
-        now: UnixMillis,
-        owner: &str,
-        claim_until: UnixMillis,
-        limit: usize,
-    ) -> Result<Vec<Lapsed>, StoreError> {
+    async fn reap(&self, limit: usize) -> Result<Vec<Lapsed>, StoreError> {
+        let s = self.settings;
         let mut inner = self.lock();
+        let now = now_millis();
         let due: Vec<(UnixMillis, JobId)> =
             inner.leases.iter().take_while(|(until, _)| *until <= now).take(limit).copied().collect();
         let mut out = Vec::new();
         for key @ (_, id) in due {
             inner.leases.remove(&key);
             let Some(entry) = inner.live(id) else { continue };
-            let running = entry.record.status == JobStatus::Running;
-            match entry.lease.as_mut() {
-                Some(lease) if running => {
-                    lease.owner = owner.to_owned();
-                    lease.until = claim_until;
-                    out.push(Lapsed { id, envelope: lease.envelope.clone() });
-                    inner.leases.insert((claim_until, id));
-                }
-                _ => entry.lease = None,
-            }
+            entry.lease = None;
+            let live = !entry.record.status.is_terminal();
+            let Some(envelope) = entry.envelope.clone().filter(|_| live) else { continue };
+            entry.record.status = JobStatus::Queued;
+            entry.follows = None;
+            inner.touch(id, &s, millis(s.sweep_after));
+            inner.emit(id, EventKind::Status, json!({"status": "queued"}));
+            out.push(Lapsed { id, envelope });
         }
         Ok(out)
     }
 
-    async fn release(&self, id: JobId, owner: &str) -> Result<Transition, StoreError> {
-        Ok(self.transition(id, |inner, status| {
-            let entry = inner.records.get_mut(&id).expect("checked live");
-            if status != JobStatus::Running || entry.lease.as_ref().is_none_or(|l| l.owner != owner) {
-                return Transition::NotApplicable(status);
-            }
-            entry.record.status = JobStatus::Queued;
-            inner.release(id);
-            inner.emit(id, EventKind::Status, json!({"status": "queued"}), kiln_proto::now_millis());
+    async fn requeue_later(&self, id: JobId, delay: Duration) -> Result<Transition, StoreError> {
+        let s = self.settings;
+        Ok(self.transition(id, |inner, _| {
+            inner.requeue(id, &s, now_millis() + millis(delay));
             Transition::Applied
         }))
     }
 
-    async fn redrive(&self, id: JobId) -> Result<Transition, StoreError> {
+    async fn sweep(&self, limit: usize) -> Result<Vec<JobId>, StoreError> {
+        let inner = self.lock();
+        let now = now_millis();
+        Ok(inner.active.iter().take_while(|(due, _)| *due <= now).take(limit).map(|(_, id)| *id).collect())
+    }
+
+    async fn stray(&self, id: JobId, worker_gone: Duration, max_sweeps: u32) -> Result<Stray, StoreError> {
+        let s = self.settings;
+        let idle = self.idle();
         let mut inner = self.lock();
-        let expires = Instant::now() + self.retention;
+        let now = now_millis();
+        let Some(entry) = inner.live(id) else { return Ok(Stray::Gone) };
+        if entry.record.status.is_terminal() {
+            if let Some(d) = entry.due.take() {
+                inner.active.remove(&(d, id));
+            }
+            return Ok(Stray::Gone);
+        }
+        if entry.due.is_some_and(|d| d > now) {
+            return Ok(Stray::Fine);
+        }
+        if let Some(until) = entry.lease.as_ref().map(|l| l.until).filter(|u| *u > now) {
+            inner.touch(id, &s, until - now + idle);
+            return Ok(Stray::Fine);
+        }
+        let (model, worker, leader) = (entry.record.model.clone(), entry.worker.clone(), entry.follows);
+        let running = entry.record.status == JobStatus::Running;
+        let worker_live = running
+            && worker.is_some_and(|w| {
+                inner.workers.get(&model).and_then(|m| m.get(&w)).is_some_and(|seen| *seen > now - millis(worker_gone))
+            });
+        if worker_live || leader.is_some_and(|l| inner.is_live(l)) {
+            inner.touch(id, &s, idle);
+            return Ok(Stray::Fine);
+        }
+        let entry = inner.records.get_mut(&id).expect("live");
+        entry.sweeps += 1;
+        if entry.sweeps > max_sweeps || entry.envelope.is_none() {
+            entry.record.status = JobStatus::Failed;
+            entry.record.completed_at = Some(now);
+            entry.record.error = Some(lost_error());
+            inner.ended(id, &s);
+            inner.emit(id, EventKind::Completed, json!({"status": "failed"}));
+            inner.settle_followers(id, None, &s);
+            return Ok(Stray::Lost);
+        }
+        entry.follows = None;
+        inner.requeue(id, &s, 0);
+        inner.emit(id, EventKind::Status, json!({"status": "queued"}));
+        Ok(Stray::Requeued)
+    }
+
+    async fn redrive(&self, id: JobId) -> Result<Transition, StoreError> {
+        let s = self.settings;
+        let mut inner = self.lock();
         let Some(entry) = inner.live(id) else { return Ok(Transition::Missing) };
         let r = &mut entry.record;
         if r.status != JobStatus::Failed {
@@ -446,22 +670,22 @@ impl Store for EmbeddedStore {
         r.completed_at = None;
         r.started_at = None;
         r.progress = None;
-        entry.expires = expires;
-        inner.emit(id, EventKind::Status, json!({"status": "queued"}), kiln_proto::now_millis());
+        entry.sweeps = 0;
+        inner.touch(id, &s, millis(s.sweep_after));
+        inner.emit(id, EventKind::Status, json!({"status": "queued"}));
         Ok(Transition::Applied)
     }
 
-    async fn cancel(&self, id: JobId, at: UnixMillis) -> Result<Transition, StoreError> {
-        let expires = Instant::now() + self.retention;
+    async fn cancel(&self, id: JobId) -> Result<Transition, StoreError> {
+        let s = self.settings;
         Ok(self.transition(id, |inner, _| {
-            inner.release(id);
-            let entry = inner.records.get_mut(&id).expect("checked live");
-            entry.expires = expires;
-            entry.record.status = JobStatus::Canceled;
-            entry.record.completed_at = Some(at);
-            entry.record.error = Some(canceled_error());
-            inner.emit(id, EventKind::Completed, json!({"status": "canceled"}), at);
-            inner.settle_followers(id, None, at, expires);
+            let r = Self::record(inner, id);
+            r.status = JobStatus::Canceled;
+            r.completed_at = Some(now_millis());
+            r.error = Some(canceled_error());
+            inner.ended(id, &s);
+            inner.emit(id, EventKind::Completed, json!({"status": "canceled"}));
+            inner.settle_followers(id, None, &s);
             Transition::Applied
         }))
     }
@@ -486,28 +710,43 @@ impl Store for EmbeddedStore {
         key: &str,
         fingerprint: &str,
         job: JobId,
+        pending: Duration,
         ttl: Duration,
     ) -> Result<Claim, StoreError> {
         let mut inner = self.lock();
-        let now = Instant::now();
-        inner.idempotency.retain(|_, (_, _, _, until)| *until > now);
-        if let Some((held, fp, committed, _)) = inner.idempotency.get(key) {
-            return Ok(Claim::Held { job: *held, fingerprint: fp.clone(), committed: *committed });
+        let now = now_millis();
+        if inner.idempotency.get(key).is_some_and(|c| c.until <= now) {
+            inner.idempotency.remove(key);
         }
-        inner.idempotency.insert(key.to_owned(), (job, fingerprint.to_owned(), false, now + ttl));
+        let stale = inner.idempotency.get(key).map(|c| (c.job, c.committed)).is_some_and(|(held, committed)| {
+            !committed && inner.live(held).is_none() && inner.withdrawn.get(&held).is_some_and(|u| *u > now)
+        });
+        if stale {
+            inner.idempotency.remove(key);
+        }
+        if let Some(held) = inner.idempotency.get(key).map(|c| c.job) {
+            // A pending claim whose job exists with its message enqueued reads as committed.
+            let confirmed = inner.live(held).is_some_and(|e| e.confirmed || e.record.status.is_terminal());
+            let claim = inner.idempotency.get_mut(key).expect("present");
+            if !claim.committed && confirmed {
+                claim.committed = true;
+                claim.until = now + millis(claim.ttl);
+            }
+            return Ok(Claim::Held {
+                job: claim.job,
+                fingerprint: claim.fingerprint.clone(),
+                committed: claim.committed,
+            });
+        }
+        let claim =
+            IdemClaim { job, fingerprint: fingerprint.to_owned(), committed: false, until: now + millis(pending), ttl };
+        inner.idempotency.insert(key.to_owned(), claim);
         Ok(Claim::Claimed)
-    }
-
-    async fn commit_idempotency(&self, key: &str, job: JobId) -> Result<(), StoreError> {
-        if let Some(claim) = self.lock().idempotency.get_mut(key).filter(|c| c.0 == job) {
-            claim.2 = true;
-        }
-        Ok(())
     }
 
     async fn release_idempotency(&self, key: &str, job: JobId) -> Result<(), StoreError> {
         let mut inner = self.lock();
-        if inner.idempotency.get(key).is_some_and(|c| c.0 == job) {
+        if inner.idempotency.get(key).is_some_and(|c| c.job == job) {
             inner.idempotency.remove(key);
         }
         Ok(())
@@ -526,17 +765,24 @@ impl Store for EmbeddedStore {
         let mut out = Vec::new();
         for key in due {
             inner.hooks_due.remove(&key);
-            let Some(hook) = inner.hooks.get_mut(&key.1) else { continue };
-            hook.due = claim_until;
-            out.push(WebhookDelivery {
-                id: key.1.clone(),
-                job: hook.job,
-                event: hook.event.clone(),
-                at: hook.at,
-                attempts: hook.attempts,
-                body: hook.body.clone(),
-            });
-            inner.hooks_due.insert((claim_until, key.1));
+            let Some(job) = inner.hooks.get(&key.1).map(|h| h.job) else { continue };
+            // A job's deliveries go out in order: one behind an earlier pending one waits.
+            let first = inner.records.get(&job).and_then(|e| e.hooks.values().next().cloned());
+            let until = if first.as_ref().is_none_or(|f| *f == key.1) { claim_until } else { now + 1000 };
+            let hook = inner.hooks.get_mut(&key.1).expect("present");
+            hook.due = until;
+            if until == claim_until {
+                out.push(WebhookDelivery {
+                    id: key.1.clone(),
+                    job: hook.job,
+                    event: hook.event.clone(),
+                    at: hook.at,
+                    attempts: hook.attempts,
+                    body: hook.body.clone(),
+                    seq: hook.seq,
+                });
+            }
+            inner.hooks_due.insert((until, key.1));
         }
         Ok(out)
     }
@@ -564,13 +810,16 @@ impl Store for EmbeddedStore {
             }
             _ => {
                 inner.hooks.remove(&d.id);
+                if let Some(e) = inner.records.get_mut(&d.job) {
+                    e.hooks.retain(|_, did| *did != d.id);
+                }
             }
         }
         Ok(())
     }
 
-    async fn worker_seen(&self, model: &ModelName, worker: &str, at: UnixMillis) -> Result<(), StoreError> {
-        self.lock().workers.entry(model.clone()).or_default().insert(worker.to_owned(), at);
+    async fn worker_seen(&self, model: &ModelName, worker: &str) -> Result<(), StoreError> {
+        self.lock().workers.entry(model.clone()).or_default().insert(worker.to_owned(), now_millis());
         Ok(())
     }
 

@@ -1,7 +1,20 @@
 //! The job store: job records with a retention TTL, and the state transitions workers make on
-//! them. Terminal writes are fenced: the first terminal state wins and later writes (a redelivered
-//! duplicate, a late update) change nothing. Implementations: [`redis`] and the in-process
-//! [`embedded`] store with the same semantics.
+//! them. Implementations: [`redis`] and the in-process [`embedded`] store with the same semantics.
+//!
+//! What the store guarantees:
+//! - Terminal writes are fenced: the first terminal state wins and later writes (a redelivered
+//!   duplicate, a late update) change nothing.
+//! - Runs are fenced: [`Store::start`] hands each run a token (its attempt number), and every
+//!   write a run makes ([`Store::finish`], [`Store::retry`], [`Store::progress`],
+//!   [`Store::lease`]) presents it; a run that was superseded by a later start writes nothing.
+//! - Time is the store's own (Redis `TIME` inside the scripts), never a caller's wall clock, for
+//!   leases, deadlines and staleness.
+//! - Retention is refreshed by every transition, so a record never expires under a live job, and
+//!   a live job's envelope is kept with it (dropped once it is terminal), so the work can always
+//!   be rebuilt.
+//! - Every non-terminal job has a time by which something must have happened to it; past it,
+//!   [`Store::sweep`] finds it, and [`Store::stray`] queues it again from its envelope (through the
+//!   reaper) or, when it cannot be rebuilt, ends it `failed` with code `job_lost`.
 
 pub mod embedded;
 pub mod redis;
@@ -41,11 +54,16 @@ impl Outcome {
     }
 }
 
+/// A run's fencing token: the attempt number [`Store::start`] gave it.
+pub type Run = u32;
+
 /// What a state transition found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transition {
     /// The write took effect.
     Applied,
+    /// A later start of the job superseded this run; nothing was written.
+    Superseded,
     /// The job is already in a terminal state; nothing was written.
     AlreadyTerminal(JobStatus),
     /// The job is in another state than the transition needs; nothing was written.
@@ -67,9 +85,14 @@ pub enum Start {
     Withdrawn,
     /// No record: it expired, or the store lost it.
     Missing,
+    /// Another run holds the job under a live lease (its message was acknowledged): this
+    /// delivery is a duplicate. Acknowledge it; if that run dies, its lease lapses and the reaper
+    /// queues the job again.
+    Held,
 }
 
-/// A running job whose lease lapsed: its worker stopped heartbeating.
+/// A job to queue again: its lease lapsed (its worker stopped heartbeating), it follows a job
+/// that ended without an outcome, or the sweeper found it stray.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lapsed {
     pub id: JobId,
@@ -77,67 +100,101 @@ pub struct Lapsed {
     pub envelope: String,
 }
 
+/// What [`Store::stray`] did with a job [`Store::sweep`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stray {
+    /// Something is looking after it after all (a live lease, a live worker, a live leader, a
+    /// newer transition): it was left alone.
+    Fine,
+    /// Handed to the reaper, which queues it again from its envelope.
+    Requeued,
+    /// It could not be rebuilt (no envelope, or swept too often): ended `failed`, `job_lost`.
+    Lost,
+    /// Already terminal or gone.
+    Gone,
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Writes a new record (queued, or finished for a cache hit); fails with `Conflict` if the id
     /// exists.
-    async fn create(&self, record: &JobRecord) -> Result<(), StoreError>;
+    async fn create(&self, record: &JobRecord) -> Result<(), StoreError> {
+        self.insert(record, &Creation::default()).await
+    }
 
-    /// Writes a new queued record for a job whose identical twin may already be queued or running
-    /// under `inflight` (its cache key). If so, the new job follows it: it completes with the
-    /// twin's outcome, and must not be published. Otherwise it becomes the twin others follow.
-    /// `envelope` is kept on a follower, to queue it on its own if its leader ends without an
-    /// outcome (canceled, expired, withdrawn).
+    /// [`Store::create`], with what else a new job carries.
+    async fn insert(&self, record: &JobRecord, how: &Creation<'_>) -> Result<(), StoreError>;
+
+    /// Writes a new queued record for a job whose identical twin may already be in flight under
+    /// `inflight` (its cache key). If a twin is queued with a confirmed message, or running, and
+    /// has room for more followers, the new job follows it: it completes with the twin's outcome,
+    /// and must not be published. Otherwise it becomes the twin others follow — once
+    /// [`Store::confirm`] says its own message is enqueued.
     async fn create_coalesced(
         &self,
         record: &JobRecord,
         inflight: &str,
-        envelope: &str,
+        how: &Creation<'_>,
     ) -> Result<Coalesced, StoreError>;
+
+    /// The broker confirmed the job's message: followers may attach to it now, and its
+    /// idempotency claim (if `key`) is committed for the key's full lifetime.
+    async fn confirm(&self, id: JobId, key: Option<&str>) -> Result<(), StoreError>;
 
     async fn get(&self, id: JobId) -> Result<Option<JobRecord>, StoreError>;
 
-    /// `queued | running → running`: sets `started_at`, increments `attempts`, drops any lease,
-    /// and returns the attempt number. A queued job past its deadline becomes `expired` instead.
-    async fn start(&self, id: JobId, at: UnixMillis) -> Result<Start, StoreError>;
+    /// `queued | running → running` for a run on `worker`: sets `started_at`, increments
+    /// `attempts` and returns it as the run's token. A queued job past its deadline becomes
+    /// `expired` instead; a job another run holds under a live lease is left alone (`Held`).
+    async fn start(&self, id: JobId, worker: &str) -> Result<Start, StoreError>;
 
-    /// The fenced terminal write: applied only if the job is not terminal yet. Releases any lease.
-    async fn finish(&self, id: JobId, outcome: &Outcome, at: UnixMillis) -> Result<Transition, StoreError>;
+    /// The fenced terminal write: applied only if the job is not terminal yet and `run` is its
+    /// latest run. Releases any lease.
+    async fn finish(&self, id: JobId, run: Run, outcome: &Outcome) -> Result<Transition, StoreError>;
 
-    /// `running → queued`, for a retry after a transient failure. Releases any lease.
-    async fn retry(&self, id: JobId) -> Result<Transition, StoreError>;
+    /// `running → queued`, for a retry after a transient failure that will be delivered again
+    /// after `delay`. Releases any lease.
+    async fn retry(&self, id: JobId, run: Run, delay: Duration) -> Result<Transition, StoreError>;
 
-    /// `queued → expired` when the deadline has passed at `at`.
-    async fn expire_if_due(&self, id: JobId, at: UnixMillis) -> Result<Transition, StoreError>;
+    /// `queued → expired` when the deadline has passed.
+    async fn expire_if_due(&self, id: JobId) -> Result<Transition, StoreError>;
 
-    /// Records progress of a running job; never touches a terminal one.
-    async fn progress(&self, id: JobId, progress: &serde_json::Value) -> Result<Transition, StoreError>;
+    /// Records progress of run `run`; never touches a terminal job or a superseded run.
+    async fn progress(&self, id: JobId, run: Run, progress: &serde_json::Value) -> Result<Transition, StoreError>;
 
     /// Withdraws a record that was created but could not be enqueued, so no id is left pointing
     /// at a job that will never run, and a late delivery of it is recognised and dropped.
     async fn discard(&self, id: JobId) -> Result<(), StoreError>;
 
-    /// Takes over from the broker for a long job: the envelope is kept with a lease held by
-    /// `owner` until `until`, after which [`Store::reap`] hands it out again.
-    async fn lease(&self, id: JobId, owner: &str, until: UnixMillis, envelope: &str) -> Result<Transition, StoreError>;
-
-    /// Extends `owner`'s lease; `NotApplicable` when the lease is no longer its own.
-    async fn renew(&self, id: JobId, owner: &str, until: UnixMillis) -> Result<Transition, StoreError>;
-
-    /// Claims up to `limit` leases that lapsed before `now`: each is handed to exactly one caller,
-    /// which holds it as `owner` until `claim_until` while it queues the job again and then calls
-    /// [`Store::retry`]. A caller that dies meanwhile lets its claim lapse in turn.
-    async fn reap(
+    /// Takes over from the broker for a long job: run `run`'s job is held by `owner` for `ttl`,
+    /// after which [`Store::reap`] hands it out again; `envelope` replaces the stored one.
+    async fn lease(
         &self,
-        now: UnixMillis,
+        id: JobId,
+        run: Run,
         owner: &str,
-        claim_until: UnixMillis,
-        limit: usize,
-    ) -> Result<Vec<Lapsed>, StoreError>;
+        ttl: Duration,
+        envelope: &str,
+    ) -> Result<Transition, StoreError>;
 
-    /// Ends a reaper's claim once it has queued the job again: `running → queued`, only while the
-    /// claim is still `owner`'s (a worker that already started the job again took it over).
-    async fn release(&self, id: JobId, owner: &str) -> Result<Transition, StoreError>;
+    /// Extends `owner`'s lease by `ttl` from now; `NotApplicable` when it is no longer its own.
+    async fn renew(&self, id: JobId, owner: &str, ttl: Duration) -> Result<Transition, StoreError>;
+
+    /// Hands out up to `limit` jobs due to be queued again — lapsed leases, orphaned followers,
+    /// strays — each to exactly one caller: it is `queued` when returned, and the caller publishes
+    /// its envelope. If that publish fails, [`Store::requeue_later`] puts it back; if the caller
+    /// dies, the sweeper finds it.
+    async fn reap(&self, limit: usize) -> Result<Vec<Lapsed>, StoreError>;
+
+    /// Puts a reaped job whose publish failed back to be reaped again after `delay`.
+    async fn requeue_later(&self, id: JobId, delay: Duration) -> Result<Transition, StoreError>;
+
+    /// Live jobs whose time to show activity passed (see the module header), at most `limit`.
+    async fn sweep(&self, limit: usize) -> Result<Vec<JobId>, StoreError>;
+
+    /// Checks a job [`Store::sweep`] found, atomically, and queues it again or ends it. A job
+    /// running on a worker seen within `worker_gone` is fine. Safe with many sweepers at once.
+    async fn stray(&self, id: JobId, worker_gone: Duration, max_sweeps: u32) -> Result<Stray, StoreError>;
 
     /// `failed → queued` with the attempt count reset: an operator's redrive from the dead-letter
     /// queue, the one way out of a terminal state.
@@ -145,7 +202,7 @@ pub trait Store: Send + Sync + 'static {
 
     /// `queued | running → canceled`: the fenced terminal write of a cancel. A worker still
     /// running the job finds it terminal and drops its result.
-    async fn cancel(&self, id: JobId, at: UnixMillis) -> Result<Transition, StoreError>;
+    async fn cancel(&self, id: JobId) -> Result<Transition, StoreError>;
 
     /// The job's event log after `after` (an event id), oldest first; from the start when `None`.
     /// Every applied transition appends to it.
@@ -155,23 +212,25 @@ pub trait Store: Send + Sync + 'static {
     /// reading [`Store::events`] and skip what the log already gave, and nothing is missed.
     async fn subscribe(&self, id: JobId) -> tokio::sync::broadcast::Receiver<JobEvent>;
 
-    /// Claims `key` for a new job with this request `fingerprint`, or reports who holds it.
+    /// Claims `key` for a new job with this request `fingerprint`, or reports who holds it. A
+    /// claim is pending for `pending` (a gateway that dies while accepting lets it lapse), and
+    /// lives for `ttl` once its job exists ([`Store::create`]) or is confirmed. A claim held by a
+    /// job whose record exists and is confirmed reads as committed.
     async fn claim_idempotency(
         &self,
         key: &str,
         fingerprint: &str,
         job: JobId,
+        pending: Duration,
         ttl: Duration,
     ) -> Result<Claim, StoreError>;
-
-    /// Marks the claim's job as durably accepted.
-    async fn commit_idempotency(&self, key: &str, job: JobId) -> Result<(), StoreError>;
 
     /// Drops a claim whose job could not be accepted, so a retry can claim it again.
     async fn release_idempotency(&self, key: &str, job: JobId) -> Result<(), StoreError>;
 
     /// Claims up to `limit` webhook deliveries due at `now`, holding them for `owner` until
-    /// `claim_until` (a dispatcher that dies lets them lapse to another).
+    /// `claim_until` (a dispatcher that dies lets them lapse to another). Per job, only its
+    /// earliest pending delivery is handed out, so a job's events arrive in order.
     async fn due_webhooks(
         &self,
         now: UnixMillis,
@@ -184,8 +243,9 @@ pub trait Store: Send + Sync + 'static {
     /// given up. The body is kept, so retries send the same bytes.
     async fn webhook_attempted(&self, delivery: &WebhookDelivery, result: &WebhookAttempt) -> Result<(), StoreError>;
 
-    /// Notes that `worker` is consuming `model`'s queue (called every few seconds by workers).
-    async fn worker_seen(&self, model: &ModelName, worker: &str, at: UnixMillis) -> Result<(), StoreError>;
+    /// Notes that `worker` is consuming `model`'s queue (called every few seconds by workers), at
+    /// the store's time.
+    async fn worker_seen(&self, model: &ModelName, worker: &str) -> Result<(), StoreError>;
 
     /// Workers that consumed `model`'s queue since `since`, for `GET /v1/models`.
     async fn workers(&self, model: &ModelName, since: UnixMillis) -> Result<Vec<String>, StoreError>;
@@ -194,6 +254,15 @@ pub trait Store: Send + Sync + 'static {
     async fn check(&self) -> Result<(), StoreError>;
 
     fn kind(&self) -> &'static str;
+}
+
+/// What a new job carries besides its record.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Creation<'a> {
+    /// The message a worker runs, kept while the job is live so its work can be rebuilt.
+    pub envelope: Option<&'a str>,
+    /// The idempotency key claimed for it: from now on the claim lives its full lifetime.
+    pub idempotency_key: Option<&'a str>,
 }
 
 /// What [`Store::create_coalesced`] made of a new job.
@@ -227,6 +296,8 @@ pub struct WebhookDelivery {
     pub attempts: u32,
     /// The body sent by the first attempt, reused by retries.
     pub body: Option<String>,
+    /// The event's place among the job's webhook events: 1, 2, 3…
+    pub seq: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -249,5 +320,13 @@ pub fn deadline_error() -> JobError {
     JobError {
         code: kiln_proto::ErrorCode::DeadlineExceeded,
         message: "the job's deadline passed before it started".into(),
+    }
+}
+
+/// The error recorded on a job the sweeper could not rebuild.
+pub fn lost_error() -> JobError {
+    JobError {
+        code: kiln_proto::ErrorCode::JobLost,
+        message: "the job's work was lost (no message, no lease, no envelope to rebuild it from)".into(),
     }
 }

@@ -37,6 +37,8 @@ pub fn backend_args(retention: Duration) -> BackendArgs {
         queue_prefix: prefix.clone(),
         key_prefix: format!("{prefix}:"),
         job_retention: retention,
+        result_retention: None,
+        sweep_after: Duration::from_secs(600),
         cache_redis_url: None,
         cache_ttl: Duration::from_secs(3600),
         connect_timeout: Duration::from_secs(1),
@@ -53,9 +55,15 @@ pub enum Kind {
 }
 
 pub fn backend(kind: Kind, retention: Duration) -> Backend {
+    backend_with(kind, &backend_args(retention))
+}
+
+/// A backend of `kind` with these settings (the embedded one takes the retentions, the sweep
+/// setting and the cache TTL).
+pub fn backend_with(kind: Kind, args: &BackendArgs) -> Backend {
     match kind {
-        Kind::Embedded => Backend::embedded(retention),
-        Kind::External => Backend::external(&backend_args(retention)).expect("backend for the test servers"),
+        Kind::Embedded => Backend::embedded_for(args),
+        Kind::External => Backend::external(args).expect("backend for the test servers"),
     }
 }
 

@@ -11,7 +11,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use kiln_common::cache;
-use kiln_common::store::{Claim, Coalesced, Transition};
+use kiln_common::store::{Claim, Coalesced, Creation, Transition};
 use kiln_common::webhooks;
 use kiln_proto::{
     EmbeddingInput, Envelope, ImageGenerationInput, JobId, JobRecord, JobStatus, Task, TextToImageInput, WebhookState,
@@ -32,6 +32,12 @@ const MAX_METADATA_BYTES: usize = 4096;
 const MAX_DEADLINE_S: f64 = 7.0 * 86_400.0;
 /// Longest accepted `Idempotency-Key`.
 const MAX_IDEMPOTENCY_KEY: usize = 255;
+/// How long a claimed `Idempotency-Key` stays pending before its job exists: a gateway that dies
+/// while accepting blocks the key this long at most. Accepting is bounded well below it (a store
+/// write and a publisher confirm, each within the I/O timeout).
+const IDEMPOTENCY_PENDING: Duration = Duration::from_secs(30);
+/// Tries at withdrawing a job whose publish failed, before the sweeper is left to find it.
+const DISCARD_TRIES: u32 = 5;
 const WEBHOOK_EVENTS: [&str; 3] = ["start", "progress", "completed"];
 
 /// A submission that passed validation.
@@ -119,8 +125,10 @@ enum Admitted {
     New(JobRecord),
 }
 
-/// Claims the idempotency key, answers from the cache or records and publishes the job, then
-/// commits (or, on failure, releases) the key.
+/// Claims the idempotency key, answers from the cache or records and publishes the job, and on
+/// failure releases the key. The key's committed state follows from its job: it is committed by
+/// the job's confirmation, and a claim whose job exists with its message enqueued reads as
+/// committed, so a lost commit never turns an accepted job into an error.
 async fn admit(state: &AppState, key: Option<String>, submission: Submission, id: JobId) -> Result<Admitted, ApiError> {
     let retry = state.config.retry_after;
     let store = &state.backend.store;
@@ -130,23 +138,24 @@ async fn admit(state: &AppState, key: Option<String>, submission: Submission, id
         let record = store.get(existing).await.map_err(|e| ApiError::Store(e, retry))?;
         return record.map(Admitted::Existing).ok_or_else(|| ApiError::JobNotFound(existing.to_string()));
     }
-    let outcome = match cached(state, id, &submission).await {
+    let outcome = match cached(state, id, &submission, key.as_deref()).await {
         Ok(Some(record)) => Ok(Admitted::Cached(record)),
-        Ok(None) => accept(state, id, submission).await.map(Admitted::New),
+        Ok(None) => accept(state, id, submission, key.as_deref()).await.map(Admitted::New),
         Err(e) => Err(e),
     };
-    if let Some(key) = &key {
-        let settle = match &outcome {
-            Ok(_) => store.commit_idempotency(key, id).await,
-            Err(_) => store.release_idempotency(key, id).await,
-        };
-        settle.map_err(|e| ApiError::Store(e, retry))?;
+    if let (Some(key), Err(_)) = (&key, &outcome) {
+        store.release_idempotency(key, id).await.map_err(|e| ApiError::Store(e, retry))?;
     }
     outcome
 }
 
 /// A cache hit answered at once, as a finished job, without touching the broker.
-async fn cached(state: &AppState, id: JobId, s: &Submission) -> Result<Option<JobRecord>, ApiError> {
+async fn cached(
+    state: &AppState,
+    id: JobId,
+    s: &Submission,
+    idempotency_key: Option<&str>,
+) -> Result<Option<JobRecord>, ApiError> {
     let Some(key) = &s.cache_key else { return Ok(None) };
     let output = match state.backend.cache.get(key).await {
         Ok(Some(output)) => output,
@@ -169,51 +178,81 @@ async fn cached(state: &AppState, id: JobId, s: &Submission) -> Result<Option<Jo
     record.output = Some(output);
     record.cached = true;
     record.webhook = s.webhook.clone();
-    state.backend.store.create(&record).await.map_err(|e| ApiError::Store(e, state.config.retry_after))?;
+    let how = Creation { envelope: None, idempotency_key };
+    state.backend.store.insert(&record, &how).await.map_err(|e| ApiError::Store(e, state.config.retry_after))?;
     events::cache_hit(id, &s.spec_name);
     record.derive_metrics();
     Ok(Some(record))
 }
 
 /// Records and publishes the job — or attaches it to an identical job in flight, which then
-/// completes both. Only a job the broker confirmed (or that follows one) gets an id out.
-async fn accept(state: &AppState, id: JobId, s: Submission) -> Result<JobRecord, ApiError> {
+/// completes both. Only a job the broker confirmed (or that follows one whose message the broker
+/// confirmed) gets an id out.
+async fn accept(state: &AppState, id: JobId, s: Submission, key: Option<&str>) -> Result<JobRecord, ApiError> {
     let began = std::time::Instant::now();
     let retry = state.config.retry_after;
+    let store = &state.backend.store;
     let created_at = now_millis();
     let deadline = s.deadline.map(|d| created_at + d.as_millis() as i64);
-    let mut record = JobRecord::queued(id, s.spec_name.clone(), created_at, s.metadata);
+    let mut record = JobRecord::queued(id, s.spec_name.clone(), created_at, s.metadata.clone());
     record.deadline_at = deadline;
-    record.webhook = s.webhook;
+    record.webhook = s.webhook.clone();
     record.traceparent = kiln_common::telemetry::current_traceparent();
     let mut envelope = Envelope::new(id, s.spec_name.clone(), s.input, created_at, deadline);
     envelope.cache_key = s.cache_key.clone();
+    // What a rebuilt record needs, should the store lose this one.
+    envelope.metadata = s.metadata;
+    envelope.webhook = s.webhook.map(|w| kiln_proto::EnvelopeWebhook { url: w.url, events: w.events });
+    envelope.traceparent = record.traceparent.clone();
     let payload = serde_json::to_vec(&envelope).map_err(|e| ApiError::Internal(format!("encoding envelope: {e}")))?;
+    let text = String::from_utf8_lossy(&payload);
+    let how = Creation { envelope: Some(&text), idempotency_key: key };
     match &s.cache_key {
         // A deadline is the job's own: such jobs neither lead nor follow.
-        Some(key) if deadline.is_none() => {
-            let text = String::from_utf8_lossy(&payload);
-            let role = state
-                .backend
-                .store
-                .create_coalesced(&record, key, &text)
-                .await
-                .map_err(|e| ApiError::Store(e, retry))?;
+        Some(cache_key) if deadline.is_none() => {
+            let role = store.create_coalesced(&record, cache_key, &how).await.map_err(|e| ApiError::Store(e, retry))?;
             if let Coalesced::Follower(leader) = role {
                 events::coalesced(id, leader);
                 events::cache_lookup(&s.spec_name, "coalesced");
+                confirmed(state, id, key).await;
                 return Ok(record);
             }
         }
-        _ => state.backend.store.create(&record).await.map_err(|e| ApiError::Store(e, retry))?,
+        _ => store.insert(&record, &how).await.map_err(|e| ApiError::Store(e, retry))?,
     }
-    if let Err(e) = state.backend.broker.publish(&s.spec_name, payload).await {
-        let discarded = state.backend.store.discard(id).await.is_ok();
-        events::enqueue_rolled_back(id, discarded);
+    if let Err(e) = state.backend.broker.publish(&s.spec_name, payload.clone()).await {
+        withdraw(state, id).await;
         return Err(ApiError::Broker(e, retry));
     }
+    confirmed(state, id, key).await;
     events::job_accepted(id, &s.spec_name, began.elapsed());
     Ok(record)
+}
+
+/// Tells the store the job's message is enqueued. Best effort: the job runs either way, and its
+/// first start marks it confirmed too.
+async fn confirmed(state: &AppState, id: JobId, key: Option<&str>) {
+    if let Err(e) = state.backend.store.confirm(id, key).await {
+        events::confirm_not_recorded(id, &e);
+    }
+}
+
+/// Withdraws a job whose publish failed, so it never runs after its client was told 503. A store
+/// that fails too is tried again a few times; past that, the record stays unconfirmed and the
+/// sweeper finds it.
+async fn withdraw(state: &AppState, id: JobId) {
+    let mut pause = Duration::from_millis(50);
+    for attempt in 1..=DISCARD_TRIES {
+        if state.backend.store.discard(id).await.is_ok() {
+            events::enqueue_rolled_back(id, true);
+            return;
+        }
+        if attempt < DISCARD_TRIES {
+            tokio::time::sleep(pause).await;
+            pause *= 2;
+        }
+    }
+    events::enqueue_rolled_back(id, false);
 }
 
 /// Claims the idempotency key for `id`. Returns the job that already holds it, if any; waits a
@@ -226,7 +265,7 @@ async fn claim(state: &AppState, key: &str, fingerprint: &str, id: JobId) -> Res
         let claim = state
             .backend
             .store
-            .claim_idempotency(key, fingerprint, id, state.config.idempotency_ttl)
+            .claim_idempotency(key, fingerprint, id, IDEMPOTENCY_PENDING, state.config.idempotency_ttl)
             .await
             .map_err(|e| ApiError::Store(e, retry))?;
         match claim {
@@ -299,7 +338,7 @@ pub async fn current(state: &AppState, id: JobId) -> Result<Option<JobRecord>, A
     let Some(record) = store.get(id).await.map_err(|e| ApiError::Store(e, retry))? else { return Ok(None) };
     let now = now_millis();
     if record.status == JobStatus::Queued && record.deadline_at.is_some_and(|d| d < now) {
-        store.expire_if_due(id, now).await.map_err(|e| ApiError::Store(e, retry))?;
+        store.expire_if_due(id).await.map_err(|e| ApiError::Store(e, retry))?;
         return store.get(id).await.map_err(|e| ApiError::Store(e, retry));
     }
     Ok(Some(record))
@@ -308,7 +347,7 @@ pub async fn current(state: &AppState, id: JobId) -> Result<Option<JobRecord>, A
 pub async fn cancel(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
     let job_id: JobId = id.parse().map_err(|_| ApiError::JobNotFound(id.clone()))?;
     let retry = state.config.retry_after;
-    match state.backend.store.cancel(job_id, now_millis()).await.map_err(|e| ApiError::Store(e, retry))? {
+    match state.backend.store.cancel(job_id).await.map_err(|e| ApiError::Store(e, retry))? {
         Transition::Applied => {
             events::job_canceled(job_id);
             let record = current(&state, job_id).await?.ok_or(ApiError::JobNotFound(id))?;
@@ -317,7 +356,7 @@ pub async fn cancel(State(state): State<AppState>, Path(id): Path<String>) -> Re
         Transition::AlreadyTerminal(status) | Transition::NotApplicable(status) => {
             Err(ApiError::JobFinished(id, status.as_str()))
         }
-        Transition::Missing => Err(ApiError::JobNotFound(id)),
+        Transition::Missing | Transition::Superseded => Err(ApiError::JobNotFound(id)),
     }
 }
 

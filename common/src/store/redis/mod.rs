@@ -1,8 +1,14 @@
 //! The job store on Redis. Per job: a hash `{prefix}job:{id}` and an event stream
-//! `{prefix}job:{id}:events`, both expiring after the retention TTL. Shared: the sorted set
-//! `{prefix}leases` of long jobs' lease deadlines, the sorted set `{prefix}webhooks` of due webhook
-//! deliveries (with a hash `{prefix}webhook:{delivery}` each), `{prefix}withdrawn:{id}` markers,
-//! `{prefix}idem:{key}` idempotency claims, and the pub/sub channel `{prefix}events`.
+//! `{prefix}job:{id}:events`, both expiring after the live retention (refreshed by every
+//! transition) and, once the job is terminal, after the finished retention; while it has them,
+//! `:followers` (a set, at most [`scripts::MAX_FOLLOWERS`]) and `:hooks` (its pending webhook
+//! deliveries in order). Shared: the sorted set `{prefix}leases` of jobs to hand out again at a
+//! time (lapsing leases, orphans, strays), `{prefix}active` (every live job and the time by which it
+//! must show activity, for the sweeper), `{prefix}webhooks` of due webhook deliveries (with a hash
+//! `{prefix}webhook:{delivery}` each, kept at most the live retention), `{prefix}output:{sha1}`
+//! outputs shared by several records (followers, cache hits), `{prefix}withdrawn:{id}` markers,
+//! `{prefix}idem:{key}` idempotency claims, `{prefix}workers:{model}`, and the pub/sub channel
+//! `{prefix}events`.
 //!
 //! Every state transition is one Lua script: the check of the current status, the write, the
 //! event appended to the job's log and published, and the webhook delivery queued — all atomic.
@@ -19,13 +25,14 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::broadcast;
 
 use super::{
-    Claim, Coalesced, Lapsed, Outcome, Start, Store, StoreError, Transition, WebhookAttempt, WebhookDelivery,
-    canceled_error, deadline_error,
+    Claim, Coalesced, Creation, Lapsed, Outcome, Run, Start, Store, StoreError, Stray, Transition, WebhookAttempt,
+    WebhookDelivery, canceled_error, deadline_error, lost_error,
 };
 use crate::config::Secret;
 
 mod events;
 mod scripts;
+pub use scripts::MAX_FOLLOWERS;
 
 use events::{Hub, event, spawn_listener};
 use scripts::Scripts;
@@ -35,8 +42,13 @@ pub struct RedisConfig {
     pub url: Secret,
     /// Prefix of every key, so deployments and tests can share a server.
     pub key_prefix: String,
-    /// How long a job record is kept, counted from acceptance and again from completion.
+    /// How long a live job's record is kept, counted again from each of its transitions.
     pub retention: Duration,
+    /// How long a finished job's record is kept, counted from completion.
+    pub finished_retention: Duration,
+    /// How long a live job may go without a transition (or a lease renewal) before the sweeper
+    /// looks at it.
+    pub sweep_after: Duration,
     /// Bound on establishing a connection.
     pub connect_timeout: Duration,
     /// Bound on one command's response.
@@ -80,12 +92,20 @@ impl RedisStore {
         format!("{}leases", self.config.key_prefix)
     }
 
+    fn active_key(&self) -> String {
+        format!("{}active", self.config.key_prefix)
+    }
+
     fn webhooks_key(&self) -> String {
         format!("{}webhooks", self.config.key_prefix)
     }
 
     fn webhook_prefix(&self) -> String {
         format!("{}webhook:", self.config.key_prefix)
+    }
+
+    fn job_prefix(&self) -> String {
+        format!("{}job:", self.config.key_prefix)
     }
 
     fn channel(&self) -> String {
@@ -96,24 +116,21 @@ impl RedisStore {
         self.config.retention.as_millis() as u64
     }
 
-    /// A transition's invocation with the standard keys and prologue arguments.
-    fn transition<'a>(&self, script: &'a redis::Script, id: JobId, now: UnixMillis) -> redis::ScriptInvocation<'a> {
+    /// A transition's invocation with the standard keys and prologue arguments (see
+    /// [`scripts`]).
+    fn transition<'a>(&self, script: &'a redis::Script, id: JobId) -> redis::ScriptInvocation<'a> {
         let mut inv = script.key(self.key(id));
         inv.key(self.leases_key())
             .key(self.events_key(id))
             .key(self.webhooks_key())
-            .arg(now)
+            .key(self.active_key())
+            .arg(self.config.sweep_after.as_millis() as u64)
             .arg(id.to_string())
             .arg(self.channel())
             .arg(self.retention_ms())
-            .arg(&self.config.key_prefix);
+            .arg(&self.config.key_prefix)
+            .arg(self.config.finished_retention.as_millis() as u64);
         inv
-    }
-
-    async fn idempotency_holder(&self, script: &redis::Script, key: &str, job: JobId) -> Result<(), StoreError> {
-        let mut inv = script.key(format!("{}idem:{key}", self.config.key_prefix));
-        inv.arg(job.to_string());
-        self.invoke::<i64>(&inv).await.map(drop)
     }
 
     async fn invoke<T: redis::FromRedisValue>(&self, inv: &redis::ScriptInvocation<'_>) -> Result<T, StoreError> {
@@ -154,6 +171,7 @@ fn status_of(reply: &[String]) -> JobStatus {
 fn transition(reply: Vec<String>) -> Transition {
     match reply.first().map(String::as_str) {
         Some("ok") => Transition::Applied,
+        Some("superseded") => Transition::Superseded,
         Some("terminal") => Transition::AlreadyTerminal(status_of(&reply)),
         Some("na") => Transition::NotApplicable(status_of(&reply)),
         _ => Transition::Missing,
@@ -164,15 +182,11 @@ fn error_json(e: &JobError) -> String {
     serde_json::to_string(e).expect("job errors serialise")
 }
 
-fn now() -> UnixMillis {
-    kiln_proto::now_millis()
-}
-
 impl RedisStore {
-    async fn create_record(&self, r: &JobRecord) -> Result<(), StoreError> {
-        let mut inv = self.transition(&self.scripts.create, r.id, r.created_at);
+    async fn create_record(&self, r: &JobRecord, how: &Creation<'_>) -> Result<(), StoreError> {
+        let mut inv = self.transition(&self.scripts.create, r.id);
         let (kind, data) = creation_event(r);
-        inv.arg(kind).arg(data);
+        inv.arg(kind).arg(data).arg(how.envelope.unwrap_or("")).arg(how.idempotency_key.unwrap_or(""));
         record_fields(&mut inv, r);
         match self.apply(&inv).await? {
             Transition::Applied => Ok(()),
@@ -180,9 +194,14 @@ impl RedisStore {
         }
     }
 
-    async fn coalesce_record(&self, r: &JobRecord, inflight: &str, envelope: &str) -> Result<Coalesced, StoreError> {
-        let mut inv = self.transition(&self.scripts.coalesce, r.id, r.created_at);
-        inv.key(format!("{}inflight:{inflight}", self.config.key_prefix)).arg(envelope);
+    async fn coalesce_record(
+        &self,
+        r: &JobRecord,
+        inflight: &str,
+        how: &Creation<'_>,
+    ) -> Result<Coalesced, StoreError> {
+        let mut inv = self.transition(&self.scripts.coalesce, r.id);
+        inv.key(format!("{}inflight:{inflight}", self.config.key_prefix)).arg(how.envelope.unwrap_or(""));
         record_fields(&mut inv, r);
         let reply: Vec<String> = self.invoke(&inv).await?;
         match reply.first().map(String::as_str) {
@@ -245,95 +264,116 @@ fn record_fields(inv: &mut redis::ScriptInvocation<'_>, r: &JobRecord) {
 
 #[async_trait]
 impl Store for RedisStore {
-    async fn create(&self, r: &JobRecord) -> Result<(), StoreError> {
-        self.create_record(r).await
+    async fn insert(&self, r: &JobRecord, how: &Creation<'_>) -> Result<(), StoreError> {
+        self.create_record(r, how).await
     }
 
-    async fn create_coalesced(&self, r: &JobRecord, inflight: &str, envelope: &str) -> Result<Coalesced, StoreError> {
-        self.coalesce_record(r, inflight, envelope).await
+    async fn create_coalesced(
+        &self,
+        r: &JobRecord,
+        inflight: &str,
+        how: &Creation<'_>,
+    ) -> Result<Coalesced, StoreError> {
+        self.coalesce_record(r, inflight, how).await
+    }
+
+    async fn confirm(&self, id: JobId, key: Option<&str>) -> Result<(), StoreError> {
+        let mut inv = self.transition(&self.scripts.confirm, id);
+        inv.arg(key.unwrap_or(""));
+        self.invoke::<Vec<String>>(&inv).await.map(drop)
     }
 
     async fn get(&self, id: JobId) -> Result<Option<JobRecord>, StoreError> {
-        let fields: HashMap<String, String> =
-            redis::cmd("HGETALL").arg(self.key(id)).query_async(&mut self.conn.clone()).await.map_err(unavailable)?;
-        if fields.is_empty() {
+        let mut inv = self.scripts.read.key(self.key(id));
+        inv.arg(format!("{}output:", self.config.key_prefix));
+        let flat: Vec<String> = self.invoke(&inv).await?;
+        if flat.is_empty() {
             return Ok(None);
         }
+        let fields: HashMap<String, String> = flat.chunks_exact(2).map(|kv| (kv[0].clone(), kv[1].clone())).collect();
         decode(id, &fields).map(Some).map_err(|reason| StoreError::Corrupt { id, reason })
     }
 
-    async fn start(&self, id: JobId, at: UnixMillis) -> Result<Start, StoreError> {
-        let mut inv = self.transition(&self.scripts.start, id, at);
-        inv.key(self.withdrawn_key(id)).arg(error_json(&deadline_error()));
+    async fn start(&self, id: JobId, worker: &str) -> Result<Start, StoreError> {
+        let mut inv = self.transition(&self.scripts.start, id);
+        inv.key(self.withdrawn_key(id)).arg(error_json(&deadline_error())).arg(worker);
         let reply: Vec<String> = self.invoke(&inv).await?;
         Ok(match reply.first().map(String::as_str) {
             Some("ok") => Start::Started { attempt: reply.get(1).and_then(|n| n.parse().ok()).unwrap_or(1) },
             Some("expired") => Start::Expired,
             Some("terminal") => Start::AlreadyTerminal(status_of(&reply)),
             Some("withdrawn") => Start::Withdrawn,
+            Some("held") => Start::Held,
             _ => Start::Missing,
         })
     }
 
-    async fn finish(&self, id: JobId, outcome: &Outcome, at: UnixMillis) -> Result<Transition, StoreError> {
+    async fn finish(&self, id: JobId, run: Run, outcome: &Outcome) -> Result<Transition, StoreError> {
         let (field, value) = match outcome {
             Outcome::Succeeded(out) => ("output", out.clone()),
             Outcome::Failed(err) => ("error", error_json(err)),
         };
-        let mut inv = self.transition(&self.scripts.finish, id, at);
-        inv.arg(outcome.status().as_str()).arg(field).arg(value);
+        let mut inv = self.transition(&self.scripts.finish, id);
+        inv.arg(run).arg(outcome.status().as_str()).arg(field).arg(value);
         self.apply(&inv).await
     }
 
-    async fn retry(&self, id: JobId) -> Result<Transition, StoreError> {
-        self.apply(&self.transition(&self.scripts.retry, id, now())).await
+    async fn retry(&self, id: JobId, run: Run, delay: Duration) -> Result<Transition, StoreError> {
+        let mut inv = self.transition(&self.scripts.retry, id);
+        inv.arg(run).arg(delay.as_millis() as u64);
+        self.apply(&inv).await
     }
 
-    async fn expire_if_due(&self, id: JobId, at: UnixMillis) -> Result<Transition, StoreError> {
-        let mut inv = self.transition(&self.scripts.expire, id, at);
+    async fn expire_if_due(&self, id: JobId) -> Result<Transition, StoreError> {
+        let mut inv = self.transition(&self.scripts.expire, id);
         inv.arg(error_json(&deadline_error()));
         self.apply(&inv).await
     }
 
-    async fn progress(&self, id: JobId, progress: &serde_json::Value) -> Result<Transition, StoreError> {
-        let mut inv = self.transition(&self.scripts.progress, id, now());
-        inv.arg(progress.to_string());
+    async fn progress(&self, id: JobId, run: Run, progress: &serde_json::Value) -> Result<Transition, StoreError> {
+        let mut inv = self.transition(&self.scripts.progress, id);
+        inv.arg(run).arg(progress.to_string());
         self.apply(&inv).await
     }
 
-    async fn cancel(&self, id: JobId, at: UnixMillis) -> Result<Transition, StoreError> {
-        let mut inv = self.transition(&self.scripts.cancel, id, at);
+    async fn cancel(&self, id: JobId) -> Result<Transition, StoreError> {
+        let mut inv = self.transition(&self.scripts.cancel, id);
         inv.arg(error_json(&canceled_error()));
         self.apply(&inv).await
     }
 
     async fn discard(&self, id: JobId) -> Result<(), StoreError> {
-        let mut inv = self.transition(&self.scripts.discard, id, now());
+        let mut inv = self.transition(&self.scripts.discard, id);
         inv.key(self.withdrawn_key(id));
         self.apply(&inv).await.map(drop)
     }
 
-    async fn lease(&self, id: JobId, owner: &str, until: UnixMillis, envelope: &str) -> Result<Transition, StoreError> {
-        let mut inv = self.transition(&self.scripts.lease, id, now());
-        inv.arg(owner).arg(until).arg(envelope);
-        self.apply(&inv).await
-    }
-
-    async fn renew(&self, id: JobId, owner: &str, until: UnixMillis) -> Result<Transition, StoreError> {
-        let mut inv = self.transition(&self.scripts.renew, id, now());
-        inv.arg(owner).arg(until);
-        self.apply(&inv).await
-    }
-
-    async fn reap(
+    async fn lease(
         &self,
-        now: UnixMillis,
+        id: JobId,
+        run: Run,
         owner: &str,
-        claim_until: UnixMillis,
-        limit: usize,
-    ) -> Result<Vec<Lapsed>, StoreError> {
+        ttl: Duration,
+        envelope: &str,
+    ) -> Result<Transition, StoreError> {
+        let mut inv = self.transition(&self.scripts.lease, id);
+        inv.arg(run).arg(owner).arg(ttl.as_millis() as u64).arg(envelope);
+        self.apply(&inv).await
+    }
+
+    async fn renew(&self, id: JobId, owner: &str, ttl: Duration) -> Result<Transition, StoreError> {
+        let mut inv = self.transition(&self.scripts.renew, id);
+        inv.arg(owner).arg(ttl.as_millis() as u64);
+        self.apply(&inv).await
+    }
+
+    async fn reap(&self, limit: usize) -> Result<Vec<Lapsed>, StoreError> {
         let mut inv = self.scripts.reap.key(self.leases_key());
-        inv.arg(now).arg(limit).arg(format!("{}job:", self.config.key_prefix)).arg(owner).arg(claim_until);
+        inv.key(self.active_key())
+            .arg(limit)
+            .arg(self.job_prefix())
+            .arg(self.config.sweep_after.as_millis() as u64)
+            .arg(self.retention_ms());
         let flat: Vec<String> = self.invoke(&inv).await?;
         Ok(flat
             .chunks_exact(2)
@@ -341,14 +381,33 @@ impl Store for RedisStore {
             .collect())
     }
 
-    async fn release(&self, id: JobId, owner: &str) -> Result<Transition, StoreError> {
-        let mut inv = self.transition(&self.scripts.release, id, now());
-        inv.arg(owner);
+    async fn requeue_later(&self, id: JobId, delay: Duration) -> Result<Transition, StoreError> {
+        let mut inv = self.transition(&self.scripts.requeue_later, id);
+        inv.arg(delay.as_millis() as u64);
         self.apply(&inv).await
     }
 
+    async fn sweep(&self, limit: usize) -> Result<Vec<JobId>, StoreError> {
+        let mut inv = self.scripts.sweep.key(self.active_key());
+        inv.arg(limit);
+        let ids: Vec<String> = self.invoke(&inv).await?;
+        Ok(ids.iter().filter_map(|id| id.parse().ok()).collect())
+    }
+
+    async fn stray(&self, id: JobId, worker_gone: Duration, max_sweeps: u32) -> Result<Stray, StoreError> {
+        let mut inv = self.transition(&self.scripts.stray, id);
+        inv.arg(worker_gone.as_millis() as u64).arg(max_sweeps).arg(error_json(&lost_error()));
+        let reply: Vec<String> = self.invoke(&inv).await?;
+        Ok(match reply.first().map(String::as_str) {
+            Some("requeued") => Stray::Requeued,
+            Some("lost") => Stray::Lost,
+            Some("fine") => Stray::Fine,
+            _ => Stray::Gone,
+        })
+    }
+
     async fn redrive(&self, id: JobId) -> Result<Transition, StoreError> {
-        self.apply(&self.transition(&self.scripts.redrive, id, now())).await
+        self.apply(&self.transition(&self.scripts.redrive, id)).await
     }
 
     async fn events(&self, id: JobId, after: Option<&str>) -> Result<Vec<JobEvent>, StoreError> {
@@ -381,10 +440,15 @@ impl Store for RedisStore {
         key: &str,
         fingerprint: &str,
         job: JobId,
+        pending: Duration,
         ttl: Duration,
     ) -> Result<Claim, StoreError> {
         let mut inv = self.scripts.claim.key(format!("{}idem:{key}", self.config.key_prefix));
-        inv.arg(job.to_string()).arg(fingerprint).arg(ttl.as_millis() as u64);
+        inv.arg(job.to_string())
+            .arg(fingerprint)
+            .arg(pending.as_millis() as u64)
+            .arg(ttl.as_millis() as u64)
+            .arg(&self.config.key_prefix);
         let held: Vec<Option<String>> = self.invoke(&inv).await?;
         match held.as_slice() {
             [] => Ok(Claim::Claimed),
@@ -397,12 +461,10 @@ impl Store for RedisStore {
         }
     }
 
-    async fn commit_idempotency(&self, key: &str, job: JobId) -> Result<(), StoreError> {
-        self.idempotency_holder(&self.scripts.idem_commit, key, job).await
-    }
-
     async fn release_idempotency(&self, key: &str, job: JobId) -> Result<(), StoreError> {
-        self.idempotency_holder(&self.scripts.idem_release, key, job).await
+        let mut inv = self.scripts.idem_release.key(format!("{}idem:{key}", self.config.key_prefix));
+        inv.arg(job.to_string());
+        self.invoke::<i64>(&inv).await.map(drop)
     }
 
     async fn due_webhooks(
@@ -413,10 +475,10 @@ impl Store for RedisStore {
         limit: usize,
     ) -> Result<Vec<WebhookDelivery>, StoreError> {
         let mut inv = self.scripts.due_webhooks.key(self.webhooks_key());
-        inv.arg(now).arg(limit).arg(claim_until).arg(self.webhook_prefix());
+        inv.arg(now).arg(limit).arg(claim_until).arg(self.webhook_prefix()).arg(self.job_prefix());
         let flat: Vec<String> = self.invoke(&inv).await?;
         Ok(flat
-            .chunks_exact(6)
+            .chunks_exact(7)
             .filter_map(|c| {
                 Some(WebhookDelivery {
                     id: c[0].clone(),
@@ -425,6 +487,7 @@ impl Store for RedisStore {
                     at: c[3].parse().ok()?,
                     attempts: c[4].parse().unwrap_or(0),
                     body: Some(c[5].clone()).filter(|b| !b.is_empty()),
+                    seq: c[6].parse().unwrap_or(0),
                 })
             })
             .collect())
@@ -443,18 +506,10 @@ impl Store for RedisStore {
         self.invoke::<i64>(&inv).await.map(drop)
     }
 
-    async fn worker_seen(&self, model: &ModelName, worker: &str, at: UnixMillis) -> Result<(), StoreError> {
-        let key = format!("{}workers:{model}", self.config.key_prefix);
-        redis::pipe()
-            .zadd(&key, worker, at)
-            .ignore()
-            .cmd("PEXPIRE")
-            .arg(&key)
-            .arg(self.retention_ms())
-            .ignore()
-            .query_async::<()>(&mut self.conn.clone())
-            .await
-            .map_err(unavailable)
+    async fn worker_seen(&self, model: &ModelName, worker: &str) -> Result<(), StoreError> {
+        let mut inv = self.scripts.worker_seen.key(format!("{}workers:{model}", self.config.key_prefix));
+        inv.arg(worker).arg(self.retention_ms());
+        self.invoke::<i64>(&inv).await.map(drop)
     }
 
     async fn workers(&self, model: &ModelName, since: UnixMillis) -> Result<Vec<String>, StoreError> {
