@@ -501,3 +501,62 @@ async fn a_burst_of_concurrent_calls_on_a_busy_machine_all_complete(kind: Kind) 
     assert!(failed.is_empty(), "{} of 1920 calls failed after {took:?}, e.g. {:?}", failed.len(), failed.first());
     assert!(took < Duration::from_secs(4), "1920 calls took {took:?}");
 }
+
+/// Bytes the state Redis holds per key under `prefix`, summed (`MEMORY USAGE`, samples all).
+async fn bytes_under(args: &kiln_common::config::BackendArgs) -> (usize, u64) {
+    let client = redis::Client::open(args.redis_url.expose()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> =
+        redis::cmd("KEYS").arg(format!("{}*", args.key_prefix)).query_async(&mut conn).await.unwrap();
+    let mut total = 0u64;
+    for k in &keys {
+        let n: Option<u64> =
+            redis::cmd("MEMORY").arg("USAGE").arg(k).arg("SAMPLES").arg(0).query_async(&mut conn).await.unwrap();
+        total += n.unwrap_or(0);
+    }
+    (keys.len(), total)
+}
+
+/// Regression (issue 12.8): what one finished embedding job costs the state Redis, and what a
+/// cache hit costs. A job's log was a stream (~4.5 KB for three entries) and every cache hit wrote
+/// a full copy of the output; the measured cost was 15.6 KB per job kept for the retention.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_job_costs_the_store_a_bounded_number_of_bytes() {
+    const JOBS: usize = 200;
+    let args = backend_args(Duration::from_secs(600));
+    let b = backend_with(Kind::External, &args);
+    // One 384-dimension embedding, as the worker writes it: ~4.3 KB of JSON.
+    let vector: Vec<String> = (0..384).map(|i| format!("{:.9}", ((i * 7919) % 1000) as f64 / 5000.0 - 0.1)).collect();
+    let output = format!(r#"{{"dim":384,"embeddings":[[{}]]}}"#, vector.join(","));
+    let envelope = format!(r#"{{"v":1,"input":{{"texts":["{}"]}}}}"#, "a realistic sentence of some length ".repeat(4));
+    for _ in 0..JOBS {
+        let r = record();
+        b.store.insert(&r, &Creation { envelope: Some(&envelope), idempotency_key: None }).await.unwrap();
+        b.store.start(r.id, "worker-1234-abcdef").await.unwrap();
+        assert_eq!(b.store.finish(r.id, 1, &succeeded(&output)).await.unwrap(), Transition::Applied);
+    }
+    let (keys, bytes) = bytes_under(&args).await;
+    let per_job = bytes / JOBS as u64;
+    println!(
+        "store cost: {keys} keys, {bytes} bytes, {per_job} bytes per finished job (output {} bytes)",
+        output.len()
+    );
+    // The output itself, plus at most 1.5 KB for the record's fields and its event log.
+    assert!(per_job < output.len() as u64 + 1536, "{per_job} bytes per job");
+
+    // A thousand cache hits on one output share one copy of it.
+    let before = bytes;
+    for _ in 0..1000 {
+        let mut hit = record();
+        hit.status = JobStatus::Succeeded;
+        hit.started_at = Some(now_millis());
+        hit.completed_at = hit.started_at;
+        hit.output = Some(serde_json::from_str(&output).unwrap());
+        hit.cached = true;
+        b.store.create(&hit).await.unwrap();
+    }
+    let (_, after) = bytes_under(&args).await;
+    let per_hit = (after - before) / 1000;
+    println!("store cost: {per_hit} bytes per cache hit");
+    assert!(per_hit < 1536, "{per_hit} bytes per cache hit");
+}

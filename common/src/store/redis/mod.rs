@@ -1,4 +1,4 @@
-//! The job store on Redis. Per job: a hash `{prefix}job:{id}` and an event stream
+//! The job store on Redis. Per job: a hash `{prefix}job:{id}` and an event log (a list)
 //! `{prefix}job:{id}:events`, both expiring after the live retention (refreshed by every
 //! transition) and, once the job is terminal, after the finished retention; while it has them,
 //! `:followers` (a set, at most [`scripts::MAX_FOLLOWERS`]) and `:hooks` (its pending webhook
@@ -411,17 +411,22 @@ impl Store for RedisStore {
     }
 
     async fn events(&self, id: JobId, after: Option<&str>) -> Result<Vec<JobEvent>, StoreError> {
-        let start = after.map_or_else(|| "-".to_owned(), |a| format!("({a}"));
-        let entries: Vec<(String, HashMap<String, String>)> = redis::cmd("XRANGE")
+        // Ids count 1, 2, 3… per job; anything else (an id of another store) replays everything.
+        let after: u64 = after.and_then(|a| a.parse().ok()).unwrap_or(0);
+        let entries: Vec<String> = redis::cmd("LRANGE")
             .arg(self.events_key(id))
-            .arg(start)
-            .arg("+")
+            .arg(0)
+            .arg(-1)
             .query_async(&mut self.conn.clone())
             .await
             .map_err(unavailable)?;
         Ok(entries
-            .into_iter()
-            .filter_map(|(eid, f)| event(eid, f.get("kind")?, f.get("data").map(String::as_str).unwrap_or("null")))
+            .iter()
+            .filter_map(|entry| {
+                let mut parts = entry.splitn(3, ' ');
+                let (eid, kind, data) = (parts.next()?, parts.next()?, parts.next().unwrap_or("null"));
+                (eid.parse::<u64>().ok()? > after).then(|| event(eid.to_owned(), kind, data))?
+            })
             .collect())
     }
 

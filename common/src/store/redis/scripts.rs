@@ -2,7 +2,7 @@
 //! with its event appended, published, and its webhook delivery queued.
 //!
 //! Every transition script shares one calling convention. KEYS: [1] the job's hash, [2] the
-//! `leases` sorted set, [3] the job's event stream, [4] the `webhooks` due set, [5] the `active`
+//! `leases` sorted set, [3] the job's event log (a list), [4] the `webhooks` due set, [5] the `active`
 //! set (live job → the time by which it must show activity), then the script's own from [6].
 //! ARGV: [1] how long a live job may go quiet before the sweeper looks at it (ms), [2] the job id,
 //! [3] the pub/sub channel, [4] the retention of live jobs (ms), [5] the key prefix, [6] the
@@ -55,9 +55,14 @@ local function output_of(jk)
   return redis.call('HGET', jk, 'output')
 end
 local function emit_for(jk, jid, kind, data)
+  -- The job's log: a list of "id kind data", ids counting 1, 2, 3… per job, at most 1000 kept
+  -- (a list of a few entries costs ~100 bytes; a stream's first node costs ~4.5 KB).
   local ek = jk .. ':events'
-  local eid = redis.call('XADD', ek, 'MAXLEN', '~', '1000', '*', 'kind', kind, 'data', data)
-  redis.call('PEXPIRE', ek, redis.call('PTTL', jk) > 0 and redis.call('PTTL', jk) or retention)
+  local eid = tostring(redis.call('HINCRBY', jk, 'ev', 1))
+  redis.call('RPUSH', ek, eid .. ' ' .. kind .. ' ' .. data)
+  if redis.call('LLEN', ek) > 1000 then redis.call('LTRIM', ek, -1000, -1) end
+  local ttl = redis.call('PTTL', jk)
+  redis.call('PEXPIRE', ek, ttl > 0 and ttl or retention)
   local message = jid .. ' ' .. eid .. ' ' .. kind .. ' ' .. data
   if kind == 'completed' then
     -- The finished record rides along, so a waiter answers without reading it back.
@@ -377,7 +382,8 @@ impl Scripts {
         redis.call('HDEL', k, 'lease_owner', 'follows')
         redis.call('PEXPIRE', k, ARGV[4])
         redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), id)
-        redis.call('XADD', k .. ':events', 'MAXLEN', '~', '1000', '*', 'kind', 'status', 'data', '{{"status":"queued"}}')
+        local eid = tostring(redis.call('HINCRBY', k, 'ev', 1))
+        redis.call('RPUSH', k .. ':events', eid .. ' status {{"status":"queued"}}')
         table.insert(out, id)
         table.insert(out, env)
       end
