@@ -21,6 +21,41 @@ kiln_common::both_backends!(
 
 const JOB_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// Regression (issue 12.3): a worker that found no record recreated a bare one, without the job's
+/// deadline, webhook or metadata. The message carries them now, and the rebuilt record has them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_lost_by_the_store_is_rebuilt_from_its_message_whole() {
+    let env = Env::new(Kind::External);
+    let args = env.args.clone().unwrap();
+    let gw = env.gateway_with(crate::delivery::webhook_gateway(Duration::from_millis(100), Duration::from_secs(5))).await;
+    let r = gw
+        .submit(&json!({
+            "model": crate::harness::MODEL,
+            "input": { "text": "a job whose record the store loses" },
+            "metadata": { "owner": "rebuild-test" },
+            "deadline_s": 3600,
+            "webhook": "http://127.0.0.1:9/hook",
+        }))
+        .await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let id: kiln_proto::JobId = r.body["id"].as_str().unwrap().parse().unwrap();
+    let deadline = r.body["deadline_at"].clone();
+    // The store loses the record (a Redis that lost its last second of writes, say).
+    let client = redis::Client::open(args.redis_url.expose()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let deleted: i64 =
+        redis::cmd("DEL").arg(format!("{}job:{id}", args.key_prefix)).query_async(&mut conn).await.unwrap();
+    assert_eq!(deleted, 1);
+    let worker = env.worker();
+    let job = gw.finished(id, JOB_TIMEOUT).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["deadline_at"], deadline, "{job}");
+    assert_eq!(job["metadata"]["owner"], "rebuild-test", "{job}");
+    assert_eq!(job["webhook"]["url"], "http://127.0.0.1:9/hook", "{job}");
+    worker.stop().await;
+    gw.stop().await;
+}
+
 /// A text longer than the model's 512 positions: with truncation lifted to 1024 tokens, ONNX
 /// Runtime fails on it every time — a real poison job.
 pub fn poison_text() -> String {
