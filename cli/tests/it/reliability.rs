@@ -27,7 +27,8 @@ const JOB_TIMEOUT: Duration = Duration::from_secs(120);
 async fn a_record_lost_by_the_store_is_rebuilt_from_its_message_whole() {
     let env = Env::new(Kind::External);
     let args = env.args.clone().unwrap();
-    let gw = env.gateway_with(crate::delivery::webhook_gateway(Duration::from_millis(100), Duration::from_secs(5))).await;
+    let gw =
+        env.gateway_with(crate::delivery::webhook_gateway(Duration::from_millis(100), Duration::from_secs(5))).await;
     let r = gw
         .submit(&json!({
             "model": crate::harness::MODEL,
