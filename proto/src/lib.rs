@@ -14,7 +14,7 @@ pub use job::{
 };
 pub use task::{
     Colormap, EmbeddingInput, EmbeddingOutput, ImageGenerationInput, ImageOutput, InputError, InputLimits, MAX_SEED,
-    OutputFile, Scheduler, Task, TextToImageInput, json_type,
+    OutputFile, Scheduler, Task, TextToImageInput, json_type, stored_output_name,
 };
 
 /// Milliseconds since the Unix epoch, the one time representation stored and queued.

@@ -419,6 +419,15 @@ pub struct OutputFile {
     pub width: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub height: Option<u32>,
+    /// The run (attempt) that made the file: its bytes are stored under that run's own name, so a
+    /// late run can never overwrite a file this record lists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
+}
+
+/// Where the output store keeps file `name` as made by run `attempt`.
+pub fn stored_output_name(name: &str, attempt: u32) -> String {
+    format!("r{attempt}-{name}")
 }
 
 /// The output of an image job: its images, in order, and the job's seed.

@@ -1,12 +1,15 @@
 //! Driving one image job: start it on the model's thread, store each image in the output store as
 //! it arrives, record progress (`{step, total}`) in the job store — which also tells whether the
-//! job was canceled meanwhile — and answer the thread go on or stop. A retried job resumes at its
-//! first missing image: images are deterministic per seed, so those already stored are kept.
+//! job was canceled or superseded meanwhile — and answer the thread go on or stop. A retried job
+//! resumes at its first missing image: images are deterministic per seed, so those an earlier run
+//! stored are kept. Each run stores its files under its own names (`r{attempt}-image-{i}.png`);
+//! the finished record lists which run made each, so a late duplicate run can never overwrite a
+//! file whose sha256 the record holds.
 
 use std::time::{Duration, Instant};
 
 use kiln_common::store::Run;
-use kiln_proto::{ImageOutput, JobId, OutputFile};
+use kiln_proto::{ImageOutput, JobId, OutputFile, stored_output_name};
 
 use tracing::Instrument;
 
@@ -35,11 +38,17 @@ pub async fn run(ctx: &Ctx, id: JobId, run: Run, work: ImageWork) -> Result<Prod
     let (seed, count, steps, size) = work.shape();
     let outputs = &ctx.backend.outputs;
     let mut files = Vec::with_capacity(count as usize);
-    // Images a previous attempt already stored.
-    for index in 0..count {
-        let meta = outputs.head(id, &file_name(index)).await.map_err(|e| Failure::Outputs(e.to_string()))?;
-        let Some(meta) = meta else { break };
-        files.push(output_file(id, index, work.image_seed(index), size, meta));
+    // Images an earlier run already stored (the latest run that made each).
+    'images: for index in 0..count {
+        for attempt in (1..run).rev() {
+            let stored = stored_output_name(&file_name(index), attempt);
+            let meta = outputs.head(id, &stored).await.map_err(|e| Failure::Outputs(e.to_string()))?;
+            if let Some(meta) = meta {
+                files.push(output_file(id, index, attempt, work.image_seed(index), size, meta));
+                continue 'images;
+            }
+        }
+        break;
     }
     let first = files.len() as u32;
     if first == count {
@@ -73,7 +82,8 @@ pub async fn run(ctx: &Ctx, id: JobId, run: Run, work: ImageWork) -> Result<Prod
                 run.proceed(go_on);
             }
             Update::Image { index, seed, width, height, png } => {
-                let meta = match outputs.put(id, &file_name(index), "image/png", png.into()).await {
+                let stored = stored_output_name(&file_name(index), token);
+                let meta = match outputs.put(id, &stored, "image/png", png.into()).await {
                     Ok(meta) => meta,
                     Err(e) => {
                         run.proceed(false);
@@ -81,7 +91,7 @@ pub async fn run(ctx: &Ctx, id: JobId, run: Run, work: ImageWork) -> Result<Prod
                         return Err(Failure::Outputs(e.to_string()));
                     }
                 };
-                files.push(output_file(id, index, seed, (width, height), meta));
+                files.push(output_file(id, index, token, seed, (width, height), meta));
                 let step = (index + 1) * steps;
                 let go_on = step == written || {
                     written = step;
@@ -103,6 +113,7 @@ pub async fn run(ctx: &Ctx, id: JobId, run: Run, work: ImageWork) -> Result<Prod
 fn output_file(
     id: JobId,
     index: u32,
+    attempt: u32,
     seed: u64,
     (width, height): (u32, u32),
     meta: kiln_common::outputs::FileMeta,
@@ -117,6 +128,7 @@ fn output_file(
         seed: Some(seed),
         width: Some(width),
         height: Some(height),
+        attempt: Some(attempt),
     }
 }
 

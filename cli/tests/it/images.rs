@@ -21,6 +21,7 @@ kiln_common::both_backends!(
     bad_image_inputs_name_their_field,
     text_to_image_runs_a_dropped_in_diffusion_export,
     image_progress_reaches_webhooks,
+    a_superseded_run_cannot_overwrite_the_images_a_record_lists,
 );
 
 const T: Duration = Duration::from_secs(180);
@@ -45,6 +46,36 @@ async fn download(gw: &Gateway, file: &Value) -> Vec<u8> {
     let bytes = resp.bytes().await.unwrap().to_vec();
     assert_eq!(hex::encode(Sha256::digest(&bytes)), file["sha256"].as_str().unwrap(), "body matches its sha256");
     bytes
+}
+
+/// Regression (issue 12.4): every run wrote `image-{i}.png`, so a late duplicate run could
+/// overwrite a file whose sha256 the finished record already held.
+async fn a_superseded_run_cannot_overwrite_the_images_a_record_lists(kind: Kind) {
+    let env = Env::new(kind);
+    let gw = env.gateway().await;
+    let r = gw
+        .submit(&json!({ "model": TERRAIN, "input": { "difficulty": 20, "seed": 3, "width": 64, "height": 48 } }))
+        .await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let id: JobId = r.body["id"].as_str().unwrap().parse().unwrap();
+    // A first run starts it and goes quiet (a worker stalled past its consumer timeout, say): the
+    // message is delivered again and the worker's run supersedes it.
+    assert_eq!(
+        env.backend.store.start(id, "stalled-worker").await.unwrap(),
+        kiln_common::store::Start::Started { attempt: 1 }
+    );
+    let worker = image_worker(&env);
+    let job = gw.finished(id, T).await;
+    assert_eq!((job["status"].as_str(), job["attempts"].as_u64()), (Some("succeeded"), Some(2)), "{job}");
+    let file = job["output"]["images"][0].clone();
+    // The stalled run wakes up and stores its image, under any name it could use.
+    let bogus = axum::body::Bytes::from_static(b"\x89PNG not the image the record lists");
+    for name in ["image-0.png", "r1-image-0.png"] {
+        env.backend.outputs.put(id, name, "image/png", bogus.clone()).await.unwrap();
+    }
+    download(&gw, &file).await;
+    worker.stop().await;
+    gw.stop().await;
 }
 
 fn decode(bytes: &[u8]) -> png::OutputInfo {

@@ -48,8 +48,11 @@ async fn a_record_lost_by_the_store_is_rebuilt_from_its_message_whole() {
         redis::cmd("DEL").arg(format!("{}job:{id}", args.key_prefix)).query_async(&mut conn).await.unwrap();
     assert_eq!(deleted, 1);
     let worker = env.worker();
-    let job = gw.finished(id, JOB_TIMEOUT).await;
-    assert_eq!(job["status"], "succeeded", "{job}");
+    let job = wait_until("the rebuilt job finishes", JOB_TIMEOUT, || async {
+        let r = gw.get(&format!("/v1/jobs/{id}")).await;
+        if r.status == 200 && r.body["status"] == "succeeded" { Ok(r.body) } else { Err((r.status, r.body)) }
+    })
+    .await;
     assert_eq!(job["deadline_at"], deadline, "{job}");
     assert_eq!(job["metadata"]["owner"], "rebuild-test", "{job}");
     assert_eq!(job["webhook"]["url"], "http://127.0.0.1:9/hook", "{job}");

@@ -1,12 +1,14 @@
 //! `GET /v1/jobs/{id}/outputs/{name}`: a job's binary output (a generated image) from the output
 //! store, with its content type, length and a strong ETag (the sha256), `304` for a matching
-//! `If-None-Match`, and caching headers: an output never changes once written.
+//! `If-None-Match`, and caching headers: an output never changes once written. Each run of a job
+//! stores its files under its own names; the finished record says which run made each file, and
+//! until then the files of the latest run are served.
 
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use kiln_proto::JobId;
+use kiln_proto::{ImageOutput, JobId, stored_output_name};
 
 use crate::error::ApiError;
 use crate::state::AppState;
@@ -20,6 +22,7 @@ pub async fn get(
     let retry = state.config.retry_after;
     let not_found = || ApiError::OutputNotFound(id.clone(), name.clone());
     let outputs = &state.backend.outputs;
+    let name = stored_name(&state, job, &name).await?.ok_or_else(not_found)?;
     let etag = |sha: &str| HeaderValue::from_str(&format!("\"{sha}\"")).map_err(|_| ApiError::Internal("etag".into()));
     if let Some(tags) = headers.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()) {
         let meta = outputs.head(job, &name).await.map_err(|e| ApiError::Outputs(e, retry))?.ok_or_else(not_found)?;
@@ -44,4 +47,21 @@ pub async fn get(
         Body::from(data),
     )
         .into_response())
+}
+
+/// Where the output store keeps the job's file `name`: the run the record lists for it, else the
+/// latest run's; a file of a record written before runs named their files keeps its own name.
+async fn stored_name(state: &AppState, job: JobId, name: &str) -> Result<Option<String>, ApiError> {
+    let retry = state.config.retry_after;
+    let Some(record) = state.backend.store.get(job).await.map_err(|e| ApiError::Store(e, retry))? else {
+        return Ok(None);
+    };
+    let listed = record
+        .output
+        .and_then(|o| serde_json::from_value::<ImageOutput>(o).ok())
+        .and_then(|o| o.images.into_iter().find(|f| f.name == name));
+    Ok(Some(match listed {
+        Some(file) => file.attempt.map_or_else(|| name.to_owned(), |a| stored_output_name(name, a)),
+        None => stored_output_name(name, record.attempts.max(1)),
+    }))
 }
