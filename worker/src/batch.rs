@@ -26,8 +26,8 @@ use crate::job::{self, Job, Settled};
 use crate::lease::guarded;
 use tracing::Instrument;
 
-/// How long a worker keeps trying to start a job while the store fails, before handing its
-/// message back (each hand-back counts against the queue's delivery limit).
+/// How long a worker keeps trying to start (or finish) a job while the store fails, before
+/// handing its message back (each hand-back counts against the queue's delivery limit).
 const START_PATIENCE: Duration = Duration::from_secs(20);
 
 /// Runs one embedding job to the end.
@@ -281,7 +281,7 @@ async fn settle(ctx: &Ctx, mut job: Job, result: Result<Produced, Failure>) -> S
             }
         },
     };
-    match ctx.backend.store.finish(id, job.run, &outcome).await {
+    match finish(ctx, &job, &outcome).await {
         Ok(Transition::Applied) => {
             events::run_completed(id, job.run, ok, true);
             events::job_outcome(&ctx.spec, if ok { "succeeded" } else { "failed" }, Some(run_of(&job)));
@@ -300,6 +300,23 @@ async fn settle(ctx: &Ctx, mut job: Job, result: Result<Produced, Failure>) -> S
             job.done().await
         }
         Err(e) => job.hand_back(&e).await,
+    }
+}
+
+/// Stores the outcome; a store that fails is tried again for a while with the message held, since
+/// handing the job back would throw its finished work away.
+async fn finish(ctx: &Ctx, job: &Job, outcome: &Outcome) -> Result<Transition, StoreError> {
+    let patience = tokio::time::Instant::now() + START_PATIENCE;
+    let mut pause = Duration::from_millis(100);
+    loop {
+        match ctx.backend.store.finish(job.id, job.run, outcome).await {
+            Err(e) if tokio::time::Instant::now() + pause < patience => {
+                events::finish_failed(job.id, &e);
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
+            }
+            other => return other,
+        }
     }
 }
 

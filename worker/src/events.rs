@@ -86,6 +86,10 @@ pub fn start_failed(id: JobId, error: &dyn Display) {
     tracing::warn!(target: "kiln::worker", job_id = %id, %error, "cannot start the job: store unavailable; holding its message and trying again");
 }
 
+pub fn finish_failed(id: JobId, error: &dyn Display) {
+    tracing::warn!(target: "kiln::worker", job_id = %id, %error, "cannot store the result: store unavailable; holding it and trying again");
+}
+
 pub fn rebuilt(id: JobId) {
     tracing::warn!(target: "kiln::worker", job_id = %id, "job record missing (expired or lost by the store): rebuilt from its message");
 }

@@ -13,6 +13,7 @@ use serde_json::json;
 use crate::harness::{Env, TempRepo, embeddings, set};
 
 kiln_common::both_backends!(
+    a_job_recorded_but_never_published_is_found_by_the_sweeper_and_runs,
     poison_job_is_retried_then_dead_lettered_while_its_batch_mates_succeed,
     deadline_passed_in_the_queue_expires_the_job_without_running_it,
     long_job_is_taken_over_by_a_lease_and_completes_once,
@@ -20,6 +21,38 @@ kiln_common::both_backends!(
 );
 
 const JOB_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Regression (issue 12.2): a gateway that died between recording a job and publishing it left a
+/// `queued` record with no message, forever. The sweeper finds it and queues it from its envelope.
+async fn a_job_recorded_but_never_published_is_found_by_the_sweeper_and_runs(kind: Kind) {
+    let mut args = kiln_common::testing::backend_args(Duration::from_secs(3600));
+    args.sweep_after = Duration::from_secs(1);
+    let backend = kiln_common::testing::backend_with(kind, &args);
+    let env = Env::from_parts(backend, (kind == Kind::External).then_some(args));
+    let gw = env.gateway().await;
+    let worker = env.worker();
+    // The worker consumes (so the sweeper's message is taken at once, not swept again).
+    let warm = gw.submit_ok(json!({ "text": "warm-up" })).await;
+    gw.finished(warm, JOB_TIMEOUT).await;
+    let model = kiln_proto::ModelName::new(crate::harness::MODEL).unwrap();
+    let id = kiln_proto::JobId::random();
+    let mut envelope = kiln_proto::Envelope::new(
+        id,
+        model.clone(),
+        json!({ "texts": ["never published"] }),
+        kiln_proto::now_millis(),
+        None,
+    );
+    envelope.metadata = Some(json!({ "stranded": true }));
+    let body = serde_json::to_string(&envelope).unwrap();
+    let how = kiln_common::store::Creation { envelope: Some(&body), idempotency_key: None };
+    env.backend.store.insert(&envelope.record(), &how).await.unwrap();
+    let job = gw.finished(id, JOB_TIMEOUT).await;
+    assert_eq!(embeddings(&job).len(), 1);
+    assert_eq!((job["attempts"].as_u64(), job["metadata"]["stranded"].as_bool()), (Some(1), Some(true)), "{job}");
+    worker.stop().await;
+    gw.stop().await;
+}
 
 /// Regression (issue 12.3): a worker that found no record recreated a bare one, without the job's
 /// deadline, webhook or metadata. The message carries them now, and the rebuilt record has them.

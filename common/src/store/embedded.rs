@@ -589,7 +589,9 @@ impl Store for EmbeddedStore {
             let Some(envelope) = entry.envelope.clone().filter(|_| live) else { continue };
             entry.record.status = JobStatus::Queued;
             entry.follows = None;
-            inner.touch(id, &s, millis(s.sweep_after));
+            // Strays requeued again and again (their queue is not consumed) are looked at less often.
+            let backoff = 1 << entry.sweeps.min(6);
+            inner.touch(id, &s, millis(s.sweep_after) * backoff);
             inner.emit(id, EventKind::Status, json!({"status": "queued"}));
             out.push(Lapsed { id, envelope });
         }

@@ -381,7 +381,9 @@ impl Scripts {
         redis.call('HSET', k, 'status', 'queued')
         redis.call('HDEL', k, 'lease_owner', 'follows')
         redis.call('PEXPIRE', k, ARGV[4])
-        redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), id)
+        -- Strays requeued again and again (their queue is not consumed) are looked at less often.
+        local sweeps = tonumber(redis.call('HGET', k, 'sweeps') or '0')
+        redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]) * 2 ^ math.min(sweeps, 6), id)
         local eid = tostring(redis.call('HINCRBY', k, 'ev', 1))
         redis.call('RPUSH', k .. ':events', eid .. ' status {{"status":"queued"}}')
         table.insert(out, id)
