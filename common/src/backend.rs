@@ -81,8 +81,13 @@ impl Backend {
         let outputs: Arc<dyn OutputStore> = match &args.output_dir {
             Some(dir) => Arc::new(FsOutputs::new(dir.clone(), args.job_retention)),
             None => Arc::new(
-                RedisOutputs::new(&args.redis_url, &args.key_prefix, args.job_retention, args.io_timeout)
-                    .map_err(|e| StoreError::Unavailable(e.to_string()))?,
+                RedisOutputs::new(
+                    args.outputs_redis_url.as_ref().unwrap_or(&args.redis_url),
+                    &args.key_prefix,
+                    args.job_retention,
+                    args.io_timeout,
+                )
+                .map_err(|e| StoreError::Unavailable(e.to_string()))?,
             ),
         };
         Ok(Self { broker: Arc::new(broker), store: Arc::new(store), cache: Arc::new(cache), outputs })

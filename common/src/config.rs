@@ -121,8 +121,13 @@ pub struct BackendArgs {
     /// Bound on waiting for RabbitMQ's publisher confirm or a Redis reply.
     #[arg(long, env = "KILN_IO_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub io_timeout: Duration,
+    /// Redis URL for binary job outputs (generated images); default: the job store's Redis. Give
+    /// them their own instance with a `maxmemory` bound and `noeviction`: when it is full, image
+    /// jobs fail into retries instead of filling the job state's Redis.
+    #[arg(long, env = "KILN_OUTPUTS_REDIS_URL")]
+    pub outputs_redis_url: Option<Secret>,
     /// Keep binary job outputs (generated images) in this directory, shared by every gateway and
-    /// worker, instead of in the job store's Redis. Files expire with the job retention.
+    /// worker, instead of in Redis. Files expire with the job retention.
     #[arg(long, env = "KILN_OUTPUT_DIR")]
     pub output_dir: Option<PathBuf>,
 }

@@ -43,6 +43,7 @@ pub fn backend_args(retention: Duration) -> BackendArgs {
         cache_ttl: Duration::from_secs(3600),
         connect_timeout: Duration::from_secs(1),
         io_timeout: Duration::from_secs(5),
+        outputs_redis_url: None,
         output_dir: None,
     }
 }
