@@ -27,6 +27,17 @@ pub struct GatewayConfig {
     /// Longest `Prefer: wait=N` / `?wait=N` honoured, in seconds.
     #[arg(long, env = "KILN_MAX_WAIT", default_value_t = 60)]
     pub max_wait_s: u64,
+    /// Long-polls (`GET /v1/jobs/{id}?wait=N`, `Prefer: wait=N` on a submit) waiting at once.
+    /// Beyond this a submit is answered at once without waiting (its `202`), and a long-poll that
+    /// asks for the slot first gets 503 with `Retry-After` (code `overloaded`). Each costs a task
+    /// and an event subscription, a few kilobytes.
+    #[arg(long, env = "KILN_MAX_WAITERS", default_value_t = 4096)]
+    pub max_waiters: usize,
+    /// Server-sent event streams (`GET /v1/jobs/{id}/events`) open at once; beyond this the
+    /// gateway answers 503 with `Retry-After` (code `overloaded`). Each costs a connection, a task
+    /// and an event subscription, a few kilobytes.
+    #[arg(long, env = "KILN_MAX_EVENT_STREAMS", default_value_t = 4096)]
+    pub max_event_streams: usize,
     /// How long an `Idempotency-Key` keeps returning the same job.
     #[arg(long, env = "KILN_IDEMPOTENCY_TTL", default_value = "24h", value_parser = parse_duration)]
     pub idempotency_ttl: Duration,
@@ -46,9 +57,31 @@ impl Default for GatewayConfig {
             retry_after: Duration::from_secs(1),
             shutdown_delay: Duration::ZERO,
             max_wait_s: 60,
+            max_waiters: 4096,
+            max_event_streams: 4096,
             idempotency_ttl: Duration::from_secs(86_400),
             webhooks: WebhookConfig::default(),
             ready_timeout: Duration::from_secs(1),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        gateway: GatewayConfig,
+    }
+
+    /// Each default is written in clap's attribute and again in `Default`: they must agree.
+    #[test]
+    fn defaults_agree_with_the_flags() {
+        let parsed = Cli::try_parse_from(["kiln-gateway"]).expect("no flags needed").gateway;
+        assert_eq!(format!("{parsed:?}"), format!("{:?}", GatewayConfig::default()));
     }
 }

@@ -41,6 +41,9 @@ pub enum ApiError {
     Store(#[source] StoreError, Duration),
     #[error("the gateway is at capacity, retry later")]
     Overloaded(Duration),
+    /// Every slot of a bounded kind of open request (long-polls, event streams) is taken.
+    #[error("the gateway has as many {0} open as it serves; retry later")]
+    TooManyOpen(&'static str, Duration),
     #[error("Idempotency-Key {0:?} was already used with a different request")]
     IdempotencyKeyReused(String),
     #[error("a request with Idempotency-Key {0:?} is still being accepted; retry shortly")]
@@ -87,7 +90,9 @@ impl ApiError {
                     (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal, None)
                 }
             },
-            Self::Overloaded(retry) => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Overloaded, Some(*retry)),
+            Self::Overloaded(retry) | Self::TooManyOpen(_, retry) => {
+                (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Overloaded, Some(*retry))
+            }
             Self::IdempotencyKeyReused(_) => (StatusCode::CONFLICT, ErrorCode::IdempotencyKeyReused, None),
             Self::IdempotencyKeyInFlight(_, retry) => {
                 (StatusCode::CONFLICT, ErrorCode::IdempotencyKeyInFlight, Some(*retry))

@@ -1,5 +1,6 @@
-//! Shared state of the handlers: config, backend, model repository, admission semaphore and the
-//! shutdown token (readiness turns false as soon as draining starts).
+//! Shared state of the handlers: config, backend, model repository, the admission semaphores
+//! (submissions, long-polls, event streams) and the shutdown token (readiness turns false as soon
+//! as draining starts).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,6 +18,10 @@ pub struct AppState {
     pub backend: Backend,
     pub models: Arc<ModelRepository>,
     pub admission: Arc<Semaphore>,
+    /// Long-poll slots (`max_waiters`), taken through `waiting`.
+    pub waiters: Arc<Semaphore>,
+    /// Event stream slots (`max_event_streams`), held by each open SSE stream.
+    pub streams: Arc<Semaphore>,
     pub shutdown: CancellationToken,
 }
 
@@ -28,7 +33,9 @@ impl AppState {
         shutdown: CancellationToken,
     ) -> Self {
         let admission = Arc::new(Semaphore::new(config.max_inflight_submits));
-        Self { config: Arc::new(config), backend, models, admission, shutdown }
+        let waiters = Arc::new(Semaphore::new(config.max_waiters));
+        let streams = Arc::new(Semaphore::new(config.max_event_streams));
+        Self { config: Arc::new(config), backend, models, admission, waiters, streams, shutdown }
     }
 
     /// Declares the models' queues, retrying with backoff while the broker is down, so the first

@@ -12,3 +12,4 @@ mod images;
 mod observability;
 mod reliability;
 mod suite;
+mod webhooks_hard;
