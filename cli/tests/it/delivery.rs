@@ -324,10 +324,16 @@ async fn webhook_to_a_dead_receiver_is_given_up(kind: Kind) {
     let (status, _, body) = post(&gw, &body, &[]).await;
     assert_eq!(status, 202, "{body}");
     let id: JobId = body["id"].as_str().unwrap().parse().unwrap();
-    let job = wait_until("the webhook is given up", T, || async {
+    // A job's deliveries go out in order: `job.completed` is tried once `job.started` is given up.
+    let job = wait_until("both webhooks are tried and given up", T, || async {
         let j = gw.job(id).await;
         let hook = &j["webhook"];
-        if hook["gave_up_at"].is_string() && j["status"] == "succeeded" { Ok(j) } else { Err(hook.clone()) }
+        let completed_tried = receiver.requests().iter().any(|(_, b)| b.contains("\"job.completed\""));
+        if hook["gave_up_at"].is_string() && j["status"] == "succeeded" && completed_tried {
+            Ok(j)
+        } else {
+            Err(hook.clone())
+        }
     })
     .await;
     let hook = &job["webhook"];

@@ -107,8 +107,8 @@ async fn event_streams_are_bounded_per_gateway() {
     gw.stop().await;
 }
 
-/// One long-poll per gateway: while it waits, another long-poll is answered at once instead of
-/// waiting too, a submit with `Prefer: wait` gets its `202` without the wait, and once the first
+/// One long-poll per gateway: while it waits, another long-poll is answered `503 overloaded` at
+/// once instead of waiting too, a submit with `Prefer: wait` gets its `202` without the wait, and once the first
 /// is answered its slot serves the next.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn long_polls_are_bounded_per_gateway() {
@@ -130,7 +130,8 @@ async fn long_polls_are_bounded_per_gateway() {
         let parked = tokio::spawn(long_poll(60));
         let (r, took) = long_poll(3).await;
         if took < Duration::from_secs(2) {
-            assert_eq!((r.status, r.body["status"].as_str()), (200, Some("queued")), "{}", r.body);
+            assert_eq!((r.status, r.body["error"]["code"].as_str()), (503, Some("overloaded")), "{}", r.body);
+            assert!(r.headers.contains_key("retry-after"), "503 without Retry-After");
             break parked;
         }
         parked.abort();

@@ -310,16 +310,23 @@ async fn respond(
     let id = record.id;
     let record = match wait {
         Some(wait) if !record.status.is_terminal() => {
+            // A long-poll takes a slot of the gateway's bound, or is answered 503 at once; a
+            // submit that found its job already there answers with the job as it is.
+            let slot = match crate::waiting::waiter(state) {
+                Ok(slot) => Some(slot),
+                Err(full) if !as_submit => return Err(full),
+                Err(_) => None,
+            };
             let mut rx = state.backend.store.subscribe(id).await;
             // Re-read after subscribing, so a completion in between is not missed.
             let now = current(state, id).await?.unwrap_or(record);
-            if now.status.is_terminal() {
-                now
-            } else {
-                match crate::waiting::completion(state, id, &mut rx, wait).await {
+            match slot {
+                _ if now.status.is_terminal() => now,
+                None => now,
+                Some(slot) => match slot.completion(state, id, &mut rx, wait).await {
                     Some(r) => r,
                     None => current(state, id).await?.unwrap_or(now),
-                }
+                },
             }
         }
         _ => record,

@@ -75,7 +75,8 @@ pub fn document() -> Value {
                 "summary": "A job's record",
                 "parameters": [ job_id(), { "name": "wait", "in": "query", "schema": { "type": "integer", "minimum": 0 },
                                             "description": "Long-poll: return as soon as the job finishes, or after this many seconds." } ],
-                "responses": { "200": { "description": "The record", "content": job_content }, "404": error_response("job_not_found"), "503": retry_error("store_unavailable") }
+                "responses": { "200": { "description": "The record", "content": job_content }, "404": error_response("job_not_found"),
+                               "503": retry_error("store_unavailable, or overloaded: the gateway's long-polls are all taken (KILN_MAX_WAITERS)") }
             } },
             "/v1/jobs/{id}/cancel": { "post": {
                 "summary": "Cancel a queued or running job",
@@ -85,10 +86,12 @@ pub fn document() -> Value {
             } },
             "/v1/jobs/{id}/events": { "get": {
                 "summary": "Server-sent events of a job",
-                "description": "Events status, progress and completed, each with an id; the stream ends after completed. Without Last-Event-ID it starts with the current state.",
+                "description": "Events status, progress and completed, each with an id; the stream ends after completed (or once the job is over and nothing is left to send). Without Last-Event-ID it starts with the current state.",
                 "parameters": [ job_id(), { "name": "Last-Event-ID", "in": "header", "schema": { "type": "string" }, "description": "Resume after this event." } ],
                 "responses": { "200": { "description": "text/event-stream", "content": { "text/event-stream": { "schema": { "type": "string" } } } },
-                               "404": error_response("job_not_found") }
+                               "204": { "description": "A resume (Last-Event-ID) of a finished job whose completed event the client has: nothing left to send; an EventSource stops reconnecting" },
+                               "404": error_response("job_not_found"),
+                               "503": retry_error("store_unavailable, or overloaded: the gateway's event streams are all open (KILN_MAX_EVENT_STREAMS)") }
             } },
             "/v1/jobs/{id}/outputs/{name}": { "get": {
                 "summary": "A job's output file (a generated image)",
