@@ -122,7 +122,9 @@ enum Command {
 
 #[derive(Subcommand, Debug)]
 enum DlqAction {
-    /// Print the dead jobs, one JSON object per line: id, model, reason, attempts, when.
+    /// Print the dead jobs, oldest first, one JSON object per line: id, model, who dead-lettered it
+    /// (`by`: `kiln`, or `broker` over its delivery limit or rejected), reason, attempts, when;
+    /// then any message that is not a job. A read: the queue is left as it was, in its order.
     List {
         /// Most entries to print.
         #[arg(long, default_value_t = 100)]
@@ -201,12 +203,12 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let backend = Backend::external(&backend)?;
             match action {
                 DlqAction::List { limit } => {
-                    for l in dlq::list(&backend, limit).await? {
-                        let line = serde_json::json!({
-                            "id": l.envelope.id, "model": l.envelope.model, "reason": l.reason,
-                            "attempts": l.attempts, "dead_at": l.dead_at, "history": l.envelope.history,
-                        });
-                        println!("{line}");
+                    let listing = dlq::read(&backend, limit).await?;
+                    for l in &listing.letters {
+                        println!("{}", l.to_json());
+                    }
+                    for u in &listing.unreadable {
+                        println!("{}", u.to_json());
                     }
                 }
                 DlqAction::Redrive { id, all } => {

@@ -1,15 +1,22 @@
 //! The dead-letter queue as an operator sees it: list what is there, and redrive jobs (all, or one
 //! by id) back onto their model's queue, with their records reset from `failed` to `queued`.
 //! Works on any [`Backend`]; `kiln dlq` is its command line.
+//!
+//! The queue holds two kinds of letter: Kiln's own [`DeadLetter`], written by a worker that gave a
+//! job up, and the raw job envelope that the broker moved there itself — over the delivery limit,
+//! or rejected — which carries a [`Death`] instead of a reason. Both are listed and redriven: a
+//! worker's letter goes back with its record reset from `failed`; a broker's letter goes back as
+//! it was while its record is `queued` or `running` (the store fences a duplicate run), is reset
+//! the same way when its record is `failed`, and is dropped once its job has otherwise ended.
+//! Listing is a read: letters are taken without acknowledgement and handed back to the head of
+//! the queue in their order, so it moves, reorders and drops nothing (see
+//! [`crate::broker::Broker::fetch_dead_letters`]).
 
-use std::time::Duration;
-
-use futures::StreamExt;
-use kiln_proto::{DeadLetter, JobId, JobRecord, now_millis};
+use kiln_proto::{DeadLetter, Envelope, JobError, JobId, JobStatus, UnixMillis};
 
 use crate::Backend;
-use crate::broker::{BrokerError, Deliveries, Delivery};
-use crate::store::{StoreError, Transition};
+use crate::broker::{BrokerError, DELIVERY_LIMIT, Death, DeathReason, Delivery};
+use crate::store::{Creation, StoreError, Transition};
 
 /// Most messages one call looks at; they are all held unacknowledged while it runs.
 pub const MAX_BATCH: u32 = 1000;
@@ -20,10 +27,41 @@ pub enum DlqError {
     Broker(#[from] BrokerError),
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error(
-        "the dead-letter queue said it held {expected} messages but delivered {got} (waited {waited:?} for the next)"
-    )]
-    Short { expected: u32, got: u32, waited: Duration },
+}
+
+/// A dead letter that names its job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Letter {
+    /// The job as it was last queued.
+    pub envelope: Envelope,
+    /// The starts Kiln counted, for a letter a worker wrote; for one the broker moved, the failed
+    /// attempts its envelope records.
+    pub attempts: u32,
+    pub cause: Cause,
+}
+
+/// Why a job is in the dead-letter queue.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Cause {
+    /// A worker gave the job up, and wrote why.
+    GivenUp { reason: JobError, dead_at: UnixMillis },
+    /// The broker moved the message there itself.
+    Broker(Death),
+}
+
+/// A message of the dead-letter queue that is neither kind of letter (e.g. a rejected message
+/// that never was an envelope). Redrive leaves it in the queue.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Unreadable {
+    pub bytes: usize,
+    pub death: Option<Death>,
+}
+
+/// What [`read`] found, oldest first.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Listing {
+    pub letters: Vec<Letter>,
+    pub unreadable: Vec<Unreadable>,
 }
 
 /// Which dead letters to redrive.
@@ -38,87 +76,147 @@ pub struct RedriveReport {
     /// Jobs queued again.
     pub redriven: Vec<JobId>,
     /// Dead letters removed without a redrive: their job is no longer `failed` (redriven already,
-    /// or its record expired and was recreated).
+    /// or its record expired and was recreated), or, for a letter the broker moved, it has ended.
     pub dropped: Vec<JobId>,
     /// Messages looked at and left in the queue: not selected, or unreadable. A queue holding more
     /// than [`MAX_BATCH`] takes several calls.
     pub left: u32,
 }
 
-/// Takes what the queue holds: at least `hint` messages (the broker's count, which can lag
-/// behind requeues) waiting up to 5 s each, then more until none comes for half a second, at
-/// most `max`.
-async fn take(deliveries: &mut Deliveries, hint: u32, max: u32) -> Result<Vec<Delivery>, DlqError> {
-    let mut out = Vec::new();
-    while (out.len() as u32) < max {
-        let wait = if (out.len() as u32) < hint { Duration::from_secs(5) } else { Duration::from_millis(500) };
-        match tokio::time::timeout(wait, deliveries.next()).await {
-            Ok(Some(d)) => out.push(d?),
-            _ if (out.len() as u32) < hint => {
-                return Err(DlqError::Short { expected: hint, got: out.len() as u32, waited: wait });
-            }
-            _ => break,
+impl Letter {
+    /// The letter as `kiln dlq list` prints it: `by` says who dead-lettered it (`kiln`, or
+    /// `broker` with the queue it left and how often), and `reason` has a `code` either way.
+    pub fn to_json(&self) -> serde_json::Value {
+        let e = &self.envelope;
+        match &self.cause {
+            Cause::GivenUp { reason, dead_at } => serde_json::json!({
+                "id": e.id, "model": e.model, "by": "kiln", "reason": reason,
+                "attempts": self.attempts, "dead_at": dead_at, "history": e.history,
+            }),
+            Cause::Broker(death) => serde_json::json!({
+                "id": e.id, "model": e.model, "by": "broker",
+                "reason": { "code": death.reason.as_str(), "message": describe(death) },
+                "queue": death.queue, "deaths": death.count,
+                "attempts": self.attempts, "dead_at": death.at, "history": e.history,
+            }),
         }
     }
-    Ok(out)
 }
 
-/// Up to `limit` dead letters, oldest first. Nothing is removed.
-pub async fn list(backend: &Backend, limit: u32) -> Result<Vec<DeadLetter>, DlqError> {
-    let max = limit.min(MAX_BATCH);
-    let hint = backend.broker.dead_letter_count().await?.min(max);
-    let mut deliveries = backend.broker.consume_dead_letters(max.max(1) as u16).await?;
-    let held = take(&mut deliveries, hint, max).await?;
-    let letters = held.iter().filter_map(|d| serde_json::from_slice(&d.body).ok()).collect();
-    // Hand every message back, untouched, before returning, so a redrive right after sees them.
-    for d in held {
-        d.requeue().await?;
+impl Unreadable {
+    /// As `kiln dlq list` prints it.
+    pub fn to_json(&self) -> serde_json::Value {
+        let reason =
+            self.death.as_ref().map(|d| serde_json::json!({ "code": d.reason.as_str(), "message": describe(d) }));
+        serde_json::json!({ "unreadable": true, "bytes": self.bytes, "reason": reason })
     }
-    deliveries.close().await;
-    Ok(letters)
+}
+
+/// The letter a message of the dead-letter queue is, if any.
+fn decode(delivery: &Delivery) -> Result<Letter, Unreadable> {
+    if let Ok(l) = serde_json::from_slice::<DeadLetter>(&delivery.body) {
+        let cause = Cause::GivenUp { reason: l.reason, dead_at: l.dead_at };
+        return Ok(Letter { envelope: l.envelope, attempts: l.attempts, cause });
+    }
+    match (&delivery.death, serde_json::from_slice::<Envelope>(&delivery.body)) {
+        (Some(death), Ok(envelope)) => {
+            let attempts = u32::try_from(envelope.history.len()).unwrap_or(u32::MAX);
+            Ok(Letter { envelope, attempts, cause: Cause::Broker(death.clone()) })
+        }
+        (death, Ok(_) | Err(_)) => Err(Unreadable { bytes: delivery.body.len(), death: death.clone() }),
+    }
+}
+
+/// Up to `limit` messages of the dead-letter queue (at most [`MAX_BATCH`]), oldest first, decoded.
+/// Nothing is removed, and the queue keeps its order.
+pub async fn read(backend: &Backend, limit: u32) -> Result<Listing, DlqError> {
+    let held = backend.broker.fetch_dead_letters(limit.min(MAX_BATCH)).await?;
+    let mut listing = Listing::default();
+    for delivery in &held.messages {
+        match decode(delivery) {
+            Ok(l) => listing.letters.push(l),
+            Err(u) => listing.unreadable.push(u),
+        }
+    }
+    // Handed back before returning, so a redrive right after sees them.
+    held.release().await;
+    Ok(listing)
+}
+
+/// The letters among the first `limit` messages of the dead-letter queue, oldest first. Nothing
+/// is removed, and the queue keeps its order.
+pub async fn list(backend: &Backend, limit: u32) -> Result<Vec<Letter>, DlqError> {
+    Ok(read(backend, limit).await?.letters)
+}
+
+/// One line on what happened to a message the broker dead-lettered, for operators.
+pub fn describe(death: &Death) -> String {
+    let times = if death.count > 1 { format!(" ({} times)", death.count) } else { String::new() };
+    let queue = &death.queue;
+    match &death.reason {
+        DeathReason::DeliveryLimit => format!(
+            "delivered more than {queue}'s delivery limit ({DELIVERY_LIMIT}, or lower if a policy sets one) without \
+             being settled{times}"
+        ),
+        DeathReason::Rejected => format!("rejected by a consumer of {queue}{times}"),
+        DeathReason::Expired => format!("its time to live ran out in {queue}{times}"),
+        DeathReason::MaxLen => format!("pushed out of {queue} by its length limit{times}"),
+        DeathReason::Other(reason) => format!("dead-lettered from {queue}: {reason}{times}"),
+    }
 }
 
 /// Queues the selected dead jobs again.
 pub async fn redrive(backend: &Backend, selection: Selection) -> Result<RedriveReport, DlqError> {
-    let hint = backend.broker.dead_letter_count().await?.min(MAX_BATCH);
     let mut report = RedriveReport::default();
-    let mut deliveries = backend.broker.consume_dead_letters(MAX_BATCH as u16).await?;
-    for delivery in take(&mut deliveries, hint, MAX_BATCH).await? {
-        let letter = match serde_json::from_slice::<DeadLetter>(&delivery.body) {
+    let mut held = backend.broker.fetch_dead_letters(MAX_BATCH).await?;
+    for delivery in std::mem::take(&mut held.messages) {
+        let letter = match decode(&delivery) {
             Ok(l) if selection == Selection::All || selection == Selection::Job(l.envelope.id) => l,
-            _ => {
-                delivery.requeue().await?;
+            Ok(_) | Err(_) => {
+                // Not acknowledged: released back to the head of the queue with the others.
                 report.left += 1;
                 continue;
             }
         };
         let id = letter.envelope.id;
+        let given_up = matches!(letter.cause, Cause::GivenUp { .. });
         let mut envelope = letter.envelope;
-        match backend.store.redrive(id).await? {
-            // Queued with its dead letter still here: an earlier redrive failed to publish.
-            Transition::Applied | Transition::NotApplicable(kiln_proto::JobStatus::Queued) => {}
+        let reset = match backend.store.redrive(id).await? {
+            Transition::Applied => true,
+            // A worker's letter with its job queued: an earlier redrive failed to publish. A
+            // letter the broker moved: the job never ended, and its message is the one here.
+            Transition::NotApplicable(JobStatus::Queued) => given_up,
+            // The broker gave the message up while a run was on record; the store fences runs,
+            // so queueing it again at worst duplicates a message, never the outcome.
+            Transition::NotApplicable(JobStatus::Running) if !given_up => false,
             Transition::Missing => {
                 // The record expired while the job sat in the queue: start a fresh one.
-                let record = JobRecord::queued(id, envelope.model.clone(), now_millis(), None);
-                match backend.store.create(&record).await {
+                envelope.history.clear();
+                envelope.deadline = None;
+                let text = serde_json::to_string(&envelope).expect("envelopes serialise");
+                let how = Creation { envelope: Some(&text), idempotency_key: None };
+                match backend.store.insert(&envelope.record(), &how).await {
                     Ok(()) | Err(StoreError::Conflict(_)) => {}
                     Err(e) => return Err(e.into()),
                 }
+                true
             }
             Transition::AlreadyTerminal(_) | Transition::NotApplicable(_) | Transition::Superseded => {
                 delivery.ack().await?;
                 report.dropped.push(id);
                 continue;
             }
+        };
+        if reset {
+            envelope.history.clear();
+            envelope.deadline = None;
         }
-        envelope.history.clear();
-        envelope.deadline = None;
         let body = serde_json::to_vec(&envelope).expect("envelopes serialise");
         backend.broker.declare(std::slice::from_ref(&envelope.model)).await?;
         backend.broker.publish(&envelope.model, body).await?;
         delivery.ack().await?;
         report.redriven.push(id);
     }
-    deliveries.close().await;
+    held.release().await;
     Ok(report)
 }

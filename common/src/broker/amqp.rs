@@ -1,9 +1,42 @@
-//! RabbitMQ through lapin. This file owns the topology — one durable direct exchange, one durable
-//! quorum queue per model bound by the model name, a dead-letter quorum queue, and one delay queue
-//! per retry step that dead-letters back into the job exchange when its TTL runs out — confirmed
-//! persistent publishing over a shared channel, consumers on channels of their own, and
-//! reconnecting when the connection drops.
+//! RabbitMQ through lapin. This file owns the topology — which exchanges and queues exist, with
+//! which arguments — confirmed persistent publishing over a shared channel, consumers on channels
+//! of their own, reading the dead-letter queue, and reconnecting when the connection drops.
+//!
+//! The topology, under a prefix `P`; every queue is a durable quorum queue, and every dead-letter
+//! route is at-least-once (`x-dead-letter-strategy: at-least-once`, which RabbitMQ only honours
+//! with `x-overflow: reject-publish`; without it, dead-lettering is at-most-once and a message is
+//! lost if the target does not take it), so the broker drops nothing on its own:
+//! - `P.jobs`, a direct exchange; `P.jobs.<model>` bound to it by the model name, with
+//!   `x-delivery-limit` [`DELIVERY_LIMIT`] (explicit: RabbitMQ 4 defaults to 20 and then deletes
+//!   the message) and over-limit or rejected messages dead-lettered to `P.dlq` through the default
+//!   exchange. They arrive there as the raw envelope with RabbitMQ's `x-death` header.
+//! - `P.dlq`, the dead-letter queue: Kiln's own [`kiln_proto::DeadLetter`]s and RabbitMQ's raw
+//!   ones. `x-delivery-limit` 2^31 - 1, never reached: reading it ([`Broker::fetch_dead_letters`],
+//!   get without ack, then close the channel) counts as a delivery. Not "no limit": RabbitMQ 3.x
+//!   takes `-1` (4.x's spelling of unlimited) and deletes the message at its first return, and no
+//!   argument at all means 20 on 4.x. A finite limit also keeps requeued messages at the head of
+//!   the queue (without one, RabbitMQ requeues to the back: seen on 3.10, documented since), and
+//!   it means the same on every version, so upgrading RabbitMQ never changes the declaration.
+//! - `P.retry.<ms>ms`, one fanout exchange and quorum queue per retry step, `x-message-ttl` the
+//!   step (quorum queues expire messages since RabbitMQ 3.10), dead-lettering back into `P.jobs`
+//!   with the message's own routing key, the model name.
+//!
+//! Queues that exist keep the arguments they were declared with; RabbitMQ refuses a redeclare
+//! with others (`PRECONDITION_FAILED`). Deployments from before this topology have `P.jobs.<model>`
+//! and `P.dlq` without these arguments, and classic delay queues `P.delay.<ms>ms`:
+//! - The delay steps have new names (a queue cannot change type). Old processes keep using the
+//!   old ones during a rolling upgrade; those queues empty themselves into `P.jobs` within an hour
+//!   (the longest step) and can then be deleted.
+//! - `P.jobs.<model>` and `P.dlq` keep their names (dashboards, alerts and autoscalers watch them).
+//!   When RabbitMQ refuses the new arguments, the existing queue is used as it is and a warning
+//!   names it ([`AmqpBroker::legacy_queues`]). Such a queue has the old behaviour — on RabbitMQ 4,
+//!   20 deliveries and then deletion — until a policy gives it the same settings (`delivery-limit`,
+//!   `dead-letter-exchange`, `dead-letter-routing-key`, `dead-letter-strategy`, `overflow`; see
+//!   the README), or until it is deleted while empty and declared again by the next process.
+//! - Policies combine with arguments: RabbitMQ uses the lower of a policy's `delivery-limit` and
+//!   the argument, so a policy can lower Kiln's limits but not raise them.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,15 +44,22 @@ use async_trait::async_trait;
 use futures::StreamExt;
 use kiln_proto::ModelName;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
-    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ErrorKind, ExchangeKind};
 use tokio::sync::Mutex;
 
-use super::{Acknowledge, Broker, BrokerError, Deliveries, Delivery, RETRY_DELAYS, delay_step};
+use super::{
+    Acknowledge, Broker, BrokerError, DELIVERY_LIMIT, Death, DeathReason, Deliveries, Delivery, HeldLetters,
+    RETRY_DELAYS, delay_step,
+};
 use crate::config::Secret;
+
+/// The dead-letter queue's delivery limit: as good as none (see the module header).
+pub const DEAD_LETTER_DELIVERY_LIMIT: i32 = i32::MAX;
 
 /// Names of the exchanges and queues, under a prefix so that tests and deployments can share a broker.
 #[derive(Debug, Clone)]
@@ -46,29 +86,58 @@ impl Topology {
 
     /// The exchange and queue (same name) of one retry delay step.
     pub fn delay(&self, step: Duration) -> String {
-        format!("{}.delay.{}ms", self.prefix, step.as_millis())
+        format!("{}.retry.{}ms", self.prefix, step.as_millis())
     }
 
-    fn quorum() -> FieldTable {
-        let mut args = FieldTable::default();
-        args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    /// The arguments of every model's job queue.
+    pub fn job_queue_arguments(&self) -> FieldTable {
+        let mut args = quorum();
+        args.insert("x-delivery-limit".into(), AMQPValue::LongInt(DELIVERY_LIMIT as i32));
+        args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString("".into()));
+        args.insert("x-dead-letter-routing-key".into(), AMQPValue::LongString(self.dead_letter_queue().into()));
+        at_least_once(&mut args);
         args
     }
 
-    async fn declare(&self, ch: &Channel, models: &[ModelName]) -> Result<(), lapin::Error> {
+    /// The arguments of the dead-letter queue.
+    pub fn dead_letter_queue_arguments(&self) -> FieldTable {
+        let mut args = quorum();
+        args.insert("x-delivery-limit".into(), AMQPValue::LongInt(DEAD_LETTER_DELIVERY_LIMIT));
+        args
+    }
+
+    /// The arguments of one retry step's delay queue.
+    pub fn delay_queue_arguments(&self, step: Duration) -> FieldTable {
+        let mut args = quorum();
+        args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(step.as_millis() as i64));
+        args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(self.exchange().into()));
+        at_least_once(&mut args);
+        args
+    }
+
+    /// Declares everything on a channel of its own (a refused declare closes its channel).
+    /// Returns the queues that exist with other arguments and are used as they are; those in
+    /// `known` are only checked for, not declared again.
+    async fn declare(
+        &self,
+        conn: &Connection,
+        models: &[ModelName],
+        known: &BTreeSet<String>,
+    ) -> Result<Vec<String>, lapin::Error> {
         let durable_x = ExchangeDeclareOptions { durable: true, ..Default::default() };
-        let durable_q = QueueDeclareOptions { durable: true, ..Default::default() };
+        let mut ch = conn.create_channel().await?;
+        let mut legacy = Vec::new();
         ch.exchange_declare(self.exchange().into(), ExchangeKind::Direct, durable_x, FieldTable::default()).await?;
-        ch.queue_declare(self.dead_letter_queue().into(), durable_q, Self::quorum()).await?;
+        let dlq = self.dead_letter_queue();
+        if !declare_queue(conn, &mut ch, &dlq, self.dead_letter_queue_arguments(), known).await? {
+            legacy.push(dlq);
+        }
         for step in RETRY_DELAYS {
             let name = self.delay(step);
             ch.exchange_declare(name.as_str().into(), ExchangeKind::Fanout, durable_x, FieldTable::default()).await?;
-            // Classic queue: per-queue TTL and dead-lettering back to the job exchange, which
-            // routes by the message's own routing key, the model name.
-            let mut args = FieldTable::default();
-            args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(step.as_millis() as i64));
-            args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(self.exchange().into()));
-            ch.queue_declare(name.as_str().into(), durable_q, args).await?;
+            if !declare_queue(conn, &mut ch, &name, self.delay_queue_arguments(step), known).await? {
+                legacy.push(name.clone());
+            }
             ch.queue_bind(
                 name.as_str().into(),
                 name.as_str().into(),
@@ -79,9 +148,12 @@ impl Topology {
             .await?;
         }
         for model in models {
-            ch.queue_declare(self.queue(model).into(), durable_q, Self::quorum()).await?;
+            let name = self.queue(model);
+            if !declare_queue(conn, &mut ch, &name, self.job_queue_arguments(), known).await? {
+                legacy.push(name.clone());
+            }
             ch.queue_bind(
-                self.queue(model).into(),
+                name.as_str().into(),
                 self.exchange().into(),
                 model.as_str().into(),
                 QueueBindOptions::default(),
@@ -89,8 +161,58 @@ impl Topology {
             )
             .await?;
         }
-        Ok(())
+        let _ = ch.close(200, "declared".into()).await;
+        Ok(legacy)
     }
+}
+
+fn quorum() -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    args
+}
+
+/// At-least-once dead-lettering, and the overflow behaviour RabbitMQ requires for it (with no
+/// length limit set, `reject-publish` changes nothing else).
+fn at_least_once(args: &mut FieldTable) {
+    args.insert("x-dead-letter-strategy".into(), AMQPValue::LongString("at-least-once".into()));
+    args.insert("x-overflow".into(), AMQPValue::LongString("reject-publish".into()));
+}
+
+/// Declares a durable queue with `args`. When RabbitMQ refuses because the queue exists with other
+/// arguments, checks on a fresh channel that it exists and returns `false`: it is used as it is.
+/// A queue in `known` was found so before, and is only checked for.
+async fn declare_queue(
+    conn: &Connection,
+    ch: &mut Channel,
+    name: &str,
+    args: FieldTable,
+    known: &BTreeSet<String>,
+) -> Result<bool, lapin::Error> {
+    if known.contains(name) {
+        return check_queue(ch, name).await.map(|()| false);
+    }
+    let durable = QueueDeclareOptions { durable: true, ..Default::default() };
+    match ch.queue_declare(name.into(), durable, args).await {
+        Ok(_) => Ok(true),
+        Err(e) if is_precondition_failed(&e) => {
+            *ch = conn.create_channel().await?;
+            check_queue(ch, name).await?;
+            tracing::debug!(target: "kiln::broker", queue = name, error = %e, "queue exists with other arguments");
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Checks that a queue exists, whatever its arguments.
+async fn check_queue(ch: &Channel, name: &str) -> Result<(), lapin::Error> {
+    let passive = QueueDeclareOptions { passive: true, durable: true, ..Default::default() };
+    ch.queue_declare(name.into(), passive, FieldTable::default()).await.map(drop)
+}
+
+fn is_precondition_failed(e: &lapin::Error) -> bool {
+    matches!(e.kind(), ErrorKind::ProtocolError(amqp) if *amqp.kind() == AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED))
 }
 
 #[derive(Debug, Clone)]
@@ -111,6 +233,8 @@ pub struct AmqpBroker {
     /// The open publisher channel, read without the async lock on every publish; the lock is
     /// only taken to (re)connect.
     fast: std::sync::Mutex<Option<Channel>>,
+    /// Queues found with other arguments than this topology's, used as they are.
+    legacy: std::sync::Mutex<BTreeSet<String>>,
 }
 
 #[derive(Default)]
@@ -125,7 +249,39 @@ impl AmqpBroker {
     /// Creates the broker without connecting: the first use (or [`Broker::check`]) connects, so a
     /// process can start while RabbitMQ is still down.
     pub fn new(config: AmqpConfig) -> Self {
-        Self { config, link: Mutex::new(Link::default()), fast: std::sync::Mutex::new(None) }
+        Self {
+            config,
+            link: Mutex::new(Link::default()),
+            fast: std::sync::Mutex::new(None),
+            legacy: std::sync::Mutex::new(BTreeSet::new()),
+        }
+    }
+
+    /// The queues this broker found declared with other arguments than its topology's (from
+    /// before it, see the module header) and uses as they are: they lack its dead-lettering and
+    /// delivery limits until a policy or a redeclare gives them those.
+    pub fn legacy_queues(&self) -> Vec<String> {
+        self.legacy.lock().expect("legacy lock").iter().cloned().collect()
+    }
+
+    /// Declares the topology for `models`, warning once per process about each queue that has
+    /// other arguments.
+    async fn declare_topology(&self, conn: &Connection, models: &[ModelName]) -> Result<(), BrokerError> {
+        let known = self.legacy.lock().expect("legacy lock").clone();
+        let found = self.config.topology.declare(conn, models, &known).await?;
+        let mut legacy = self.legacy.lock().expect("legacy lock");
+        for queue in found {
+            if legacy.insert(queue.clone()) {
+                tracing::warn!(
+                    target: "kiln::broker",
+                    %queue,
+                    "queue exists with the arguments of an older Kiln and is used as it is: without a policy \
+                     it has no dead-letter target or an unsuitable delivery limit (RabbitMQ 4 deletes a message \
+                     after 20 deliveries); see the README on migrating queues"
+                );
+            }
+        }
+        Ok(())
     }
 
     async fn connection(&self, link: &mut Link) -> Result<Arc<Connection>, BrokerError> {
@@ -174,9 +330,9 @@ impl AmqpBroker {
             return Ok(ch.clone());
         }
         let conn = self.connection(&mut link).await?;
+        self.declare_topology(&conn, &link.declared).await?;
         let ch = conn.create_channel().await?;
         ch.confirm_select(ConfirmSelectOptions::default()).await?;
-        self.config.topology.declare(&ch, &link.declared).await?;
         link.publisher = Some(ch.clone());
         *self.fast.lock().expect("publisher lock") = Some(ch.clone());
         Ok(ch)
@@ -227,8 +383,8 @@ impl AmqpBroker {
             let mut link = self.link.lock().await;
             self.connection(&mut link).await?
         };
+        self.declare_topology(&conn, declare).await?;
         let ch = conn.create_channel().await?;
-        self.config.topology.declare(&ch, declare).await?;
         ch.basic_qos(prefetch, BasicQosOptions { global: false }).await?;
         let consumer =
             ch.basic_consume(queue.into(), "".into(), BasicConsumeOptions::default(), FieldTable::default()).await?;
@@ -236,10 +392,7 @@ impl AmqpBroker {
         let alive = guard.clone();
         let stream = consumer.map(move |d| {
             let _keep = &guard;
-            d.map_err(BrokerError::from).map(|d| {
-                let traceparent = traceparent(&d.properties);
-                Delivery::new(d.data, d.redelivered, Box::new(AmqpAcker(d.acker))).with_traceparent(traceparent)
-            })
+            d.map_err(BrokerError::from).map(delivery)
         });
         let closing = alive.clone();
         Ok(Deliveries::new(stream.boxed(), move || alive.0.status().connected()).with_closer(move || {
@@ -288,6 +441,40 @@ impl Broker for AmqpBroker {
         self.consume_queue(self.config.topology.dead_letter_queue(), prefetch, &[]).await
     }
 
+    async fn fetch_dead_letters(&self, limit: u32) -> Result<HeldLetters, BrokerError> {
+        let conn = {
+            let mut link = self.link.lock().await;
+            self.connection(&mut link).await?
+        };
+        self.declare_topology(&conn, &[]).await?;
+        // A channel of its own, closed when it is let go (even on an error here), which hands back
+        // what it still holds; nothing else ever runs on it.
+        let guard = ChannelGuard(conn.create_channel().await?);
+        let queue = self.config.topology.dead_letter_queue();
+        let mut messages = Vec::new();
+        while (messages.len() as u64) < u64::from(limit) {
+            let get = guard.0.basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false }).await?;
+            let Some(got) = get else { break };
+            messages.push(delivery(got.delivery));
+            if got.message_count == 0 {
+                break;
+            }
+        }
+        let held = !messages.is_empty();
+        Ok(HeldLetters::new(messages, move || {
+            Box::pin(async move {
+                // Every unacknowledged delivery back, in delivery order, by one explicit nack sent
+                // before the close, rather than left to the queue noticing that the channel went
+                // (and RabbitMQ 4.3+ does not count a nack as a failed delivery). Close-Ok comes
+                // after the channel has handled what was sent before it.
+                if held {
+                    let _ = guard.0.basic_nack(0, BasicNackOptions { multiple: true, requeue: true }).await;
+                }
+                let _ = guard.0.close(200, "dead letters read".into()).await;
+            })
+        }))
+    }
+
     async fn dead_letter_count(&self) -> Result<u32, BrokerError> {
         let ch = self.publisher().await?;
         let opts = QueueDeclareOptions { passive: true, ..Default::default() };
@@ -304,12 +491,44 @@ impl Broker for AmqpBroker {
     }
 }
 
-fn traceparent(props: &BasicProperties) -> Option<String> {
-    match props.headers().as_ref()?.inner().get("traceparent")? {
+fn delivery(d: lapin::message::Delivery) -> Delivery {
+    let (traceparent, death) = (traceparent(&d.properties), death(&d.properties));
+    Delivery::new(d.data, d.redelivered, Box::new(AmqpAcker(d.acker))).with_traceparent(traceparent).with_death(death)
+}
+
+fn text(value: &AMQPValue) -> Option<String> {
+    match value {
         AMQPValue::LongString(s) => Some(s.to_string()),
         AMQPValue::ShortString(s) => Some(s.to_string()),
         _ => None,
     }
+}
+
+fn traceparent(props: &BasicProperties) -> Option<String> {
+    text(props.headers().as_ref()?.inner().get("traceparent")?)
+}
+
+/// The latest entry of RabbitMQ's `x-death` header (it keeps the most recent first).
+fn death(props: &BasicProperties) -> Option<Death> {
+    let AMQPValue::FieldArray(deaths) = props.headers().as_ref()?.inner().get("x-death")? else { return None };
+    let AMQPValue::FieldTable(latest) = deaths.as_slice().first()? else { return None };
+    let entry = latest.inner();
+    let count = match entry.get("count") {
+        Some(AMQPValue::LongLongInt(n)) => u64::try_from(*n).unwrap_or(0),
+        Some(AMQPValue::LongInt(n)) => u64::try_from(*n).unwrap_or(0),
+        Some(AMQPValue::LongUInt(n)) => u64::from(*n),
+        _ => 1,
+    };
+    let at = match entry.get("time") {
+        Some(AMQPValue::Timestamp(secs)) => i64::try_from(*secs).ok().map(|s| s.saturating_mul(1000)),
+        _ => None,
+    };
+    Some(Death {
+        reason: DeathReason::parse(&entry.get("reason").and_then(text)?),
+        queue: entry.get("queue").and_then(text).unwrap_or_default(),
+        count,
+        at,
+    })
 }
 
 /// Closes a consumer's channel when its stream is dropped, so the broker redelivers what it held.

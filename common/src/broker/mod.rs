@@ -1,6 +1,10 @@
 //! The broker abstraction: durable, confirmed publishing of job envelopes to a per-model queue, and
 //! consuming them with a bounded prefetch and explicit acknowledgement. Implementations: RabbitMQ
 //! ([`amqp`]) and the in-process [`embedded`] broker with the same delivery semantics.
+//!
+//! Nothing a broker holds is dropped by the broker: a job message returned to its queue more than
+//! [`DELIVERY_LIMIT`] times, or rejected, is moved to the dead-letter queue (with a [`Death`] that
+//! says why), and the dead-letter queue itself keeps every message however often it is read.
 
 pub mod amqp;
 pub mod embedded;
@@ -8,7 +12,16 @@ pub mod embedded;
 use async_trait::async_trait;
 use futures::StreamExt;
 use futures::stream::BoxStream;
-use kiln_proto::ModelName;
+use kiln_proto::{ModelName, UnixMillis};
+
+/// Returns a job message may take — a requeue, or its consumer going away while holding it — before
+/// the broker stops delivering it and moves it to the dead-letter queue instead: a message is
+/// delivered at most `DELIVERY_LIMIT + 1` times. Far above what a job needs (the worker gives a job
+/// up after a few starts, and retries go out as new messages, see [`Broker::publish_delayed`]); it
+/// is there so that a requeue loop ends in the dead-letter queue, where `kiln dlq redrive` finds it,
+/// instead of RabbitMQ 4's default of 20 deliveries and then deletion. RabbitMQ fixes it per queue
+/// when the queue is declared: changing it means new queues (see [`amqp`]'s header).
+pub const DELIVERY_LIMIT: u32 = 1000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
@@ -25,6 +38,57 @@ pub enum BrokerError {
     Amqp(#[from] lapin::Error),
 }
 
+/// Why the broker itself moved a message to the dead-letter queue: RabbitMQ's `x-death` header
+/// (its latest entry), or the embedded broker's record of the same.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Death {
+    pub reason: DeathReason,
+    /// The queue it was moved out of.
+    pub queue: String,
+    /// How many times it was moved out of that queue for that reason.
+    pub count: u64,
+    /// When, in milliseconds since the Unix epoch (RabbitMQ records whole seconds).
+    pub at: Option<UnixMillis>,
+}
+
+/// The reasons a broker dead-letters a message, as RabbitMQ names them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeathReason {
+    /// Returned to its queue more than the queue's delivery limit ([`DELIVERY_LIMIT`]).
+    DeliveryLimit,
+    /// Rejected by a consumer without requeue ([`Delivery::reject`]), e.g. an undecodable message.
+    Rejected,
+    /// Its time to live ran out.
+    Expired,
+    /// Pushed out by a queue length limit.
+    MaxLen,
+    /// A reason this version does not know, as the broker wrote it.
+    Other(String),
+}
+
+impl DeathReason {
+    /// The reason as RabbitMQ writes it in `x-death`.
+    pub fn parse(reason: &str) -> Self {
+        match reason {
+            "delivery_limit" => Self::DeliveryLimit,
+            "rejected" => Self::Rejected,
+            "expired" => Self::Expired,
+            "maxlen" => Self::MaxLen,
+            other => Self::Other(other.to_owned()),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::DeliveryLimit => "delivery_limit",
+            Self::Rejected => "rejected",
+            Self::Expired => "expired",
+            Self::MaxLen => "maxlen",
+            Self::Other(other) => other,
+        }
+    }
+}
+
 /// A message taken from a queue, to be acknowledged once its effects are stored.
 pub struct Delivery {
     pub body: Vec<u8>,
@@ -32,16 +96,25 @@ pub struct Delivery {
     pub redelivered: bool,
     /// The W3C trace context the message was published under, if any.
     pub traceparent: Option<String>,
+    /// Set when the broker itself dead-lettered the message (RabbitMQ's `x-death`): in the
+    /// dead-letter queue, why it is there; on RabbitMQ a retry back from its delay queue carries
+    /// its expiry there too.
+    pub death: Option<Death>,
     acker: Box<dyn Acknowledge>,
 }
 
 impl Delivery {
     pub fn new(body: Vec<u8>, redelivered: bool, acker: Box<dyn Acknowledge>) -> Self {
-        Self { body, redelivered, traceparent: None, acker }
+        Self { body, redelivered, traceparent: None, death: None, acker }
     }
 
     pub fn with_traceparent(mut self, traceparent: Option<String>) -> Self {
         self.traceparent = traceparent;
+        self
+    }
+
+    pub fn with_death(mut self, death: Option<Death>) -> Self {
+        self.death = death;
         self
     }
 
@@ -55,7 +128,8 @@ impl Delivery {
         self.acker.nack(true).await
     }
 
-    /// Drops the message (dead-lettered where the queue has a dead-letter target).
+    /// Gives the message up: a job queue moves it to the dead-letter queue (reason
+    /// [`DeathReason::Rejected`]); the dead-letter queue itself drops it.
     pub async fn reject(self) -> Result<(), BrokerError> {
         self.acker.nack(false).await
     }
@@ -63,7 +137,11 @@ impl Delivery {
 
 impl std::fmt::Debug for Delivery {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Delivery").field("len", &self.body.len()).field("redelivered", &self.redelivered).finish()
+        f.debug_struct("Delivery")
+            .field("len", &self.body.len())
+            .field("redelivered", &self.redelivered)
+            .field("death", &self.death)
+            .finish()
     }
 }
 
@@ -124,6 +202,39 @@ impl futures::Stream for Deliveries {
     }
 }
 
+/// Dead letters taken from the head of the dead-letter queue and held, unsettled, by this reader
+/// alone (see [`Broker::fetch_dead_letters`]).
+pub struct HeldLetters {
+    /// Oldest first. Acknowledge the ones dealt with; leave the others.
+    pub messages: Vec<Delivery>,
+    release: Option<Box<dyn FnOnce() -> futures::future::BoxFuture<'static, ()> + Send>>,
+}
+
+impl HeldLetters {
+    pub fn new(
+        messages: Vec<Delivery>,
+        release: impl FnOnce() -> futures::future::BoxFuture<'static, ()> + Send + 'static,
+    ) -> Self {
+        Self { messages, release: Some(Box::new(release)) }
+    }
+
+    /// Hands every message not acknowledged back to the head of the queue, in their order, and
+    /// waits until the broker has done so (and settled what was acknowledged before). Dropping
+    /// the batch hands them back too, without waiting.
+    pub async fn release(mut self) {
+        drop(std::mem::take(&mut self.messages));
+        if let Some(release) = self.release.take() {
+            release().await;
+        }
+    }
+}
+
+impl std::fmt::Debug for HeldLetters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HeldLetters").field("messages", &self.messages).finish()
+    }
+}
+
 /// The delays a retry can wait, rounded up to one of these (RabbitMQ holds one delay queue each).
 pub const RETRY_DELAYS: [std::time::Duration; 6] = [
     std::time::Duration::from_secs(1),
@@ -164,8 +275,17 @@ pub trait Broker: Send + Sync + 'static {
     /// Publishes one message, durably and confirmed, to the dead-letter queue.
     async fn dead_letter(&self, body: Vec<u8>) -> Result<(), BrokerError>;
 
-    /// Consumes the dead-letter queue, for listing (settle nothing and drop) and redriving.
+    /// Consumes the dead-letter queue. Settling nothing and dropping the consumer hands its
+    /// messages back, but not necessarily in their order: to read the queue, use
+    /// [`Broker::fetch_dead_letters`].
     async fn consume_dead_letters(&self, prefetch: u16) -> Result<Deliveries, BrokerError>;
+
+    /// Takes up to `limit` messages from the head of the dead-letter queue, oldest first, and
+    /// holds them unsettled for this caller alone (two readers at once see different letters).
+    /// [`HeldLetters::release`] hands back, to the head and in their order, whatever was not
+    /// acknowledged: a read that acknowledges nothing leaves the queue as it was. RabbitMQ counts
+    /// the hand-back as a delivery; the dead-letter queue's limit (2^31 - 1) makes that harmless.
+    async fn fetch_dead_letters(&self, limit: u32) -> Result<HeldLetters, BrokerError>;
 
     /// Messages waiting in the dead-letter queue.
     async fn dead_letter_count(&self) -> Result<u32, BrokerError>;

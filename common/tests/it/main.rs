@@ -2,4 +2,5 @@
 //! backend and against the real RabbitMQ and Redis started by `scripts/test.sh`.
 
 mod broker;
+mod dead_letters;
 mod store;
