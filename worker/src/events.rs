@@ -36,7 +36,7 @@ pub fn skipped(id: JobId, why: &Start) {
 }
 
 pub fn undecodable(model: &ModelName, error: &dyn Display) {
-    tracing::error!(target: "kiln::worker", %model, %error, "undecodable message dropped");
+    tracing::error!(target: "kiln::worker", %model, %error, "undecodable message dead-lettered (kiln dlq list shows it as unreadable)");
 }
 
 pub fn job_failed(id: JobId, error: &dyn Display) {
