@@ -1,7 +1,7 @@
 //! The job store on Redis. Per job: a hash `{prefix}job:{id}` and an event log (a list)
-//! `{prefix}job:{id}:events`, both expiring after the live retention (refreshed by every
-//! transition) and, once the job is terminal, after the finished retention; while it has them,
-//! `:followers` (a set, at most [`scripts::MAX_FOLLOWERS`]) and `:hooks` (its pending webhook
+//! `{prefix}job:{id}:log` (a stream `:events` in earlier versions, left to expire), both expiring
+//! after the live retention (refreshed by every transition) and, once the job is terminal, after
+//! the finished retention; while it has them, `:followers` (a set, at most [`scripts::MAX_FOLLOWERS`]) and `:hooks` (its pending webhook
 //! deliveries in order). Shared: the sorted set `{prefix}leases` of jobs to hand out again at a
 //! time (lapsing leases, orphans, strays), `{prefix}active` (every live job and the time by which it
 //! must show activity, for the sweeper), `{prefix}webhooks` of due webhook deliveries (with a hash
@@ -81,7 +81,7 @@ impl RedisStore {
     }
 
     fn events_key(&self, id: JobId) -> String {
-        format!("{}job:{id}:events", self.config.key_prefix)
+        format!("{}job:{id}:log", self.config.key_prefix)
     }
 
     fn withdrawn_key(&self, id: JobId) -> String {

@@ -57,7 +57,7 @@ end
 local function emit_for(jk, jid, kind, data)
   -- The job's log: a list of "id kind data", ids counting 1, 2, 3… per job, at most 1000 kept
   -- (a list of a few entries costs ~100 bytes; a stream's first node costs ~4.5 KB).
-  local ek = jk .. ':events'
+  local ek = jk .. ':log'
   local eid = tostring(redis.call('HINCRBY', jk, 'ev', 1))
   redis.call('RPUSH', ek, eid .. ' ' .. kind .. ' ' .. data)
   if redis.call('LLEN', ek) > 1000 then redis.call('LTRIM', ek, -1000, -1) end
@@ -112,7 +112,7 @@ local function ended_for(jk, jid)
   redis.call('HDEL', jk, 'envelope')
   redis.call('ZREM', KEYS[5], jid)
   redis.call('PEXPIRE', jk, kept)
-  redis.call('PEXPIRE', jk .. ':events', kept)
+  redis.call('PEXPIRE', jk .. ':log', kept)
 end
 local function ended() ended_for(KEYS[1], id) end
 -- Hands a live job to the reaper, which queues its envelope again.
@@ -385,7 +385,7 @@ impl Scripts {
         local sweeps = tonumber(redis.call('HGET', k, 'sweeps') or '0')
         redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]) * 2 ^ math.min(sweeps, 6), id)
         local eid = tostring(redis.call('HINCRBY', k, 'ev', 1))
-        redis.call('RPUSH', k .. ':events', eid .. ' status {{"status":"queued"}}')
+        redis.call('RPUSH', k .. ':log', eid .. ' status {{"status":"queued"}}')
         table.insert(out, id)
         table.insert(out, env)
       end
