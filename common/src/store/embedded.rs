@@ -379,6 +379,7 @@ impl Store for EmbeddedStore {
         record: &JobRecord,
         inflight: &str,
         how: &Creation<'_>,
+        hold_off: bool,
     ) -> Result<Coalesced, StoreError> {
         let s = self.settings;
         let mut inner = self.lock();
@@ -386,6 +387,11 @@ impl Store for EmbeddedStore {
             return Err(StoreError::Conflict(record.id));
         }
         let leader = inner.inflight.get(inflight).copied();
+        let unconfirmed =
+            leader.filter(|l| inner.live(*l).is_some_and(|e| e.record.status == JobStatus::Queued && !e.confirmed));
+        if let Some(leader) = unconfirmed.filter(|_| hold_off) {
+            return Ok(Coalesced::Pending(leader));
+        }
         let followable = leader.filter(|l| {
             inner.live(*l).is_some_and(|e| {
                 let confirmed =

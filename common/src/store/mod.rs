@@ -129,12 +129,15 @@ pub trait Store: Send + Sync + 'static {
     /// `inflight` (its cache key). If a twin is queued with a confirmed message, or running, and
     /// has room for more followers, the new job follows it: it completes with the twin's outcome,
     /// and must not be published. Otherwise it becomes the twin others follow — once
-    /// [`Store::confirm`] says its own message is enqueued.
+    /// [`Store::confirm`] says its own message is enqueued. With `hold_off`, a twin whose message
+    /// is not confirmed yet makes it write nothing and answer `Pending`, so the caller can wait a
+    /// moment for the confirm instead of running the same input twice.
     async fn create_coalesced(
         &self,
         record: &JobRecord,
         inflight: &str,
         how: &Creation<'_>,
+        hold_off: bool,
     ) -> Result<Coalesced, StoreError>;
 
     /// The broker confirmed the job's message: followers may attach to it now, and its
@@ -272,6 +275,8 @@ pub enum Coalesced {
     Leader,
     /// Attached to this in-flight twin: do not publish.
     Follower(JobId),
+    /// Nothing written: this twin's message is not confirmed yet (asked to hold off).
+    Pending(JobId),
 }
 
 /// Who holds an idempotency key.

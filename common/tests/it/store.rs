@@ -310,13 +310,16 @@ async fn coalescing_follows_only_confirmed_leaders_with_room(kind: Kind) {
     let b = backend(kind, Duration::from_secs(60));
     let key = format!("k-{}", JobId::random());
     let leader = record();
-    assert_eq!(b.store.create_coalesced(&leader, &key, &ENVELOPE).await.unwrap(), Coalesced::Leader);
-    // Its publish is not confirmed yet: a twin leads on its own.
+    assert_eq!(b.store.create_coalesced(&leader, &key, &ENVELOPE, false).await.unwrap(), Coalesced::Leader);
+    // Its publish is not confirmed yet: a twin asked to hold off writes nothing, and one that
+    // would not wait leads on its own.
     let twin = record();
-    assert_eq!(b.store.create_coalesced(&twin, &key, &ENVELOPE).await.unwrap(), Coalesced::Leader);
+    assert_eq!(b.store.create_coalesced(&twin, &key, &ENVELOPE, true).await.unwrap(), Coalesced::Pending(leader.id));
+    assert_eq!(b.store.get(twin.id).await.unwrap(), None);
+    assert_eq!(b.store.create_coalesced(&twin, &key, &ENVELOPE, false).await.unwrap(), Coalesced::Leader);
     b.store.confirm(twin.id, None).await.unwrap();
     let follower = record();
-    assert_eq!(b.store.create_coalesced(&follower, &key, &ENVELOPE).await.unwrap(), Coalesced::Follower(twin.id));
+    assert_eq!(b.store.create_coalesced(&follower, &key, &ENVELOPE, true).await.unwrap(), Coalesced::Follower(twin.id));
     b.store.start(twin.id, "w").await.unwrap();
     let output = r#"{"dim":1,"embeddings":[[0.5]]}"#;
     b.store.finish(twin.id, 1, &succeeded(output)).await.unwrap();
@@ -330,12 +333,15 @@ async fn coalescing_follows_only_confirmed_leaders_with_room(kind: Kind) {
     // Followers are capped: past the cap, an identical job leads on its own.
     let key = format!("k-{}", JobId::random());
     let busy = record();
-    b.store.create_coalesced(&busy, &key, &ENVELOPE).await.unwrap();
+    b.store.create_coalesced(&busy, &key, &ENVELOPE, false).await.unwrap();
     b.store.confirm(busy.id, None).await.unwrap();
     for _ in 0..kiln_common::store::redis::MAX_FOLLOWERS {
-        assert!(matches!(b.store.create_coalesced(&record(), &key, &ENVELOPE).await.unwrap(), Coalesced::Follower(_)));
+        assert!(matches!(
+            b.store.create_coalesced(&record(), &key, &ENVELOPE, true).await.unwrap(),
+            Coalesced::Follower(_)
+        ));
     }
-    assert_eq!(b.store.create_coalesced(&record(), &key, &ENVELOPE).await.unwrap(), Coalesced::Leader);
+    assert_eq!(b.store.create_coalesced(&record(), &key, &ENVELOPE, true).await.unwrap(), Coalesced::Leader);
 }
 
 /// Regression (issue 12.6): a claim left pending by a gateway that died blocked its key for the

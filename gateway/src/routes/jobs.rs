@@ -36,6 +36,9 @@ const MAX_IDEMPOTENCY_KEY: usize = 255;
 /// while accepting blocks the key this long at most. Accepting is bounded well below it (a store
 /// write and a publisher confirm, each within the I/O timeout).
 const IDEMPOTENCY_PENDING: Duration = Duration::from_secs(30);
+/// How long an identical job waits for its in-flight twin's message to be confirmed before it
+/// runs on its own (a twin whose gateway died never confirms).
+const COALESCE_WAIT: Duration = Duration::from_millis(250);
 /// Tries at withdrawing a job whose publish failed, before the sweeper is left to find it.
 const DISCARD_TRIES: u32 = 5;
 const WEBHOOK_EVENTS: [&str; 3] = ["start", "progress", "completed"];
@@ -210,7 +213,20 @@ async fn accept(state: &AppState, id: JobId, s: Submission, key: Option<&str>) -
     match &s.cache_key {
         // A deadline is the job's own: such jobs neither lead nor follow.
         Some(cache_key) if deadline.is_none() => {
-            let role = store.create_coalesced(&record, cache_key, &how).await.map_err(|e| ApiError::Store(e, retry))?;
+            // A twin whose message is a moment from being confirmed is worth a short wait: a
+            // burst of identical requests then runs once. Past the wait, this job leads.
+            let hold_off_until = tokio::time::Instant::now() + COALESCE_WAIT;
+            let mut pause = Duration::from_millis(1);
+            let role = loop {
+                let hold_off = tokio::time::Instant::now() < hold_off_until;
+                match store.create_coalesced(&record, cache_key, &how, hold_off).await {
+                    Ok(Coalesced::Pending(_)) => {
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_millis(20));
+                    }
+                    other => break other.map_err(|e| ApiError::Store(e, retry))?,
+                }
+            };
             if let Coalesced::Follower(leader) = role {
                 events::coalesced(id, leader);
                 events::cache_lookup(&s.spec_name, "coalesced");

@@ -199,17 +199,20 @@ impl RedisStore {
         r: &JobRecord,
         inflight: &str,
         how: &Creation<'_>,
+        hold_off: bool,
     ) -> Result<Coalesced, StoreError> {
         let mut inv = self.transition(&self.scripts.coalesce, r.id);
-        inv.key(format!("{}inflight:{inflight}", self.config.key_prefix)).arg(how.envelope.unwrap_or(""));
+        inv.key(format!("{}inflight:{inflight}", self.config.key_prefix))
+            .arg(how.envelope.unwrap_or(""))
+            .arg(if hold_off { "1" } else { "0" });
         record_fields(&mut inv, r);
         let reply: Vec<String> = self.invoke(&inv).await?;
         match reply.first().map(String::as_str) {
             Some("leader") => Ok(Coalesced::Leader),
-            Some("follower") => reply
+            Some(role @ ("follower" | "pending")) => reply
                 .get(1)
                 .and_then(|l| l.parse().ok())
-                .map(Coalesced::Follower)
+                .map(if role == "follower" { Coalesced::Follower } else { Coalesced::Pending })
                 .ok_or_else(|| StoreError::Unavailable("bad coalesce reply".into())),
             _ => Err(StoreError::Conflict(r.id)),
         }
@@ -273,8 +276,9 @@ impl Store for RedisStore {
         r: &JobRecord,
         inflight: &str,
         how: &Creation<'_>,
+        hold_off: bool,
     ) -> Result<Coalesced, StoreError> {
-        self.coalesce_record(r, inflight, how).await
+        self.coalesce_record(r, inflight, how, hold_off).await
     }
 
     async fn confirm(&self, id: JobId, key: Option<&str>) -> Result<(), StoreError> {

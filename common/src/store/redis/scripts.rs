@@ -215,7 +215,8 @@ impl Scripts {
     emit(ARGV[7], ARGV[8])
     return {'ok'}"#,
             ),
-            // KEYS[6]: in-flight key. ARGV[7]: envelope, [8..]: field/value pairs.
+            // KEYS[6]: in-flight key. ARGV[7]: envelope, [8]: '1' to hold off (write nothing) while
+            // a twin's message is not confirmed yet, [9..]: field/value pairs.
             coalesce: prelude_script(&format!(
                 r#"
     if s then return {{'exists'}} end
@@ -224,8 +225,9 @@ impl Scripts {
       local lk = prefix .. 'job:' .. leader
       local ls = redis.call('HGET', lk, 'status')
       local confirmed = ls == 'running' or (ls == 'queued' and redis.call('HGET', lk, 'confirmed') == '1')
+      if ls == 'queued' and not confirmed and ARGV[8] == '1' then return {{'pending', leader}} end
       if confirmed and redis.call('SCARD', lk .. ':followers') < {MAX_FOLLOWERS} then
-        redis.call('HSET', KEYS[1], unpack(ARGV, 8))
+        redis.call('HSET', KEYS[1], unpack(ARGV, 9))
         redis.call('HSET', KEYS[1], 'follows', leader, 'envelope', ARGV[7], 'confirmed', '1')
         touch(idle)
         redis.call('SADD', lk .. ':followers', id)
@@ -236,7 +238,7 @@ impl Scripts {
     end
     -- No twin to follow (none, one not confirmed yet, or one with followers enough): lead.
     redis.call('SET', KEYS[6], id, 'PX', retention)
-    redis.call('HSET', KEYS[1], unpack(ARGV, 8))
+    redis.call('HSET', KEYS[1], unpack(ARGV, 9))
     redis.call('HSET', KEYS[1], 'inflight', KEYS[6], 'envelope', ARGV[7])
     touch(idle)
     emit('status', '{{"status":"queued"}}')
