@@ -398,3 +398,156 @@ impl SseClient {
         out
     }
 }
+
+/// The environment a `kiln` child process needs to reach `args`' RabbitMQ, Redis and prefixes.
+fn backend_env(cmd: &mut tokio::process::Command, args: &BackendArgs) {
+    cmd.env("KILN_AMQP_URL", args.amqp_url.expose())
+        .env("KILN_REDIS_URL", args.redis_url.expose())
+        .env("KILN_QUEUE_PREFIX", &args.queue_prefix)
+        .env("KILN_KEY_PREFIX", &args.key_prefix)
+        .env("KILN_JOB_RETENTION", format!("{}ms", args.job_retention.as_millis()))
+        .env("KILN_SWEEP_AFTER", format!("{}ms", args.sweep_after.as_millis()))
+        .env("KILN_CACHE_TTL", format!("{}ms", args.cache_ttl.as_millis()))
+        .env("KILN_CONNECT_TIMEOUT", format!("{}ms", args.connect_timeout.as_millis()))
+        .env("KILN_IO_TIMEOUT", format!("{}ms", args.io_timeout.as_millis()));
+    if let Some(retention) = args.result_retention {
+        cmd.env("KILN_RESULT_RETENTION", format!("{}ms", retention.as_millis()));
+    }
+    if let Some(cache) = &args.cache_redis_url {
+        cmd.env("KILN_CACHE_REDIS_URL", cache.expose());
+    }
+    if let Some(outputs) = &args.outputs_redis_url {
+        cmd.env("KILN_OUTPUTS_REDIS_URL", outputs.expose());
+    }
+    if let Some(dir) = &args.output_dir {
+        cmd.env("KILN_OUTPUT_DIR", dir);
+    }
+}
+
+/// A `kiln gateway` process on a port of its own, logging JSON to one file per start, which a test
+/// can SIGKILL and start again on the same port, so its clients keep their URL as they would behind
+/// a load balancer.
+pub struct ChildGateway {
+    pub addr: SocketAddr,
+    args: BackendArgs,
+    models: PathBuf,
+    env: Vec<(String, String)>,
+    child: Option<tokio::process::Child>,
+    /// One log per start, oldest first.
+    pub logs: Vec<PathBuf>,
+}
+
+impl ChildGateway {
+    /// Starts the gateway and waits until `/readyz` answers 200 (broker and store reached).
+    pub async fn spawn(args: &BackendArgs, models: &std::path::Path, env: &[(&str, &str)]) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut me = Self {
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            args: args.clone(),
+            models: models.to_owned(),
+            env: env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+            child: None,
+            logs: Vec::new(),
+        };
+        me.launch().await;
+        me
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    async fn launch(&mut self) {
+        let log = std::env::temp_dir().join(format!("kiln-gateway-{}.log", testing::unique_prefix()));
+        let file = std::fs::File::create(&log).unwrap();
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_kiln"));
+        cmd.arg("gateway").env("KILN_LISTEN", self.addr.to_string());
+        backend_env(&mut cmd, &self.args);
+        cmd.env("KILN_MODELS_DIR", &self.models)
+            .env("KILN_CACHE_DIR", cache_dir())
+            .env("KILN_LOG", "warn,kiln::gateway=debug")
+            .env("KILN_LOG_FORMAT", "json")
+            .stdout(std::process::Stdio::null())
+            .stderr(file)
+            .kill_on_drop(true);
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        let child = std::sync::Mutex::new(cmd.spawn().expect("spawn kiln gateway"));
+        self.logs.push(log.clone());
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(2)).build().unwrap();
+        let ready = self.url("/readyz");
+        let exited =
+            testing::wait_until(&format!("kiln gateway on {} is ready", self.addr), Duration::from_secs(60), || {
+                let (http, ready, child) = (&http, &ready, &child);
+                async move {
+                    if let Some(status) = child.lock().unwrap().try_wait().expect("gateway status") {
+                        return Ok(Some(status));
+                    }
+                    match http.get(ready).send().await {
+                        Ok(r) if r.status() == 200 => Ok(None),
+                        Ok(r) => Err(format!("/readyz answered {}", r.status())),
+                        Err(e) => Err(e.to_string()),
+                    }
+                }
+            })
+            .await;
+        if let Some(status) = exited {
+            let tail = std::fs::read_to_string(&log).unwrap_or_default();
+            panic!("kiln gateway exited at start ({status}): {tail}");
+        }
+        self.child = Some(child.into_inner().unwrap());
+    }
+
+    /// SIGKILL: the gateway dies wherever it is, requests in flight and all.
+    pub async fn kill(&mut self) {
+        let mut child = self.child.take().expect("the gateway is running");
+        child.start_kill().expect("SIGKILL");
+        let status = tokio::time::timeout(Duration::from_secs(30), child.wait()).await.expect("gateway exits").unwrap();
+        assert!(!status.success(), "a killed gateway does not exit 0: {status}");
+    }
+
+    /// Starts the gateway again on the same port (after [`ChildGateway::kill`]).
+    pub async fn restart(&mut self) {
+        assert!(self.child.is_none(), "restart after kill");
+        self.launch().await;
+    }
+
+    /// Every JSON log line of every start, in order.
+    pub fn lines(&self) -> Vec<Value> {
+        self.logs.iter().flat_map(|l| read_log(l)).collect()
+    }
+}
+
+impl Drop for ChildGateway {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.start_kill();
+        }
+        if std::thread::panicking() {
+            eprintln!("kiln gateway logs kept for the failed test: {:?}", self.logs);
+        } else {
+            for log in &self.logs {
+                let _ = std::fs::remove_file(log);
+            }
+        }
+    }
+}
+
+/// Every run a worker logged (`kiln::worker::runs`): `(job_id, attempt, ok, stored)`, across the
+/// workers' logs, for checks finer than [`completed_runs`].
+pub fn runs_logged(workers: &[&ChildWorker]) -> Vec<(String, u64, bool, bool)> {
+    workers
+        .iter()
+        .flat_map(|w| w.lines())
+        .filter(|l| l["target"] == "kiln::worker::runs")
+        .map(|l| {
+            (
+                l["job_id"].as_str().unwrap_or_default().to_owned(),
+                l["attempt"].as_u64().unwrap_or(0),
+                l["ok"] == true,
+                l["stored"] == true,
+            )
+        })
+        .collect()
+}

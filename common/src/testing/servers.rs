@@ -1,6 +1,7 @@
-//! Private RabbitMQ and Redis servers for fault tests that stop, restart or reconfigure them, so
-//! they never disturb the shared servers other tests run against. Each runs as a child process
-//! on free ports with a temporary data dir, and is killed (its dir removed) on drop.
+//! Private RabbitMQ and Redis servers for fault tests that stop, crash, restart or reconfigure
+//! them, so they never disturb the shared servers other tests run against. Each runs as a child
+//! process on free ports with a temporary data dir, and is killed (its dir removed) on drop.
+//! `stop` is an operator's clean shutdown; `kill` is a crash (SIGKILL, nothing flushed or closed).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -126,6 +127,27 @@ impl RabbitMq {
             let _ = tokio::time::timeout(Duration::from_secs(60), child.wait()).await;
             let _ = child.start_kill();
         }
+        self.wait_closed().await;
+    }
+
+    /// Crashes the node: SIGKILL to the Erlang VM (the OS process in the pid file; the script
+    /// that started it is only its parent), then waits until the port is closed. Confirmed
+    /// messages of quorum queues survive; everything in flight on connections is cut.
+    pub async fn kill(&mut self) {
+        let pid_file = self.dir.join("rabbit.pid");
+        let pid = std::fs::read_to_string(&pid_file).expect("RabbitMQ's pid file").trim().to_owned();
+        let killed = Command::new("kill").args(["-KILL", &pid]).status().await.expect("run kill");
+        assert!(killed.success(), "kill -KILL {pid} (RabbitMQ's VM)");
+        if let Some(mut child) = self.child.take() {
+            let exited = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
+            assert!(exited.is_ok(), "the rabbitmq-server script did not exit after its VM was killed");
+        }
+        // A stale pid file would answer the next start's `rabbitmqctl wait` for the dead VM.
+        let _ = std::fs::remove_file(&pid_file);
+        self.wait_closed().await;
+    }
+
+    async fn wait_closed(&self) {
         let port = self.port;
         wait_until("RabbitMQ stops listening", Duration::from_secs(30), || async move {
             match tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
@@ -164,16 +186,42 @@ impl Drop for RabbitMq {
     }
 }
 
+/// When Redis fsyncs its append-only file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fsync {
+    /// After every write (`appendfsync always`): nothing acknowledged is ever lost.
+    Always,
+    /// Once a second (`appendfsync everysec`), the production setting: an OS crash loses up to
+    /// about a second of writes. (A killed process loses nothing it already wrote to the file,
+    /// which the kernel holds.)
+    EverySec,
+}
+
+impl Fsync {
+    fn arg(self) -> &'static str {
+        match self {
+            Self::Always => "always",
+            Self::EverySec => "everysec",
+        }
+    }
+}
+
 pub struct Redis {
     dir: PathBuf,
     port: u16,
+    fsync: Fsync,
     child: Option<Child>,
 }
 
 impl Redis {
     /// Starts a durable Redis: append-only file, fsync on every write.
     pub async fn start() -> Self {
-        let mut me = Self { dir: temp_dir("redis"), port: free_port(), child: None };
+        Self::start_with(Fsync::Always).await
+    }
+
+    /// Starts Redis with an append-only file fsynced as `fsync` says.
+    pub async fn start_with(fsync: Fsync) -> Self {
+        let mut me = Self { dir: temp_dir("redis"), port: free_port(), fsync, child: None };
         me.launch().await;
         me
     }
@@ -185,7 +233,7 @@ impl Redis {
     async fn launch(&mut self) {
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes"])
-            .args(["--appendfsync", "always", "--dir"])
+            .args(["--appendfsync", self.fsync.arg(), "--dir"])
             .arg(&self.dir)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -218,6 +266,17 @@ impl Redis {
         }
     }
 
+    /// Crashes Redis: SIGKILL, then waits for the process. What it had not written to its
+    /// append-only file is gone; the next start replays the file.
+    pub async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.start_kill().expect("SIGKILL redis-server");
+            let exited = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
+            assert!(exited.is_ok(), "redis-server did not exit after SIGKILL");
+        }
+    }
+
+    /// Starts Redis again on the same port and data (after `stop` or `kill`).
     pub async fn restart(&mut self) {
         self.launch().await;
     }
