@@ -120,8 +120,19 @@ impl Submission {
     }
 }
 
+/// Writes the store may have lost in a crash (see [`History::writes_lost`]): from `from` to `to` on
+/// the history's clock, and in each worker's log (in the order `check` gets the workers) the lines
+/// `lines[i]` written meanwhile.
+#[derive(Debug, Clone)]
+struct LossWindow {
+    from: Duration,
+    to: Duration,
+    lines: Vec<std::ops::Range<usize>>,
+}
+
 #[derive(Default)]
 struct Log {
+    loss: Option<LossWindow>,
     subs: Vec<Submission>,
     /// The first terminal record read of each job, and when.
     terminal: HashMap<JobId, (Duration, Value)>,
@@ -228,6 +239,14 @@ impl History {
             tokio::time::sleep(wait).await;
             pause = (pause * 2).min(Duration::from_secs(1));
         }
+    }
+
+    /// Declares that the store lost its writes made between `from` and `to` (history clock), which
+    /// the workers logged as lines `lines[i]` of their logs (the workers in the order `check` gets
+    /// them). What the README allows then — and only for a job whose first result was stored or
+    /// read in that window: the job runs again, and its result is replaced by an equal one.
+    pub fn writes_lost(&self, from: Duration, to: Duration, lines: Vec<std::ops::Range<usize>>) {
+        self.log.lock().unwrap().loss = Some(LossWindow { from, to, lines });
     }
 
     /// Time since the history began, for the scenario's own messages.
@@ -366,17 +385,33 @@ impl History {
 
         // What the workers ran.
         let runs = runs_logged(workers);
-        let mut stored: HashMap<String, usize> = HashMap::new();
+        let loss = self.log.lock().unwrap().loss.clone();
+        // Per job: how often its result was stored, and whether the first store fell in the writes
+        // the store lost.
+        let mut stored: HashMap<String, (usize, bool)> = HashMap::new();
         let mut ran: BTreeSet<String> = BTreeSet::new();
-        for (id, _, _, was_stored) in &runs {
-            ran.insert(id.clone());
-            if *was_stored {
-                *stored.entry(id.clone()).or_insert(0) += 1;
+        for (wi, w) in workers.iter().enumerate() {
+            for (li, line) in w.lines().iter().enumerate() {
+                if line["target"] != "kiln::worker::runs" {
+                    continue;
+                }
+                let id = line["job_id"].as_str().unwrap_or_default().to_owned();
+                ran.insert(id.clone());
+                if line["stored"] == true {
+                    let lost = loss.as_ref().is_some_and(|l| l.lines.get(wi).is_some_and(|r| r.contains(&li)));
+                    let entry = stored.entry(id).or_insert((0, lost));
+                    entry.0 += 1;
+                }
             }
         }
-        for (id, n) in &stored {
-            if *n > 1 {
-                v.duplicated.push(format!("job {id}: its result was stored {n} times (stored=true in the runs log)"));
+        for (id, (n, first_lost)) in &stored {
+            match (*n > 1, first_lost) {
+                (false, _) => {}
+                (true, true) => v.notes.push(format!("job {id}: stored {n} times, the first store lost in the crash")),
+                (true, false) => v.duplicated.push(format!(
+                    "job {id}: its result was stored {n} times (stored=true in the runs log){}",
+                    id.parse().map(|id| evidence(&lines, id)).unwrap_or_default()
+                )),
             }
         }
 
@@ -449,18 +484,29 @@ impl History {
                 ));
                 continue;
             }
+            let replaced_in_loss = |at: &Duration, first: &Value| {
+                loss.as_ref().is_some_and(|l| (l.from..=l.to).contains(at))
+                    && first["status"] == record["status"]
+                    && equal_results(&first["output"], &record["output"])
+            };
             if let Some((at, first)) = firsts.get(id)
                 && (first["status"] != record["status"]
                     || first["output"] != record["output"]
                     || first["error"] != record["error"])
             {
-                v.duplicated.push(format!(
-                    "{what}: changed after it was read terminal at {at:?}: first {} {}, now {} {}",
-                    first["status"],
-                    short(&first["output"]),
-                    record["status"],
-                    short(&record["output"])
-                ));
+                if replaced_in_loss(at, first) {
+                    v.notes.push(format!(
+                        "{what}: read at {at:?}, its result lost in the crash and replaced by an equal one"
+                    ));
+                } else {
+                    v.duplicated.push(format!(
+                        "{what}: changed after it was read terminal at {at:?}: first {} {}, now {} {}",
+                        first["status"],
+                        short(&first["output"]),
+                        record["status"],
+                        short(&record["output"])
+                    ));
+                }
             }
             let status = record["status"].as_str().unwrap_or_default();
             let ran_it = ran.contains(&id.to_string());
@@ -571,6 +617,7 @@ impl History {
             let end = match finals.get(id) {
                 Some(Ok(Some(r))) if r["cached"] == true => "cached".to_owned(),
                 Some(Ok(Some(r))) => r["status"].as_str().unwrap_or("?").to_owned(),
+                Some(Ok(None)) => "gone".to_owned(),
                 _ => "unreadable".to_owned(),
             };
             *tally.entry(format!("{kind}/{end}")).or_insert(0) += 1;
@@ -657,6 +704,22 @@ impl History {
         }
         let _ = id;
         None
+    }
+}
+
+/// Whether two results are the same up to what a second run may change: embeddings within the
+/// tolerance, images with the same bytes (their file names name the run).
+fn equal_results(a: &Value, b: &Value) -> bool {
+    let vectors = |v: &Value| serde_json::from_value::<Vec<Vec<f32>>>(v["embeddings"].clone()).ok();
+    let shas = |v: &Value| v["images"].as_array().map(|i| i.iter().map(|f| f["sha256"].clone()).collect::<Vec<_>>());
+    match (vectors(a), vectors(b)) {
+        (Some(x), Some(y)) => {
+            x.len() == y.len()
+                && x.iter()
+                    .zip(&y)
+                    .all(|(p, q)| p.len() == q.len() && p.iter().zip(q).all(|(u, w)| (u - w).abs() <= TOLERANCE))
+        }
+        _ => shas(a).is_some() && shas(a) == shas(b),
     }
 }
 

@@ -206,6 +206,13 @@ impl Fsync {
     }
 }
 
+/// A point in Redis's append-only file: what an fsync at that moment would have made durable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AofMark {
+    file: PathBuf,
+    len: u64,
+}
+
 pub struct Redis {
     dir: PathBuf,
     port: u16,
@@ -233,6 +240,8 @@ impl Redis {
     async fn launch(&mut self) {
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes"])
+            // No rewrites, so an `AofMark` stays a position in the file being appended to.
+            .args(["--auto-aof-rewrite-percentage", "0"])
             .args(["--appendfsync", self.fsync.arg(), "--dir"])
             .arg(&self.dir)
             .stdout(Stdio::null())
@@ -274,6 +283,35 @@ impl Redis {
             let exited = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
             assert!(exited.is_ok(), "redis-server did not exit after SIGKILL");
         }
+    }
+
+    /// Where the append-only file ends now.
+    pub fn aof_mark(&self) -> AofMark {
+        let dir = self.dir.join("appendonlydir");
+        let manifest = std::fs::read_to_string(dir.join("appendonly.aof.manifest")).expect("the AOF manifest");
+        // The last incremental file is the one being appended to.
+        let name = manifest
+            .lines()
+            .rev()
+            .filter(|l| l.ends_with("type i"))
+            .find_map(|l| l.split_whitespace().nth(1))
+            .expect("an incremental AOF file")
+            .to_owned();
+        let file = dir.join(name);
+        let len = std::fs::metadata(&file).expect("the AOF file").len();
+        AofMark { file, len }
+    }
+
+    /// Crashes Redis as a crash of its machine would under `appendfsync everysec`: SIGKILL, and the
+    /// append-only file cut back to `mark`, its last fsync — every write since is gone. (A killed
+    /// process alone loses nothing: the kernel holds what it wrote.)
+    pub async fn crash_back_to(&mut self, mark: &AofMark) {
+        self.kill().await;
+        let now = self.aof_mark();
+        assert_eq!(now.file, mark.file, "the append-only file was rewritten since the mark");
+        assert!(now.len >= mark.len, "the append-only file shrank: {now:?} < {mark:?}");
+        let file = std::fs::OpenOptions::new().write(true).open(&mark.file).expect("open the AOF");
+        file.set_len(mark.len).expect("cut the AOF back to the mark");
     }
 
     /// Starts Redis again on the same port and data (after `stop` or `kill`).
