@@ -6,8 +6,9 @@
 //!
 //! The reaper also queues orphaned followers (their leader ended without an outcome) and the
 //! strays the sweeper finds: live jobs that went quiet past `KILN_SWEEP_AFTER` with no live lease
-//! and no live worker (a lost lease, a Redis that lost its last writes, a gateway that died
-//! between recording and publishing a job). Both are safe with any number of workers: the store
+//! (a lost lease, a Redis that lost its last writes, a gateway that died between recording and
+//! publishing a job). A run that outlasts `lease_after` takes a lease, so `KILN_SWEEP_AFTER` must
+//! stay above `KILN_LEASE_AFTER`, or long runs without a lease yet are queued a second time. Both are safe with any number of workers: the store
 //! hands each job to one caller.
 
 use std::future::Future;
@@ -27,9 +28,6 @@ pub struct LeasePolicy {
     pub ttl: Duration,
 }
 
-/// How long after its last sighting a worker counts as gone, for the sweeper (workers announce
-/// themselves every few seconds).
-const WORKER_GONE: Duration = Duration::from_secs(30);
 /// How many times the sweeper queues one job again before it ends it `job_lost`.
 const MAX_SWEEPS: u32 = 5;
 /// How often the sweeper looks; the store's index makes a look cheap.
@@ -116,7 +114,7 @@ async fn sweep(backend: &Backend) {
         }
     };
     for id in quiet {
-        match backend.store.stray(id, WORKER_GONE, MAX_SWEEPS).await {
+        match backend.store.stray(id, MAX_SWEEPS).await {
             Ok(found @ (Stray::Requeued | Stray::Lost)) => events::stray(id, found),
             Ok(Stray::Fine | Stray::Gone) => {}
             Err(e) => events::reaper_failed(&e),

@@ -618,7 +618,7 @@ impl Store for EmbeddedStore {
         Ok(inner.active.iter().take_while(|(due, _)| *due <= now).take(limit).map(|(_, id)| *id).collect())
     }
 
-    async fn stray(&self, id: JobId, worker_gone: Duration, max_sweeps: u32) -> Result<Stray, StoreError> {
+    async fn stray(&self, id: JobId, max_sweeps: u32) -> Result<Stray, StoreError> {
         let s = self.settings;
         let idle = self.idle();
         let mut inner = self.lock();
@@ -637,13 +637,7 @@ impl Store for EmbeddedStore {
             inner.touch(id, &s, until - now + idle);
             return Ok(Stray::Fine);
         }
-        let (model, worker, leader) = (entry.record.model.clone(), entry.worker.clone(), entry.follows);
-        let running = entry.record.status == JobStatus::Running;
-        let worker_live = running
-            && worker.is_some_and(|w| {
-                inner.workers.get(&model).and_then(|m| m.get(&w)).is_some_and(|seen| *seen > now - millis(worker_gone))
-            });
-        if worker_live || leader.is_some_and(|l| inner.is_live(l)) {
+        if entry.follows.is_some_and(|l| inner.is_live(l)) {
             inner.touch(id, &s, idle);
             return Ok(Stray::Fine);
         }

@@ -103,8 +103,8 @@ pub struct Lapsed {
 /// What [`Store::stray`] did with a job [`Store::sweep`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stray {
-    /// Something is looking after it after all (a live lease, a live worker, a live leader, a
-    /// newer transition): it was left alone.
+    /// Something is looking after it after all (a live lease, a live leader, a newer
+    /// transition): it was left alone.
     Fine,
     /// Handed to the reaper, which queues it again from its envelope.
     Requeued,
@@ -195,9 +195,12 @@ pub trait Store: Send + Sync + 'static {
     /// Live jobs whose time to show activity passed (see the module header), at most `limit`.
     async fn sweep(&self, limit: usize) -> Result<Vec<JobId>, StoreError>;
 
-    /// Checks a job [`Store::sweep`] found, atomically, and queues it again or ends it. A job
-    /// running on a worker seen within `worker_gone` is fine. Safe with many sweepers at once.
-    async fn stray(&self, id: JobId, worker_gone: Duration, max_sweeps: u32) -> Result<Stray, StoreError>;
+    /// Checks a job [`Store::sweep`] found, atomically, and queues it again or ends it (after
+    /// `max_sweeps`, or when it has no envelope). Only a live lease (or a live leader, for a
+    /// follower) shows that something still holds a quiet job: a run that outlasts `lease_after`
+    /// takes a lease, so a quiet run without one is lost even if its worker is alive. Safe with
+    /// many sweepers at once.
+    async fn stray(&self, id: JobId, max_sweeps: u32) -> Result<Stray, StoreError>;
 
     /// `failed → queued` with the attempt count reset: an operator's redrive from the dead-letter
     /// queue, the one way out of a terminal state.

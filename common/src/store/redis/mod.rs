@@ -398,9 +398,9 @@ impl Store for RedisStore {
         Ok(ids.iter().filter_map(|id| id.parse().ok()).collect())
     }
 
-    async fn stray(&self, id: JobId, worker_gone: Duration, max_sweeps: u32) -> Result<Stray, StoreError> {
+    async fn stray(&self, id: JobId, max_sweeps: u32) -> Result<Stray, StoreError> {
         let mut inv = self.transition(&self.scripts.stray, id);
-        inv.arg(worker_gone.as_millis() as u64).arg(max_sweeps).arg(error_json(&lost_error()));
+        inv.arg(max_sweeps).arg(error_json(&lost_error()));
         let reply: Vec<String> = self.invoke(&inv).await?;
         Ok(match reply.first().map(String::as_str) {
             Some("requeued") => Stray::Requeued,

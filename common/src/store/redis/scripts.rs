@@ -405,7 +405,9 @@ impl Scripts {
                 r"{CLOCK}
     return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, ARGV[1])"
             )),
-            // ARGV[7]: worker liveness (ms), [8]: most sweeps, [9]: lost error.
+            // ARGV[7]: most sweeps, [8]: lost error. A running job is looked after only by a live
+            // lease: a run that outlasts `lease_after` takes one, so a quiet run without one is
+            // lost (its worker may well be alive: its finish write was lost, say).
             stray: prelude_script(
                 r#"
     if s ~= 'queued' and s ~= 'running' then
@@ -419,14 +421,6 @@ impl Scripts {
       touch(tonumber(until_) - now + idle)
       return {'fine'}
     end
-    local worker = redis.call('HGET', KEYS[1], 'worker')
-    if s == 'running' and worker then
-      local seen = redis.call('ZSCORE', prefix .. 'workers:' .. redis.call('HGET', KEYS[1], 'model'), worker)
-      if seen and tonumber(seen) > now - tonumber(ARGV[7]) then
-        touch(idle)
-        return {'fine'}
-      end
-    end
     local leader = redis.call('HGET', KEYS[1], 'follows')
     if leader then
       local ls = redis.call('HGET', prefix .. 'job:' .. leader, 'status')
@@ -436,8 +430,8 @@ impl Scripts {
       end
     end
     local n = redis.call('HINCRBY', KEYS[1], 'sweeps', 1)
-    if n > tonumber(ARGV[8]) or not redis.call('HGET', KEYS[1], 'envelope') then
-      redis.call('HSET', KEYS[1], 'status', 'failed', 'completed_at', nows, 'error', ARGV[9])
+    if n > tonumber(ARGV[7]) or not redis.call('HGET', KEYS[1], 'envelope') then
+      redis.call('HSET', KEYS[1], 'status', 'failed', 'completed_at', nows, 'error', ARGV[8])
       ended()
       emit('completed', '{"status":"failed"}')
       settle_followers(nil)
