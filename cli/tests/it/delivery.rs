@@ -245,10 +245,15 @@ impl Receiver {
 }
 
 /// Standard Webhooks verification, written from the specification, independent of the signer.
-fn verify(secret: &str, headers: &HeaderMap, body: &str) -> bool {
+/// Standard Webhooks verification, written from the specification, independent of the signer; a
+/// delivery without its headers does not verify.
+pub(crate) fn verify(secret: &str, headers: &HeaderMap, body: &str) -> bool {
     let key = base64::engine::general_purpose::STANDARD.decode(secret.trim_start_matches("whsec_")).unwrap();
-    let id = headers["webhook-id"].to_str().unwrap();
-    let ts = headers["webhook-timestamp"].to_str().unwrap();
+    let (Some(id), Some(ts), Some(sig)) =
+        (headers.get("webhook-id"), headers.get("webhook-timestamp"), headers.get("webhook-signature"))
+    else {
+        return false;
+    };
     let mut mac = <Hmac<sha2::Sha256> as Mac>::new_from_slice(&key).unwrap();
     mac.update(id.as_bytes());
     mac.update(b".");
@@ -256,11 +261,7 @@ fn verify(secret: &str, headers: &HeaderMap, body: &str) -> bool {
     mac.update(b".");
     mac.update(body.as_bytes());
     let expected = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
-    headers["webhook-signature"]
-        .to_str()
-        .unwrap()
-        .split(' ')
-        .any(|sig| sig.strip_prefix("v1,") == Some(expected.as_str()))
+    sig.to_str().unwrap_or_default().split(' ').any(|s| s.strip_prefix("v1,") == Some(expected.as_str()))
 }
 
 pub(crate) fn webhook_gateway(retry_base: Duration, give_up_after: Duration) -> GatewayConfig {

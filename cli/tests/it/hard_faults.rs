@@ -11,9 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::http::{HeaderMap, StatusCode};
-use base64::Engine;
 use futures::StreamExt;
-use hmac::{Hmac, Mac};
 use kiln_common::config::{BackendArgs, Secret};
 use kiln_common::testing::servers::{Fsync, RabbitMq, Redis};
 use kiln_common::testing::{self, wait_until};
@@ -493,22 +491,8 @@ impl Hook {
     }
 }
 
-/// Standard Webhooks verification, written from the specification, independent of the signer.
 fn verify(headers: &HeaderMap, body: &str) -> bool {
-    let key = base64::engine::general_purpose::STANDARD.decode(WEBHOOK_SECRET.trim_start_matches("whsec_")).unwrap();
-    let (Some(id), Some(ts), Some(sig)) =
-        (headers.get("webhook-id"), headers.get("webhook-timestamp"), headers.get("webhook-signature"))
-    else {
-        return false;
-    };
-    let mut mac = <Hmac<sha2::Sha256> as Mac>::new_from_slice(&key).unwrap();
-    mac.update(id.as_bytes());
-    mac.update(b".");
-    mac.update(ts.as_bytes());
-    mac.update(b".");
-    mac.update(body.as_bytes());
-    let expected = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
-    sig.to_str().unwrap_or_default().split(' ').any(|s| s.strip_prefix("v1,") == Some(expected.as_str()))
+    crate::delivery::verify(WEBHOOK_SECRET, headers, body)
 }
 
 fn webhook_gateway_env() -> Vec<(&'static str, &'static str)> {

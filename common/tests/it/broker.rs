@@ -18,7 +18,7 @@ kiln_common::both_backends!(
 
 const WAIT: Duration = Duration::from_secs(10);
 
-async fn next(d: &mut Deliveries) -> Delivery {
+pub(crate) async fn next(d: &mut Deliveries) -> Delivery {
     tokio::time::timeout(WAIT, d.next())
         .await
         .expect("a delivery within 10s")

@@ -6,10 +6,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use kiln_common::Backend;
 use kiln_common::broker::amqp::{AmqpBroker, AmqpConfig, Topology};
-use kiln_common::broker::{Broker, DELIVERY_LIMIT, DeathReason, Deliveries, Delivery};
+use kiln_common::broker::{Broker, DELIVERY_LIMIT, DeathReason};
 use kiln_common::dlq::{self, Cause, Selection};
 use kiln_common::testing::{self, Kind, backend};
 use kiln_proto::{DeadLetter, Envelope, ErrorCode, JobError, JobId, JobRecord, JobStatus, ModelName, now_millis};
@@ -29,13 +28,7 @@ fn model() -> ModelName {
     ModelName::new("m").unwrap()
 }
 
-async fn next(d: &mut Deliveries) -> Delivery {
-    tokio::time::timeout(WAIT, d.next())
-        .await
-        .expect("a delivery within 10s")
-        .expect("stream open")
-        .expect("delivery ok")
-}
+use crate::broker::next;
 
 fn envelope() -> Envelope {
     Envelope::new(JobId::random(), model(), serde_json::json!({ "text": "x" }), now_millis(), None)
