@@ -192,6 +192,19 @@ impl Inner {
         }
     }
 
+    /// Ends a live job without an outcome (`expired`, `canceled`, or `failed` as lost) with
+    /// `error`; its followers go to the reaper to run on their own.
+    fn end_without_outcome(&mut self, id: JobId, status: JobStatus, error: kiln_proto::JobError, s: &StoreSettings) {
+        if let Some(e) = self.records.get_mut(&id) {
+            e.record.status = status;
+            e.record.completed_at = Some(now_millis());
+            e.record.error = Some(error);
+        }
+        self.ended(id, s);
+        self.emit(id, EventKind::Completed, json!({ "status": status }));
+        self.settle_followers(id, None, s);
+    }
+
     /// Hands a live job to the reaper, which queues its envelope again.
     fn requeue(&mut self, id: JobId, s: &StoreSettings, at: UnixMillis) {
         if let Some(e) = self.records.get_mut(&id) {
@@ -457,12 +470,7 @@ impl Store for EmbeddedStore {
             return Ok(Start::AlreadyTerminal(r.status));
         }
         if r.status == JobStatus::Queued && r.deadline_at.is_some_and(|d| d < now) {
-            r.status = JobStatus::Expired;
-            r.completed_at = Some(now);
-            r.error = Some(deadline_error());
-            inner.ended(id, &s);
-            inner.emit(id, EventKind::Completed, json!({"status": "expired"}));
-            inner.settle_followers(id, None, &s);
+            inner.end_without_outcome(id, JobStatus::Expired, deadline_error(), &s);
             return Ok(Start::Expired);
         }
         let held = entry.lease.as_ref().is_some_and(|l| l.owner != REQUEUE && l.until > now);
@@ -514,16 +522,10 @@ impl Store for EmbeddedStore {
         let s = self.settings;
         Ok(self.transition(id, |inner, status| {
             let now = now_millis();
-            let r = Self::record(inner, id);
-            if status != JobStatus::Queued || r.deadline_at.is_none_or(|d| d >= now) {
+            if status != JobStatus::Queued || Self::record(inner, id).deadline_at.is_none_or(|d| d >= now) {
                 return Transition::NotApplicable(status);
             }
-            r.status = JobStatus::Expired;
-            r.completed_at = Some(now);
-            r.error = Some(deadline_error());
-            inner.ended(id, &s);
-            inner.emit(id, EventKind::Completed, json!({"status": "expired"}));
-            inner.settle_followers(id, None, &s);
+            inner.end_without_outcome(id, JobStatus::Expired, deadline_error(), &s);
             Transition::Applied
         }))
     }
@@ -644,12 +646,7 @@ impl Store for EmbeddedStore {
         let entry = inner.records.get_mut(&id).expect("live");
         entry.sweeps += 1;
         if entry.sweeps > max_sweeps || entry.envelope.is_none() {
-            entry.record.status = JobStatus::Failed;
-            entry.record.completed_at = Some(now);
-            entry.record.error = Some(lost_error());
-            inner.ended(id, &s);
-            inner.emit(id, EventKind::Completed, json!({"status": "failed"}));
-            inner.settle_followers(id, None, &s);
+            inner.end_without_outcome(id, JobStatus::Failed, lost_error(), &s);
             return Ok(Stray::Lost);
         }
         entry.follows = None;
@@ -681,13 +678,7 @@ impl Store for EmbeddedStore {
     async fn cancel(&self, id: JobId) -> Result<Transition, StoreError> {
         let s = self.settings;
         Ok(self.transition(id, |inner, _| {
-            let r = Self::record(inner, id);
-            r.status = JobStatus::Canceled;
-            r.completed_at = Some(now_millis());
-            r.error = Some(canceled_error());
-            inner.ended(id, &s);
-            inner.emit(id, EventKind::Completed, json!({"status": "canceled"}));
-            inner.settle_followers(id, None, &s);
+            inner.end_without_outcome(id, JobStatus::Canceled, canceled_error(), &s);
             Transition::Applied
         }))
     }

@@ -182,43 +182,6 @@ fn error_json(e: &JobError) -> String {
     serde_json::to_string(e).expect("job errors serialise")
 }
 
-impl RedisStore {
-    async fn create_record(&self, r: &JobRecord, how: &Creation<'_>) -> Result<(), StoreError> {
-        let mut inv = self.transition(&self.scripts.create, r.id);
-        let (kind, data) = creation_event(r);
-        inv.arg(kind).arg(data).arg(how.envelope.unwrap_or("")).arg(how.idempotency_key.unwrap_or(""));
-        record_fields(&mut inv, r);
-        match self.apply(&inv).await? {
-            Transition::Applied => Ok(()),
-            _ => Err(StoreError::Conflict(r.id)),
-        }
-    }
-
-    async fn coalesce_record(
-        &self,
-        r: &JobRecord,
-        inflight: &str,
-        how: &Creation<'_>,
-        hold_off: bool,
-    ) -> Result<Coalesced, StoreError> {
-        let mut inv = self.transition(&self.scripts.coalesce, r.id);
-        inv.key(format!("{}inflight:{inflight}", self.config.key_prefix))
-            .arg(how.envelope.unwrap_or(""))
-            .arg(if hold_off { "1" } else { "0" });
-        record_fields(&mut inv, r);
-        let reply: Vec<String> = self.invoke(&inv).await?;
-        match reply.first().map(String::as_str) {
-            Some("leader") => Ok(Coalesced::Leader),
-            Some(role @ ("follower" | "pending")) => reply
-                .get(1)
-                .and_then(|l| l.parse().ok())
-                .map(if role == "follower" { Coalesced::Follower } else { Coalesced::Pending })
-                .ok_or_else(|| StoreError::Unavailable("bad coalesce reply".into())),
-            _ => Err(StoreError::Conflict(r.id)),
-        }
-    }
-}
-
 /// The event that announces a new record: `queued`, or `completed` for one born finished (a cache hit).
 fn creation_event(r: &JobRecord) -> (&'static str, String) {
     if r.status.is_terminal() {
@@ -268,7 +231,14 @@ fn record_fields(inv: &mut redis::ScriptInvocation<'_>, r: &JobRecord) {
 #[async_trait]
 impl Store for RedisStore {
     async fn insert(&self, r: &JobRecord, how: &Creation<'_>) -> Result<(), StoreError> {
-        self.create_record(r, how).await
+        let mut inv = self.transition(&self.scripts.create, r.id);
+        let (kind, data) = creation_event(r);
+        inv.arg(kind).arg(data).arg(how.envelope.unwrap_or("")).arg(how.idempotency_key.unwrap_or(""));
+        record_fields(&mut inv, r);
+        match self.apply(&inv).await? {
+            Transition::Applied => Ok(()),
+            _ => Err(StoreError::Conflict(r.id)),
+        }
     }
 
     async fn create_coalesced(
@@ -278,7 +248,21 @@ impl Store for RedisStore {
         how: &Creation<'_>,
         hold_off: bool,
     ) -> Result<Coalesced, StoreError> {
-        self.coalesce_record(r, inflight, how, hold_off).await
+        let mut inv = self.transition(&self.scripts.coalesce, r.id);
+        inv.key(format!("{}inflight:{inflight}", self.config.key_prefix))
+            .arg(how.envelope.unwrap_or(""))
+            .arg(if hold_off { "1" } else { "0" });
+        record_fields(&mut inv, r);
+        let reply: Vec<String> = self.invoke(&inv).await?;
+        match reply.first().map(String::as_str) {
+            Some("leader") => Ok(Coalesced::Leader),
+            Some(role @ ("follower" | "pending")) => reply
+                .get(1)
+                .and_then(|l| l.parse().ok())
+                .map(if role == "follower" { Coalesced::Follower } else { Coalesced::Pending })
+                .ok_or_else(|| StoreError::Unavailable("bad coalesce reply".into())),
+            _ => Err(StoreError::Conflict(r.id)),
+        }
     }
 
     async fn confirm(&self, id: JobId, key: Option<&str>) -> Result<(), StoreError> {

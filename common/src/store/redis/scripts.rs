@@ -156,6 +156,14 @@ local function settle_followers(status, field, value)
   local ik = redis.call('HGET', KEYS[1], 'inflight')
   if ik and redis.call('GET', ik) == id then redis.call('DEL', ik) end
 end
+-- Ends a live job without an outcome (expired, canceled, or failed as lost) with `err`; its
+-- followers go to the reaper to run on their own.
+local function end_without_outcome(status, err)
+  redis.call('HSET', KEYS[1], 'status', status, 'completed_at', nows, 'error', err)
+  ended()
+  emit('completed', '{"status":"' .. status .. '"}')
+  settle_followers(nil)
+end
 local s = redis.call('HGET', KEYS[1], 'status')
 "#;
 
@@ -279,10 +287,7 @@ impl Scripts {
     if s ~= 'queued' and s ~= 'running' then return {'terminal', s} end
     local d = redis.call('HGET', KEYS[1], 'deadline')
     if s == 'queued' and d and tonumber(d) < now then
-      redis.call('HSET', KEYS[1], 'status', 'expired', 'completed_at', nows, 'error', ARGV[7])
-      ended()
-      emit('completed', '{"status":"expired"}')
-      settle_followers(nil)
+      end_without_outcome('expired', ARGV[7])
       return {'expired'}
     end
     local owner = redis.call('HGET', KEYS[1], 'lease_owner')
@@ -320,10 +325,7 @@ impl Scripts {
                 r#"
     local d = redis.call('HGET', KEYS[1], 'deadline')
     if s ~= 'queued' or not d or tonumber(d) >= now then return {'na', s} end
-    redis.call('HSET', KEYS[1], 'status', 'expired', 'completed_at', nows, 'error', ARGV[7])
-    ended()
-    emit('completed', '{"status":"expired"}')
-    settle_followers(nil)
+    end_without_outcome('expired', ARGV[7])
     return {'ok'}"#,
             ),
             // ARGV[7]: run, [8]: progress.
@@ -337,10 +339,7 @@ impl Scripts {
             // ARGV[7]: canceled error.
             cancel: transition_script(
                 r#"
-    redis.call('HSET', KEYS[1], 'status', 'canceled', 'completed_at', nows, 'error', ARGV[7])
-    ended()
-    emit('completed', '{"status":"canceled"}')
-    settle_followers(nil)
+    end_without_outcome('canceled', ARGV[7])
     return {'ok'}"#,
             ),
             // KEYS[6]: withdrawn marker.
@@ -431,10 +430,7 @@ impl Scripts {
     end
     local n = redis.call('HINCRBY', KEYS[1], 'sweeps', 1)
     if n > tonumber(ARGV[7]) or not redis.call('HGET', KEYS[1], 'envelope') then
-      redis.call('HSET', KEYS[1], 'status', 'failed', 'completed_at', nows, 'error', ARGV[8])
-      ended()
-      emit('completed', '{"status":"failed"}')
-      settle_followers(nil)
+      end_without_outcome('failed', ARGV[8])
       return {'lost'}
     end
     redis.call('PEXPIRE', KEYS[1], retention)
