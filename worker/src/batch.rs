@@ -28,7 +28,7 @@ use tracing::Instrument;
 
 /// How long a worker keeps trying to start (or finish) a job while the store fails, before
 /// handing its message back (each hand-back counts against the queue's delivery limit).
-const START_PATIENCE: Duration = Duration::from_secs(20);
+const STORE_PATIENCE: Duration = Duration::from_secs(20);
 
 /// Runs one embedding job to the end.
 ///
@@ -146,18 +146,11 @@ async fn admit(ctx: &Ctx, delivery: Delivery) -> Admitted {
 async fn start_job(ctx: &Ctx, received: Received) -> Admitted {
     let Received { envelope, delivery, span } = received;
     let id = envelope.id;
-    let patience = tokio::time::Instant::now() + START_PATIENCE;
-    let mut pause = Duration::from_millis(100);
-    let start = loop {
-        match start_or_rebuild(ctx, &envelope, &delivery.body).instrument(span.clone()).await {
-            Err(e) if tokio::time::Instant::now() + pause < patience => {
-                events::start_failed(id, &e);
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_secs(2));
-            }
-            other => break other,
-        }
-    };
+    let start = patiently(
+        || start_or_rebuild(ctx, &envelope, &delivery.body).instrument(span.clone()),
+        |e| events::start_failed(id, e),
+    )
+    .await;
     let attempt = match start {
         Ok(Start::Started { attempt }) => attempt,
         Ok(skip @ (Start::Expired | Start::AlreadyTerminal(_) | Start::Withdrawn | Start::Missing | Start::Held)) => {
@@ -306,12 +299,21 @@ async fn settle(ctx: &Ctx, mut job: Job, result: Result<Produced, Failure>) -> S
 /// Stores the outcome; a store that fails is tried again for a while with the message held, since
 /// handing the job back would throw its finished work away.
 async fn finish(ctx: &Ctx, job: &Job, outcome: &Outcome) -> Result<Transition, StoreError> {
-    let patience = tokio::time::Instant::now() + START_PATIENCE;
+    patiently(|| ctx.backend.store.finish(job.id, job.run, outcome), |e| events::finish_failed(job.id, e)).await
+}
+
+/// Runs a store call until it answers or [`STORE_PATIENCE`] runs out, backing off between tries
+/// and reporting each failure; the last error is returned.
+async fn patiently<T, F: Future<Output = Result<T, StoreError>>>(
+    mut call: impl FnMut() -> F,
+    failed: impl Fn(&StoreError),
+) -> Result<T, StoreError> {
+    let patience = tokio::time::Instant::now() + STORE_PATIENCE;
     let mut pause = Duration::from_millis(100);
     loop {
-        match ctx.backend.store.finish(job.id, job.run, outcome).await {
+        match call().await {
             Err(e) if tokio::time::Instant::now() + pause < patience => {
-                events::finish_failed(job.id, &e);
+                failed(&e);
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_secs(2));
             }

@@ -79,7 +79,7 @@ pub fn lease_reaped(id: JobId) {
 
 pub fn stray(id: JobId, found: kiln_common::store::Stray) {
     metrics::counter!("kiln_worker_strays_total", "outcome" => if found == kiln_common::store::Stray::Lost { "lost" } else { "requeued" }).increment(1);
-    tracing::warn!(target: "kiln::worker", job_id = %id, ?found, "sweeper found a stray job (no message, no lease, no live worker)");
+    tracing::warn!(target: "kiln::worker", job_id = %id, ?found, "sweeper found a stray job (quiet past KILN_SWEEP_AFTER with no live lease)");
 }
 
 pub fn start_failed(id: JobId, error: &dyn Display) {
