@@ -207,8 +207,7 @@ async fn accept(state: &AppState, id: JobId, s: Submission, key: Option<&str>) -
     envelope.metadata = s.metadata;
     envelope.webhook = s.webhook.map(|w| kiln_proto::EnvelopeWebhook { url: w.url, events: w.events });
     envelope.traceparent = record.traceparent.clone();
-    let payload = serde_json::to_vec(&envelope).map_err(|e| ApiError::Internal(format!("encoding envelope: {e}")))?;
-    let text = String::from_utf8_lossy(&payload);
+    let text = serde_json::to_string(&envelope).map_err(|e| ApiError::Internal(format!("encoding envelope: {e}")))?;
     let how = Creation { envelope: Some(&text), idempotency_key: key };
     match &s.cache_key {
         // A deadline is the job's own: such jobs neither lead nor follow.
@@ -236,7 +235,7 @@ async fn accept(state: &AppState, id: JobId, s: Submission, key: Option<&str>) -
         }
         _ => store.insert(&record, &how).await.map_err(|e| ApiError::Store(e, retry))?,
     }
-    if let Err(e) = state.backend.broker.publish(&s.spec_name, payload.clone()).await {
+    if let Err(e) = state.backend.broker.publish(&s.spec_name, text.into_bytes()).await {
         withdraw(state, id).await;
         return Err(ApiError::Broker(e, retry));
     }
