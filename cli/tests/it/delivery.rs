@@ -33,7 +33,7 @@ kiln_common::both_backends!(
 );
 
 const T: Duration = Duration::from_secs(120);
-const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+pub(crate) const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
 fn job_body(text: &str) -> Value {
     json!({ "model": MODEL, "input": { "text": text } })

@@ -392,8 +392,6 @@ async fn rabbitmq_killed_mid_submit_and_mid_consume() {
     verdict.finish();
 }
 
-const WEBHOOK_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
-
 /// One request the webhook receiver got, and whether it answered 200 within the sender's timeout.
 #[derive(Clone)]
 struct Hit {
@@ -492,12 +490,12 @@ impl Hook {
 }
 
 fn verify(headers: &HeaderMap, body: &str) -> bool {
-    crate::delivery::verify(WEBHOOK_SECRET, headers, body)
+    crate::delivery::verify(crate::delivery::SECRET, headers, body)
 }
 
 fn webhook_gateway_env() -> Vec<(&'static str, &'static str)> {
     vec![
-        ("KILN_WEBHOOK_SECRET", WEBHOOK_SECRET),
+        ("KILN_WEBHOOK_SECRET", crate::delivery::SECRET),
         ("KILN_WEBHOOK_ALLOWED_HOSTS", "127.0.0.1"),
         ("KILN_WEBHOOK_TIMEOUT", "1s"),
         ("KILN_WEBHOOK_RETRY_BASE", "200ms"),

@@ -16,6 +16,7 @@ use kiln_proto::JobId;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
+use crate::delivery::SECRET;
 use crate::harness::{Env, Gateway, MODEL, SseClient};
 
 kiln_common::both_backends!(
@@ -26,7 +27,6 @@ kiln_common::both_backends!(
 );
 
 const T: Duration = Duration::from_secs(120);
-const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
 async fn submit(gw: &Gateway, body: Value) -> JobId {
     let r = gw.submit(&body).await;

@@ -38,6 +38,16 @@ fn succeeded(text: &str) -> Outcome {
     Outcome::Succeeded(text.into())
 }
 
+/// Waits until the clock (this machine's, which is also the store's) has passed `t`: for the
+/// tests whose subject is time passing (a deadline, a lease, a pending claim running out).
+async fn until(t: kiln_proto::UnixMillis, what: &str) {
+    wait_until(what, Duration::from_secs(30), || async {
+        let now = now_millis();
+        if now > t { Ok(()) } else { Err(t - now) }
+    })
+    .await;
+}
+
 async fn lifecycle_and_fenced_terminal_write(kind: Kind) {
     let b = backend(kind, Duration::from_secs(60));
     let r = record();
@@ -96,13 +106,14 @@ async fn retention_is_refreshed_by_every_transition(kind: Kind) {
     let r = record();
     b.store.create(&r).await.unwrap();
     b.store.start(r.id, "w").await.unwrap();
-    let until = std::time::Instant::now() + Duration::from_millis(2400);
+    // Progress every 200 ms for three times the retention (a schedule, not a synchronisation).
+    let begun = now_millis();
     let mut step = 0;
-    while std::time::Instant::now() < until {
+    while now_millis() < begun + 2400 {
         step += 1;
         let p = serde_json::json!({ "step": step });
         assert_eq!(b.store.progress(r.id, 1, &p).await.unwrap(), Transition::Applied, "expired at step {step}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        until(begun + 200 * step as i64, "the next progress is due").await;
     }
     assert_eq!(b.store.finish(r.id, 1, &succeeded("{}")).await.unwrap(), Transition::Applied);
     assert_eq!(b.store.events(r.id, None).await.unwrap().len(), step + 3, "the event log lives as long");
@@ -144,10 +155,11 @@ async fn deadlines_expire_queued_jobs_only(kind: Kind) {
 
     // A job that started before its deadline is not expired by it.
     let mut started = record();
-    started.deadline_at = Some(now_millis() + 300);
+    let deadline = now_millis() + 300;
+    started.deadline_at = Some(deadline);
     b.store.create(&started).await.unwrap();
     assert_eq!(b.store.start(started.id, "w").await.unwrap(), Start::Started { attempt: 1 });
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    until(deadline, "the started job's deadline passes").await;
     assert_eq!(b.store.expire_if_due(started.id).await.unwrap(), Transition::NotApplicable(JobStatus::Running));
     assert_eq!(b.store.start(started.id, "w").await.unwrap(), Start::Started { attempt: 2 });
 }
@@ -234,9 +246,10 @@ async fn leases_lapse_once_and_are_reaped_by_one_claimant(kind: Kind) {
 
     // Finishing releases a lease too.
     b.store.start(r.id, "w3").await.unwrap();
+    let lease_end = now_millis() + 100;
     b.store.lease(r.id, 2, "w3", Duration::from_millis(100), "env").await.unwrap();
     b.store.finish(r.id, 2, &succeeded("{}")).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    until(lease_end + 100, "the finished job's lease would have lapsed").await;
     assert!(b.store.reap(10).await.unwrap().is_empty(), "finished job reaped");
 }
 
@@ -289,12 +302,13 @@ async fn stray_jobs_are_requeued_from_their_envelope_or_ended_lost(kind: Kind) {
     assert_eq!(reaped, want);
     assert_eq!(b.store.get(abandoned.id).await.unwrap().unwrap().status, JobStatus::Queued);
     // A job swept too often without ever running ends lost too.
-    for _ in 0..6 {
-        tokio::time::sleep(Duration::from_millis(350)).await;
+    wait_until("the orphan, swept again and again, ends lost", Duration::from_secs(30), || async {
         let _ = b.store.stray(orphan.id, 2).await.unwrap();
         let _ = b.store.reap(10).await.unwrap();
-    }
-    assert_eq!(b.store.get(orphan.id).await.unwrap().unwrap().error.map(|e| e.code), Some(ErrorCode::JobLost));
+        let got = b.store.get(orphan.id).await.unwrap().unwrap();
+        if got.error.as_ref().map(|e| e.code) == Some(ErrorCode::JobLost) { Ok(()) } else { Err(got.status) }
+    })
+    .await;
 }
 
 /// Regression (issue 12.1): a follower attached to any queued leader, even one whose message the
@@ -364,10 +378,11 @@ async fn pending_idempotency_claims_are_short_lived_and_follow_their_job(kind: K
     // start) makes the claim committed, for the key's whole lifetime.
     let r = record();
     let key = format!("idem-{}", r.id);
+    let claimed_at = now_millis();
     b.store.claim_idempotency(&key, fp, r.id, pending, ttl).await.unwrap();
     b.store.insert(&r, &Creation { envelope: Some("env"), idempotency_key: Some(&key) }).await.unwrap();
     b.store.start(r.id, "w").await.unwrap();
-    tokio::time::sleep(pending * 2).await;
+    until(claimed_at + 2 * pending.as_millis() as i64, "a pending claim would have lapsed").await;
     assert_eq!(
         b.store.claim_idempotency(&key, fp, JobId::random(), pending, ttl).await.unwrap(),
         Claim::Held { job: r.id, fingerprint: fp.into(), committed: true }
