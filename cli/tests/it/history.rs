@@ -506,11 +506,18 @@ impl History {
                 ));
                 continue;
             }
+            let read_in_loss = |at: &Duration| loss.as_ref().is_some_and(|l| (l.from..=l.to).contains(at));
             let replaced_in_loss = |at: &Duration, first: &Value| {
-                loss.as_ref().is_some_and(|l| (l.from..=l.to).contains(at))
+                read_in_loss(at)
                     && first["status"] == record["status"]
                     && equal_results(&first["output"], &record["output"])
             };
+            // Every result the workers stored for it fell in the lost writes: the store forgot the
+            // job ever started, so a deadline job past its deadline ends expired (README, "What
+            // cannot be promised"). A run whose start or result survived does not qualify.
+            let run_forgotten = s.deadline()
+                && record["status"] == "expired"
+                && stored.get(&id.to_string()).is_some_and(|(n, lost)| *n >= 1 && n == lost);
             if let Some((at, first)) = firsts.get(id)
                 && (first["status"] != record["status"]
                     || first["output"] != record["output"]
@@ -519,6 +526,11 @@ impl History {
                 if replaced_in_loss(at, first) {
                     v.notes.push(format!(
                         "{what}: read at {at:?}, its result lost in the crash and replaced by an equal one"
+                    ));
+                } else if run_forgotten && read_in_loss(at) {
+                    v.notes.push(format!(
+                        "{what}: read {} at {at:?}; its whole run fell in the lost writes, and it expired on recovery",
+                        first["status"]
                     ));
                 } else {
                     v.duplicated.push(format!(
@@ -538,7 +550,7 @@ impl History {
                     if record["error"]["code"] != "deadline_exceeded" {
                         v.lost.push(format!("{what}: expired with {}", record["error"]));
                     }
-                    if ran_it {
+                    if ran_it && !run_forgotten {
                         v.wrong.push(format!("{what}: expired, yet a worker ran it{}", evidence(&lines, *id)));
                     }
                     continue;

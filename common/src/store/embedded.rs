@@ -469,7 +469,7 @@ impl Store for EmbeddedStore {
         if r.status.is_terminal() {
             return Ok(Start::AlreadyTerminal(r.status));
         }
-        if r.status == JobStatus::Queued && r.deadline_at.is_some_and(|d| d < now) {
+        if r.status == JobStatus::Queued && r.attempts == 0 && r.deadline_at.is_some_and(|d| d < now) {
             inner.end_without_outcome(id, JobStatus::Expired, deadline_error(), &s);
             return Ok(Start::Expired);
         }
@@ -522,7 +522,8 @@ impl Store for EmbeddedStore {
         let s = self.settings;
         Ok(self.transition(id, |inner, status| {
             let now = now_millis();
-            if status != JobStatus::Queued || Self::record(inner, id).deadline_at.is_none_or(|d| d >= now) {
+            let r = Self::record(inner, id);
+            if status != JobStatus::Queued || r.attempts > 0 || r.deadline_at.is_none_or(|d| d >= now) {
                 return Transition::NotApplicable(status);
             }
             inner.end_without_outcome(id, JobStatus::Expired, deadline_error(), &s);

@@ -77,7 +77,7 @@ pub enum Transition {
 pub enum Start {
     /// The job is now running; this is its `attempt`-th start (1 for the first).
     Started { attempt: u32 },
-    /// Its deadline passed while it was queued: it is now `expired` and must not run.
+    /// Its deadline passed before it ever started: it is now `expired` and must not run.
     Expired,
     /// Already terminal: a redelivered duplicate. Acknowledge, never run it again.
     AlreadyTerminal(JobStatus),
@@ -147,8 +147,8 @@ pub trait Store: Send + Sync + 'static {
     async fn get(&self, id: JobId) -> Result<Option<JobRecord>, StoreError>;
 
     /// `queued | running → running` for a run on `worker`: sets `started_at`, increments
-    /// `attempts` and returns it as the run's token. A queued job past its deadline becomes
-    /// `expired` instead; a job another run holds under a live lease is left alone (`Held`).
+    /// `attempts` and returns it as the run's token. A job that never started and is past its
+    /// deadline becomes `expired` instead (a deadline is a start-by time, met by the first start); a job another run holds under a live lease is left alone (`Held`).
     async fn start(&self, id: JobId, worker: &str) -> Result<Start, StoreError>;
 
     /// The fenced terminal write: applied only if the job is not terminal yet and `run` is its
@@ -159,7 +159,7 @@ pub trait Store: Send + Sync + 'static {
     /// after `delay`. Releases any lease.
     async fn retry(&self, id: JobId, run: Run, delay: Duration) -> Result<Transition, StoreError>;
 
-    /// `queued → expired` when the deadline has passed.
+    /// `queued → expired` when the deadline has passed and the job never started.
     async fn expire_if_due(&self, id: JobId) -> Result<Transition, StoreError>;
 
     /// Records progress of run `run`; never touches a terminal job or a superseded run.

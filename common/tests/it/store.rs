@@ -162,6 +162,11 @@ async fn deadlines_expire_queued_jobs_only(kind: Kind) {
     until(deadline, "the started job's deadline passes").await;
     assert_eq!(b.store.expire_if_due(started.id).await.unwrap(), Transition::NotApplicable(JobStatus::Running));
     assert_eq!(b.store.start(started.id, "w").await.unwrap(), Start::Started { attempt: 2 });
+    // Nor is its rerun once it is queued again (a retry here; a lapsed lease or a stray found by
+    // the sweeper after a store lost the finish alike): it met its deadline when it first started.
+    assert_eq!(b.store.retry(started.id, 2, Duration::ZERO).await.unwrap(), Transition::Applied);
+    assert_eq!(b.store.expire_if_due(started.id).await.unwrap(), Transition::NotApplicable(JobStatus::Queued));
+    assert_eq!(b.store.start(started.id, "w").await.unwrap(), Start::Started { attempt: 3 });
 }
 
 async fn retry_and_progress_respect_terminal_states(kind: Kind) {

@@ -353,13 +353,14 @@ async fn respond(
     })
 }
 
-/// The record, with a queued job whose deadline passed reported (and stored) as expired.
+/// The record, with a queued job whose deadline passed before it ever started reported (and
+/// stored) as expired.
 pub async fn current(state: &AppState, id: JobId) -> Result<Option<JobRecord>, ApiError> {
     let retry = state.config.retry_after;
     let store = &state.backend.store;
     let Some(record) = store.get(id).await.map_err(|e| ApiError::Store(e, retry))? else { return Ok(None) };
     let now = now_millis();
-    if record.status == JobStatus::Queued && record.deadline_at.is_some_and(|d| d < now) {
+    if record.status == JobStatus::Queued && record.attempts == 0 && record.deadline_at.is_some_and(|d| d < now) {
         store.expire_if_due(id).await.map_err(|e| ApiError::Store(e, retry))?;
         return store.get(id).await.map_err(|e| ApiError::Store(e, retry));
     }

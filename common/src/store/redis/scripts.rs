@@ -101,6 +101,11 @@ local function touch(after)
   redis.call('PEXPIRE', KEYS[3], retention)
   redis.call('ZADD', KEYS[5], now + after, id)
 end
+-- A deadline is a start-by time: a job that started once has met it, and a rerun of it (a retry,
+-- a lapsed lease, a stray) is not expired by it.
+local function never_started()
+  return tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0') == 0
+end
 local function clear_lease_of(jk, jid)
   redis.call('HDEL', jk, 'lease_owner')
   redis.call('ZREM', KEYS[2], jid)
@@ -286,7 +291,7 @@ impl Scripts {
     end
     if s ~= 'queued' and s ~= 'running' then return {'terminal', s} end
     local d = redis.call('HGET', KEYS[1], 'deadline')
-    if s == 'queued' and d and tonumber(d) < now then
+    if s == 'queued' and d and tonumber(d) < now and never_started() then
       end_without_outcome('expired', ARGV[7])
       return {'expired'}
     end
@@ -324,7 +329,7 @@ impl Scripts {
             expire: transition_script(
                 r#"
     local d = redis.call('HGET', KEYS[1], 'deadline')
-    if s ~= 'queued' or not d or tonumber(d) >= now then return {'na', s} end
+    if s ~= 'queued' or not d or tonumber(d) >= now or not never_started() then return {'na', s} end
     end_without_outcome('expired', ARGV[7])
     return {'ok'}"#,
             ),
