@@ -10,9 +10,13 @@ use crate::cache::{Cache, EmbeddedCache, RedisCache};
 use crate::config::BackendArgs;
 use crate::outputs::redis::RedisOutputs;
 use crate::outputs::{EmbeddedOutputs, FsOutputs, OutputStore};
+use crate::quota::{EmbeddedLimiter, Limiter, RedisLimiter};
 use crate::store::embedded::{EmbeddedStore, StoreSettings};
 use crate::store::redis::{RedisConfig, RedisStore};
 use crate::store::{Store, StoreError};
+use crate::tenancy::KeyStore;
+use crate::tenancy::file::FileKeys;
+use crate::tenancy::redis::RedisKeys;
 
 #[derive(Clone)]
 pub struct Backend {
@@ -21,6 +25,10 @@ pub struct Backend {
     pub cache: Arc<dyn Cache>,
     /// Binary job outputs.
     pub outputs: Arc<dyn OutputStore>,
+    /// API keys and tenants' limits.
+    pub keys: Arc<dyn KeyStore>,
+    /// Request rates and compute quotas.
+    pub limiter: Arc<dyn Limiter>,
 }
 
 /// Entries the embedded cache holds at most.
@@ -45,7 +53,9 @@ impl Backend {
             finished_retention: args.result_retention.unwrap_or(args.job_retention),
             sweep_after: args.sweep_after,
         });
-        Self::embedded_store(store, args.job_retention, args.cache_ttl)
+        let mut backend = Self::embedded_store(store, args.job_retention, args.cache_ttl);
+        backend.keys = Arc::new(FileKeys::new(args.keys_file.clone()));
+        backend
     }
 
     fn embedded_store(store: EmbeddedStore, retention: Duration, cache_ttl: Duration) -> Self {
@@ -54,6 +64,8 @@ impl Backend {
             store: Arc::new(store),
             cache: Arc::new(EmbeddedCache::new(cache_ttl, EMBEDDED_CACHE_ENTRIES)),
             outputs: Arc::new(EmbeddedOutputs::new(retention, EMBEDDED_OUTPUT_BYTES)),
+            keys: Arc::new(FileKeys::new(None)),
+            limiter: Arc::new(EmbeddedLimiter::default()),
         }
     }
 
@@ -90,6 +102,18 @@ impl Backend {
                 .map_err(|e| StoreError::Unavailable(e.to_string()))?,
             ),
         };
-        Ok(Self { broker: Arc::new(broker), store: Arc::new(store), cache: Arc::new(cache), outputs })
+        let client = redis::Client::open(args.redis_url.expose())
+            .map_err(|e| StoreError::Unavailable(format!("bad Redis URL: {e}")))?;
+        let config = crate::store::redis::connection_config(args.connect_timeout, args.io_timeout);
+        let conn = redis::aio::ConnectionManager::new_lazy_with_config(client, config)
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        Ok(Self {
+            broker: Arc::new(broker),
+            store: Arc::new(store),
+            cache: Arc::new(cache),
+            outputs,
+            keys: Arc::new(RedisKeys::new(conn.clone(), &args.key_prefix)),
+            limiter: Arc::new(RedisLimiter::new(conn, &args.key_prefix)),
+        })
     }
 }

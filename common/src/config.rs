@@ -130,6 +130,11 @@ pub struct BackendArgs {
     /// worker, instead of in Redis. Files expire with the job retention.
     #[arg(long, env = "KILN_OUTPUT_DIR")]
     pub output_dir: Option<PathBuf>,
+    /// The embedded backend's API keys: a JSON file `kiln keys` writes and a running `kiln dev`
+    /// re-reads within a second of a change. Unset: keys live in memory only. (RabbitMQ + Redis
+    /// deployments keep keys in the job store's Redis.)
+    #[arg(long, env = "KILN_KEYS_FILE")]
+    pub keys_file: Option<PathBuf>,
 }
 
 /// Where the model repository and the cache of fetched assets are.

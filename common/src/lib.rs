@@ -11,9 +11,11 @@ pub mod dlq;
 pub mod models;
 pub mod outputs;
 pub mod process;
+pub mod quota;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;
+pub mod tenancy;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod webhooks;

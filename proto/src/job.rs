@@ -95,6 +95,10 @@ pub struct JobRecord {
     /// deliveries) joins the same trace. Internal: not part of the API.
     #[serde(skip)]
     pub traceparent: Option<String>,
+    /// The tenant that owns the job (its API key's); none when the gateway runs without keys.
+    /// Only its own tenant (or an admin key) can see the job at all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
 }
 
 /// A job's webhook and the state of its deliveries.
@@ -176,6 +180,7 @@ impl JobRecord {
             deadline_at: None,
             webhook: None,
             traceparent: None,
+            tenant: None,
         }
     }
 
@@ -217,6 +222,9 @@ pub struct Envelope {
     pub webhook: Option<EnvelopeWebhook>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traceparent: Option<String>,
+    /// The tenant that owns the job: its record's, and whose compute quota its runs are charged to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
 }
 
 /// A job's webhook, as its envelope carries it.
@@ -246,6 +254,7 @@ impl Envelope {
             metadata: None,
             webhook: None,
             traceparent: None,
+            tenant: None,
         }
     }
 
@@ -259,6 +268,7 @@ impl Envelope {
             ..Default::default()
         });
         record.traceparent = self.traceparent.clone();
+        record.tenant = self.tenant.clone();
         record
     }
 }

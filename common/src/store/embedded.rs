@@ -12,8 +12,8 @@ use serde_json::json;
 use tokio::sync::broadcast;
 
 use super::{
-    Claim, Coalesced, Creation, Lapsed, Outcome, Run, Start, Store, StoreError, Stray, Transition, WebhookAttempt,
-    WebhookDelivery, canceled_error, deadline_error, lost_error,
+    Claim, Coalesced, Creation, Lapsed, Outcome, Run, Slot, Start, Store, StoreError, Stray, Transition,
+    WebhookAttempt, WebhookDelivery, canceled_error, deadline_error, lost_error,
 };
 
 /// How long the store keeps things, and when it looks at a quiet job.
@@ -51,7 +51,12 @@ struct Inner {
     inflight: HashMap<String, JobId>,
     /// Model → worker → last seen.
     workers: HashMap<ModelName, HashMap<String, UnixMillis>>,
+    /// Tenant → its jobs in flight (slots of `reserve_slot`), with when each slot was taken.
+    live: HashMap<String, HashMap<JobId, UnixMillis>>,
 }
+
+/// How long a slot taken for a job that has no record yet is kept (accepting takes far less).
+const RESERVATION_GRACE_MS: i64 = 60_000;
 
 struct IdemClaim {
     job: JobId,
@@ -185,6 +190,9 @@ impl Inner {
     fn ended(&mut self, id: JobId, s: &StoreSettings) {
         self.clear_lease(id);
         let Some(e) = self.records.get_mut(&id) else { return };
+        if let Some(slots) = e.record.tenant.as_ref().and_then(|t| self.live.get_mut(t)) {
+            slots.remove(&id);
+        }
         e.envelope = None;
         e.expires = now_millis() + millis(s.finished_retention);
         if let Some(old) = e.due.take() {
@@ -808,6 +816,33 @@ impl Store for EmbeddedStore {
                     e.hooks.retain(|_, did| *did != d.id);
                 }
             }
+        }
+        Ok(())
+    }
+
+    async fn reserve_slot(&self, tenant: &str, id: JobId, max: u32) -> Result<Slot, StoreError> {
+        let mut inner = self.lock();
+        let Inner { live, records, .. } = &mut *inner;
+        let slots = live.entry(tenant.to_owned()).or_default();
+        // A slot whose job is gone (withdrawn, or forgotten after its retention) is free; one
+        // just taken for a job being recorded is not.
+        let now = now_millis();
+        slots.retain(|j, at| match records.get(j) {
+            Some(e) => !e.record.status.is_terminal(),
+            None => now - *at < RESERVATION_GRACE_MS,
+        });
+        let in_use = u32::try_from(slots.len()).unwrap_or(u32::MAX);
+        if in_use >= max && !slots.contains_key(&id) {
+            return Ok(Slot { granted: false, in_use });
+        }
+        slots.insert(id, now);
+        let in_use = u32::try_from(slots.len()).unwrap_or(u32::MAX);
+        Ok(Slot { granted: true, in_use })
+    }
+
+    async fn release_slot(&self, tenant: &str, id: JobId) -> Result<(), StoreError> {
+        if let Some(slots) = self.lock().live.get_mut(tenant) {
+            slots.remove(&id);
         }
         Ok(())
     }

@@ -73,6 +73,14 @@ pub enum Transition {
 }
 
 /// What [`Store::start`] found.
+/// The answer to `reserve_slot`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Slot {
+    pub granted: bool,
+    /// Slots taken (with this one, when granted).
+    pub in_use: u32,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Start {
     /// The job is now running; this is its `attempt`-th start (1 for the first).
@@ -248,6 +256,14 @@ pub trait Store: Send + Sync + 'static {
     /// Records one delivery attempt. `retry_at: None` ends the delivery: delivered when `ok`, else
     /// given up. The body is kept, so retries send the same bytes.
     async fn webhook_attempted(&self, delivery: &WebhookDelivery, result: &WebhookAttempt) -> Result<(), StoreError>;
+
+    /// Takes one of `tenant`'s `max` slots of jobs in flight for job `id`; the slot is freed when
+    /// the job ends (any terminal state) or by `release_slot`. Answers whether it was granted and
+    /// how many slots are taken.
+    async fn reserve_slot(&self, tenant: &str, id: JobId, max: u32) -> Result<Slot, StoreError>;
+
+    /// Frees a slot whose job was never accepted.
+    async fn release_slot(&self, tenant: &str, id: JobId) -> Result<(), StoreError>;
 
     /// Notes that `worker` is consuming `model`'s queue (called every few seconds by workers), at
     /// the store's time.

@@ -45,6 +45,7 @@ pub fn backend_args(retention: Duration) -> BackendArgs {
         io_timeout: Duration::from_secs(5),
         outputs_redis_url: None,
         output_dir: None,
+        keys_file: None,
     }
 }
 

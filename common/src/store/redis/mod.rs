@@ -25,8 +25,8 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::broadcast;
 
 use super::{
-    Claim, Coalesced, Creation, Lapsed, Outcome, Run, Start, Store, StoreError, Stray, Transition, WebhookAttempt,
-    WebhookDelivery, canceled_error, deadline_error, lost_error,
+    Claim, Coalesced, Creation, Lapsed, Outcome, Run, Slot, Start, Store, StoreError, Stray, Transition,
+    WebhookAttempt, WebhookDelivery, canceled_error, deadline_error, lost_error,
 };
 use crate::config::Secret;
 
@@ -118,6 +118,11 @@ impl RedisStore {
 
     /// A transition's invocation with the standard keys and prologue arguments (see
     /// [`scripts`]).
+    /// A tenant's jobs in flight (the Lua prelude's `ended_for` names it the same way).
+    fn live_key(&self, tenant: &str) -> String {
+        format!("{}tenant:{tenant}:live", self.config.key_prefix)
+    }
+
     fn transition<'a>(&self, script: &'a redis::Script, id: JobId) -> redis::ScriptInvocation<'a> {
         let mut inv = script.key(self.key(id));
         inv.key(self.leases_key())
@@ -210,6 +215,9 @@ fn record_fields(inv: &mut redis::ScriptInvocation<'_>, r: &JobRecord) {
         }
         if let Some(tp) = &r.traceparent {
             inv.arg("traceparent").arg(tp);
+        }
+        if let Some(t) = &r.tenant {
+            inv.arg("tenant").arg(t);
         }
         if let Some(w) = &r.webhook {
             inv.arg("webhook_url").arg(&w.url).arg("webhook_events").arg(w.events.join(","));
@@ -499,6 +507,22 @@ impl Store for RedisStore {
         self.invoke::<i64>(&inv).await.map(drop)
     }
 
+    async fn reserve_slot(&self, tenant: &str, id: JobId, max: u32) -> Result<Slot, StoreError> {
+        let mut inv = self.scripts.reserve_slot.key(self.live_key(tenant));
+        inv.arg(id.to_string()).arg(max).arg(self.retention_ms());
+        let (granted, in_use): (u8, u32) = self.invoke(&inv).await?;
+        Ok(Slot { granted: granted == 1, in_use })
+    }
+
+    async fn release_slot(&self, tenant: &str, id: JobId) -> Result<(), StoreError> {
+        redis::cmd("ZREM")
+            .arg(self.live_key(tenant))
+            .arg(id.to_string())
+            .query_async::<()>(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)
+    }
+
     async fn worker_seen(&self, model: &ModelName, worker: &str) -> Result<(), StoreError> {
         let mut inv = self.scripts.worker_seen.key(format!("{}workers:{model}", self.config.key_prefix));
         inv.arg(worker).arg(self.retention_ms());
@@ -572,6 +596,7 @@ pub(super) fn decode(id: JobId, f: &HashMap<String, String>) -> Result<JobRecord
         deadline_at: millis("deadline")?,
         webhook,
         traceparent: f.get("traceparent").cloned(),
+        tenant: f.get("tenant").cloned(),
     };
     record.derive_metrics();
     Ok(record)

@@ -32,6 +32,7 @@ pub(super) struct Scripts {
     pub due_webhooks: redis::Script,
     pub webhook_attempted: redis::Script,
     pub worker_seen: redis::Script,
+    pub reserve_slot: redis::Script,
 }
 
 /// Most followers one job carries; an identical job past that runs on its own.
@@ -114,6 +115,9 @@ local function clear_lease() clear_lease_of(KEYS[1], id) end
 -- A job became terminal: no lease, no envelope, nothing to watch; kept for the finished retention.
 local function ended_for(jk, jid)
   clear_lease_of(jk, jid)
+  -- Its tenant's slot of jobs in flight is free again.
+  local tenant = redis.call('HGET', jk, 'tenant')
+  if tenant then redis.call('ZREM', prefix .. 'tenant:' .. tenant .. ':live', jid) end
   redis.call('HDEL', jk, 'envelope')
   redis.call('ZREM', KEYS[5], jid)
   redis.call('PEXPIRE', jk, kept)
@@ -514,6 +518,18 @@ impl Scripts {
     redis.call('ZADD', KEYS[1], now, ARGV[1])
     redis.call('PEXPIRE', KEYS[1], ARGV[2])
     return 1"
+            )),
+            // KEYS: the tenant's jobs in flight. ARGV: job, most at once, how long an entry can
+            // stand (a job whose end was never seen is forgotten after its retention). Replies
+            // {granted, in flight}.
+            reserve_slot: redis::Script::new(&format!(
+                r"{CLOCK}
+    redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[3]))
+    local n = redis.call('ZCARD', KEYS[1])
+    if n >= tonumber(ARGV[2]) then return {{0, n}} end
+    redis.call('ZADD', KEYS[1], now, ARGV[1])
+    redis.call('PEXPIRE', KEYS[1], ARGV[3])
+    return {{1, n + 1}}"
             )),
             // KEYS: due, delivery, job. ARGV: delivery id, status, ok, at, retry at, body.
             webhook_attempted: redis::Script::new(
