@@ -368,7 +368,7 @@ def cmd_k8s_rules(base, cpu, gpu, mon):
     secret_keys = set(secret.get("stringData", {})) | set(secret.get("data", {}))
     for v in sorted(code_vars - cli_only - set(env) - secret_keys - {"KILN_OTEL_SERVICE_NAME"}):
         err(f"k8s: {v} (a setting in the code) is neither in k8s/base/kiln.env nor in the Secret")
-    for v in ("KILN_AMQP_URL", "KILN_REDIS_URL", "KILN_CACHE_REDIS_URL", "KILN_WEBHOOK_SECRET"):
+    for v in ("KILN_AMQP_URL", "KILN_REDIS_URL", "KILN_CACHE_REDIS_URL", "KILN_WEBHOOK_SECRET", "KILN_AUDIT_KEY"):
         if v in env and env[v] is not None:
             err(f"k8s: {v} carries credentials; it belongs in the Secret, not the ConfigMap")
         if v not in secret_keys:

@@ -118,6 +118,11 @@ enum Command {
     /// crash; summarise such a run.
     #[command(subcommand)]
     Batch(BatchCommand),
+    /// Verify or export a gateway's audit log file.
+    Audit {
+        #[command(subcommand)]
+        command: kiln_cli::audit::AuditCommand,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -262,5 +267,6 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Batch(_) => unreachable!("kiln batch is dispatched in main"),
+        Command::Audit { command } => kiln_cli::audit::command(command),
     }
 }

@@ -1,8 +1,10 @@
 //! Runtime plumbing shared by the gateway, the worker and the CLI: configuration pieces, telemetry,
 //! shutdown, the broker and store abstractions with their RabbitMQ, Redis and embedded
-//! implementations, the model repository, and fetching of runtime assets.
+//! implementations, the model repository, fetching of runtime assets, and the hash-chained audit
+//! log of API calls.
 
 pub mod assets;
+pub mod audit;
 pub mod backend;
 pub mod broker;
 pub mod cache;

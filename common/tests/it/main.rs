@@ -1,6 +1,8 @@
 //! Contract tests of the broker and store implementations: each scenario runs against the embedded
-//! backend and against the real RabbitMQ and Redis started by `scripts/test.sh`.
+//! backend and against the real RabbitMQ and Redis started by `scripts/test.sh`; and the audit log
+//! (its file, and its mirror on that Redis).
 
+mod audit;
 mod broker;
 mod dead_letters;
 mod store;
