@@ -20,7 +20,7 @@ use kiln_common::models::ModelRepository;
 use kiln_common::process::prepare;
 use kiln_common::webhooks::WebhookConfig;
 use kiln_common::{Backend, dlq, shutdown};
-use kiln_gateway::GatewayConfig;
+use kiln_gateway::{AuthMode, GatewayConfig};
 use kiln_worker::WorkerConfig;
 use tokio_util::sync::CancellationToken;
 
@@ -48,6 +48,10 @@ enum Command {
         /// Use RabbitMQ and Redis (`--amqp-url`, `--redis-url`) instead of the embedded backend.
         #[arg(long)]
         external: bool,
+        /// `off` (the default here): the API is open, for one developer on loopback; `keys`: API
+        /// keys as in production (`kiln keys create --keys-file …`).
+        #[arg(long, env = "KILN_AUTH", value_enum, default_value = "off")]
+        auth: AuthMode,
         #[command(flatten)]
         backend: BackendArgs,
         #[command(flatten)]
@@ -118,6 +122,8 @@ enum Command {
     /// crash; summarise such a run.
     #[command(subcommand)]
     Batch(BatchCommand),
+    /// Create, list and revoke API keys; set tenants' limits.
+    Keys(kiln_cli::keys::KeysArgs),
     /// Verify or export a gateway's audit log file.
     Audit {
         #[command(subcommand)]
@@ -166,7 +172,7 @@ async fn main() -> ExitCode {
 
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Dev { port, host, external, backend, worker, models, mut webhooks } => {
+        Command::Dev { port, host, external, auth, backend, worker, models, mut webhooks } => {
             let repo = ModelRepository::load(&models.models_dir)?;
             let backend = if external { Backend::external(&backend)? } else { Backend::embedded_for(&backend) };
             let addr = SocketAddr::new(host, port);
@@ -177,7 +183,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             if webhooks.webhook_allowed_hosts.is_empty() {
                 webhooks.webhook_allowed_hosts = vec!["127.0.0.1".into(), "localhost".into(), "::1".into()];
             }
-            let gateway = GatewayConfig { listen: addr, webhooks, ..GatewayConfig::default() };
+            let gateway = GatewayConfig { listen: addr, webhooks, auth, ..GatewayConfig::default() };
             let token = CancellationToken::new();
             shutdown::cancel_on_signal(token.clone());
             let config = SystemConfig { gateway, worker, backend, models: repo, cache_dir: models.cache_dir() };
@@ -191,10 +197,14 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 running.url("/v1/jobs")
             );
             eprintln!("  webhooks are signed with {} (set KILN_WEBHOOK_SECRET to choose it)", secret.expose());
+            if auth == AuthMode::Off {
+                eprintln!("  the API is open, with no keys (fine on loopback; --auth keys turns keys on)");
+            }
             running.join().await
         }
-        Command::Gateway { gateway, backend, models } => {
+        Command::Gateway { mut gateway, backend, models } => {
             let p = prepare(&models, &backend)?;
+            gateway.audit_redis_url.get_or_insert_with(|| backend.redis_url.clone());
             let listener = tokio::net::TcpListener::bind(gateway.listen)
                 .await
                 .with_context(|| format!("cannot listen on {}", gateway.listen))?;
@@ -268,5 +278,6 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Batch(_) => unreachable!("kiln batch is dispatched in main"),
         Command::Audit { command } => kiln_cli::audit::command(command),
+        Command::Keys(args) => kiln_cli::keys::command(args).await,
     }
 }

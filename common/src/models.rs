@@ -99,6 +99,11 @@ struct RawSpec {
     /// Deliveries a worker holds for this model; default: the worker's `KILN_PREFETCH` for
     /// embeddings, 2 for image tasks (one running, one ready: long jobs are not hoarded).
     prefetch: Option<u16>,
+    /// One result cache for every tenant (off: each tenant has its own). Only for models whose
+    /// inputs are not secrets: a shared hit answers at once, which tells its caller that
+    /// someone sent the same input before (the record still says `cached: false`).
+    #[serde(default)]
+    shared_cache: bool,
 }
 
 fn default_eps() -> Vec<ExecutionProvider> {
@@ -124,6 +129,8 @@ pub struct ModelSpec {
     pub prefetch: Option<u16>,
     /// The model's folder in the repository (None for a built-in model).
     pub folder: Option<PathBuf>,
+    /// Whether every tenant shares one result cache for this model.
+    pub shared_cache: bool,
 }
 
 impl ModelSpec {
@@ -168,6 +175,7 @@ impl ModelSpec {
             limits: raw.limits,
             prefetch,
             folder,
+            shared_cache: raw.shared_cache,
         })
     }
 

@@ -3,7 +3,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use kiln_common::config::parse_duration;
+use kiln_common::audit::AuditConfig;
+use kiln_common::config::{Secret, parse_duration};
+use kiln_common::tenancy::Limits;
 use kiln_common::webhooks::WebhookConfig;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -46,6 +48,71 @@ pub struct GatewayConfig {
     /// Bound on each dependency check of `/readyz`.
     #[arg(long, env = "KILN_READY_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
     pub ready_timeout: Duration,
+    /// `keys`: every API route needs `Authorization: Bearer kiln_…` (create keys with `kiln keys
+    /// create`); `off`: the API is open to whoever reaches it, with no tenants or limits (what
+    /// `kiln dev` runs on loopback). `/healthz` and `/readyz` are always open.
+    #[arg(long, env = "KILN_AUTH", value_enum, default_value = "keys")]
+    pub auth: AuthMode,
+    /// `open`: `/metrics` answers anyone (keep it on a private network, as Prometheus scrapes
+    /// it); `admin`: it needs an `admin` key.
+    #[arg(long, env = "KILN_METRICS_AUTH", value_enum, default_value = "open")]
+    pub metrics_auth: MetricsAuth,
+    #[command(flatten)]
+    pub limits: DefaultLimits,
+    #[command(flatten)]
+    pub audit: AuditConfig,
+    /// The Redis the audit log's stream mirror (`KILN_AUDIT_REDIS_STREAM`) writes to: the job
+    /// store's, filled in by the process that runs the gateway.
+    #[arg(skip)]
+    pub audit_redis_url: Option<Secret>,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMode {
+    Keys,
+    Off,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricsAuth {
+    Open,
+    Admin,
+}
+
+/// The limits of a tenant that has none of its own (`kiln keys limits`), per tenant across every
+/// gateway. `0` turns a limit off.
+#[derive(clap::Args, Debug, Clone, Copy, PartialEq)]
+pub struct DefaultLimits {
+    /// Requests per second, sustained.
+    #[arg(long, env = "KILN_RATE_LIMIT", default_value_t = 50.0)]
+    pub rate_limit: f64,
+    /// Requests at once above the sustained rate.
+    #[arg(long, env = "KILN_RATE_BURST", default_value_t = 100)]
+    pub rate_burst: u32,
+    /// Jobs accepted and not yet finished.
+    #[arg(long, env = "KILN_MAX_JOBS_IN_FLIGHT", default_value_t = 1000)]
+    pub max_jobs_in_flight: u32,
+    /// Seconds of worker run time per sliding hour.
+    #[arg(long, env = "KILN_COMPUTE_S_PER_HOUR", default_value_t = 0.0)]
+    pub compute_s_per_hour: f64,
+}
+
+impl Default for DefaultLimits {
+    fn default() -> Self {
+        Self { rate_limit: 50.0, rate_burst: 100, max_jobs_in_flight: 1000, compute_s_per_hour: 0.0 }
+    }
+}
+
+impl DefaultLimits {
+    pub fn as_limits(&self) -> Limits {
+        let positive = |v: f64| (v > 0.0).then_some(v);
+        Limits {
+            rate: positive(self.rate_limit),
+            burst: Some(self.rate_burst.max(1)),
+            max_in_flight: (self.max_jobs_in_flight > 0).then_some(self.max_jobs_in_flight),
+            compute_s_per_hour: positive(self.compute_s_per_hour),
+        }
+    }
 }
 
 impl Default for GatewayConfig {
@@ -62,6 +129,11 @@ impl Default for GatewayConfig {
             idempotency_ttl: Duration::from_secs(86_400),
             webhooks: WebhookConfig::default(),
             ready_timeout: Duration::from_secs(1),
+            auth: AuthMode::Keys,
+            metrics_auth: MetricsAuth::Open,
+            limits: DefaultLimits::default(),
+            audit: AuditConfig::default(),
+            audit_redis_url: None,
         }
     }
 }

@@ -9,6 +9,7 @@ use axum::response::{IntoResponse, Response};
 use kiln_common::broker::BrokerError;
 use kiln_common::outputs::OutputError;
 use kiln_common::store::StoreError;
+use kiln_common::tenancy::{KeyError, Scope};
 use kiln_proto::{ApiErrorBody, ErrorCode, ErrorDetail, InputError};
 
 #[derive(Debug, thiserror::Error)]
@@ -50,8 +51,56 @@ pub enum ApiError {
     IdempotencyKeyInFlight(String, Duration),
     #[error("job {0} is already {1}")]
     JobFinished(String, &'static str),
+    #[error("{0}")]
+    Unauthorized(Unauthorized),
+    #[error("this API key lacks the scope {0}")]
+    Forbidden(Scope),
+    #[error("{0}")]
+    RateLimited(Limited),
+    #[error("{0}")]
+    QuotaExceeded(Limited),
+    #[error("the key store is unavailable, retry later")]
+    Keys(#[source] KeyError, Duration),
     #[error("internal error")]
     Internal(String),
+}
+
+/// Why a request has no valid key; the message says which, the code is always `unauthorized`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Unauthorized {
+    #[error("an API key is required: send `Authorization: Bearer kiln_…`")]
+    Missing,
+    #[error("the Authorization header is not a Kiln API key (`Bearer kiln_…`)")]
+    Malformed,
+    #[error("the API key is not valid (unknown, revoked or expired)")]
+    Invalid,
+}
+
+/// A limit that was reached: what to say, when to come back, and the IETF `RateLimit-Policy` /
+/// `RateLimit` field values describing it.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct Limited {
+    pub message: String,
+    pub retry_after: Duration,
+    pub headers: RateHeaders,
+}
+
+/// `RateLimit-Policy` and `RateLimit` (draft-ietf-httpapi-ratelimit-headers) field values.
+#[derive(Debug, Clone, Default)]
+pub struct RateHeaders {
+    pub policy: String,
+    pub state: String,
+}
+
+impl RateHeaders {
+    pub fn apply(&self, headers: &mut axum::http::HeaderMap) {
+        for (name, value) in [("ratelimit-policy", &self.policy), ("ratelimit", &self.state)] {
+            if let Ok(v) = HeaderValue::from_str(value) {
+                headers.insert(name, v);
+            }
+        }
+    }
 }
 
 impl ApiError {
@@ -98,6 +147,18 @@ impl ApiError {
                 (StatusCode::CONFLICT, ErrorCode::IdempotencyKeyInFlight, Some(*retry))
             }
             Self::JobFinished(..) => (StatusCode::CONFLICT, ErrorCode::JobFinished, None),
+            Self::Unauthorized(_) => (StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, None),
+            Self::Forbidden(_) => (StatusCode::FORBIDDEN, ErrorCode::Forbidden, None),
+            Self::RateLimited(l) => (StatusCode::TOO_MANY_REQUESTS, ErrorCode::RateLimited, Some(l.retry_after)),
+            Self::QuotaExceeded(l) => (StatusCode::TOO_MANY_REQUESTS, ErrorCode::QuotaExceeded, Some(l.retry_after)),
+            Self::Keys(e, retry) => match e {
+                KeyError::Unavailable(_) => {
+                    (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::StoreUnavailable, Some(*retry))
+                }
+                KeyError::Corrupt(_) | KeyError::Invalid(_) | KeyError::NotFound(_) => {
+                    (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal, None)
+                }
+            },
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal, None),
         }
     }
@@ -111,8 +172,23 @@ impl IntoResponse for ApiError {
             if status.is_server_error() && retry.is_none() { "internal error".to_owned() } else { self.to_string() };
         let mut resp = (status, Json(ApiErrorBody { error: ErrorDetail { code, message } })).into_response();
         if let Some(retry) = retry {
-            let secs = retry.as_secs().max(1);
+            // Whole seconds, rounded up: a client that waits this long is let in.
+            let secs = retry.as_millis().div_ceil(1000).max(1) as u64;
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        let challenge = match &self {
+            Self::Unauthorized(Unauthorized::Missing) => Some(r#"Bearer realm="kiln""#.to_owned()),
+            Self::Unauthorized(_) => Some(r#"Bearer realm="kiln", error="invalid_token""#.to_owned()),
+            Self::Forbidden(scope) => {
+                Some(format!(r#"Bearer realm="kiln", error="insufficient_scope", scope="{scope}""#))
+            }
+            _ => None,
+        };
+        if let Some(v) = challenge.and_then(|c| HeaderValue::from_str(&c).ok()) {
+            resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+        }
+        if let Self::RateLimited(l) | Self::QuotaExceeded(l) = &self {
+            l.headers.apply(resp.headers_mut());
         }
         resp
     }

@@ -39,6 +39,10 @@ pub fn confirm_not_recorded(id: JobId, error: &dyn std::fmt::Display) {
     tracing::warn!(target: "kiln::gateway", job_id = %id, %error, "job enqueued, but its confirmation was not recorded; its first start records it");
 }
 
+pub fn slot_not_released(id: JobId, error: &dyn std::fmt::Display) {
+    tracing::warn!(target: "kiln::gateway", job_id = %id, %error, "a jobs-in-flight slot of a job not accepted was not given back; it lapses with the job retention");
+}
+
 pub fn job_canceled(id: JobId) {
     tracing::info!(target: "kiln::gateway", job_id = %id, "job canceled");
 }

@@ -1,6 +1,7 @@
 //! The Kiln HTTP gateway: validates jobs, writes their records, publishes them with confirms and
 //! answers with an id; serves job records, models, health and readiness. Never links ONNX Runtime.
 
+mod auth;
 pub mod config;
 mod error;
 mod events;
@@ -12,11 +13,12 @@ use std::sync::Arc;
 
 use axum::Router;
 use kiln_common::Backend;
+use kiln_common::audit::AuditLog;
 use kiln_common::models::ModelRepository;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-pub use config::GatewayConfig;
+pub use config::{AuthMode, GatewayConfig};
 pub use error::ApiError;
 pub use state::AppState;
 
@@ -36,7 +38,11 @@ pub async fn run(
 ) -> std::io::Result<()> {
     // Metrics recorded from here on land in the recorder `/metrics` renders.
     kiln_common::telemetry::prometheus();
-    let state = AppState::new(config, backend, Arc::new(models), shutdown.clone());
+    let audit = AuditLog::open(&config.audit, config.audit_redis_url.as_ref()).map_err(std::io::Error::other)?;
+    let state = AppState::new(config, backend, Arc::new(models), shutdown.clone()).with_audit(audit.clone());
+    if state.config.auth == AuthMode::Off {
+        tracing::warn!("KILN_AUTH=off: the API is open to whoever reaches it, with no tenants or limits");
+    }
     state.declare_topology_in_background();
     if state.config.webhooks.webhook_dispatch && state.config.webhooks.webhook_secret.is_some() {
         tokio::spawn(kiln_common::webhooks::dispatch(
@@ -51,5 +57,9 @@ pub async fn run(
         shutdown.cancelled().await;
         tokio::time::sleep(delay).await;
     };
-    axum::serve(listener, router(state)).with_graceful_shutdown(stop).await
+    let served = axum::serve(listener, router(state)).with_graceful_shutdown(stop).await;
+    if let Err(e) = audit.close().await {
+        tracing::error!(error = %e, "the audit log did not close cleanly");
+    }
+    served
 }

@@ -28,7 +28,8 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    cli.gateway.audit_redis_url.get_or_insert_with(|| cli.backend.redis_url.clone());
     let p = match prepare(&cli.models, &cli.backend) {
         Ok(p) => p,
         Err(e) => return config_error("kiln-gateway", &e),

@@ -6,10 +6,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kiln_common::Backend;
+use kiln_common::audit::AuditLog;
 use kiln_common::models::ModelRepository;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::KeyCache;
 use crate::config::GatewayConfig;
 
 #[derive(Clone)]
@@ -23,6 +25,9 @@ pub struct AppState {
     /// Event stream slots (`max_event_streams`), held by each open SSE stream.
     pub streams: Arc<Semaphore>,
     pub shutdown: CancellationToken,
+    /// API keys as last read (see `auth`).
+    pub keys: Arc<KeyCache>,
+    pub audit: AuditLog,
 }
 
 impl AppState {
@@ -35,7 +40,23 @@ impl AppState {
         let admission = Arc::new(Semaphore::new(config.max_inflight_submits));
         let waiters = Arc::new(Semaphore::new(config.max_waiters));
         let streams = Arc::new(Semaphore::new(config.max_event_streams));
-        Self { config: Arc::new(config), backend, models, admission, waiters, streams, shutdown }
+        Self {
+            config: Arc::new(config),
+            backend,
+            models,
+            admission,
+            waiters,
+            streams,
+            shutdown,
+            keys: Arc::default(),
+            audit: AuditLog::disabled(),
+        }
+    }
+
+    /// Records every call in `audit`.
+    pub fn with_audit(mut self, audit: AuditLog) -> Self {
+        self.audit = audit;
+        self
     }
 
     /// Declares the models' queues, retrying with backoff while the broker is down, so the first

@@ -48,6 +48,8 @@ impl Proc {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let child = Self::command(args, "gateway", prefix)
             .env("KILN_LISTEN", format!("127.0.0.1:{port}"))
+            // The benchmarks measure the job path; keys and their limits are not part of it.
+            .env("KILN_AUTH", "off")
             .spawn()
             .with_context(|| format!("starting {} gateway", args.kiln.display()))?;
         let mut me = Self { child, url: format!("http://127.0.0.1:{port}") };

@@ -49,13 +49,22 @@ pub enum ErrorCode {
     WorkerLost,
     /// The job's work was lost and could not be rebuilt (no message, no lease, no stored envelope).
     JobLost,
+    /// No valid API key: none given, malformed, unknown, revoked or expired (`401`).
+    Unauthorized,
+    /// The API key lacks the scope this route needs (`403`).
+    Forbidden,
+    /// The tenant's request rate is used up; retry after the `Retry-After` delay (`429`).
+    RateLimited,
+    /// The tenant has as many jobs in flight, or has used as much compute this hour, as its
+    /// quota allows; retry after the `Retry-After` delay (`429`).
+    QuotaExceeded,
     /// An unexpected server error; details are in the server log, never in the response.
     Internal,
 }
 
 impl ErrorCode {
     /// Every code, for documentation (the OpenAPI description lists them).
-    pub const ALL: [ErrorCode; 22] = [
+    pub const ALL: [ErrorCode; 26] = [
         Self::MalformedJson,
         Self::InvalidRequest,
         Self::InvalidInput,
@@ -77,6 +86,10 @@ impl ErrorCode {
         Self::DeadlineExceeded,
         Self::WorkerLost,
         Self::JobLost,
+        Self::Unauthorized,
+        Self::Forbidden,
+        Self::RateLimited,
+        Self::QuotaExceeded,
         Self::Internal,
     ];
 
@@ -103,6 +116,10 @@ impl ErrorCode {
             Self::DeadlineExceeded => "deadline_exceeded",
             Self::WorkerLost => "worker_lost",
             Self::JobLost => "job_lost",
+            Self::Unauthorized => "unauthorized",
+            Self::Forbidden => "forbidden",
+            Self::RateLimited => "rate_limited",
+            Self::QuotaExceeded => "quota_exceeded",
             Self::Internal => "internal",
         }
     }

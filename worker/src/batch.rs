@@ -274,7 +274,9 @@ async fn settle(ctx: &Ctx, mut job: Job, result: Result<Produced, Failure>) -> S
             }
         },
     };
-    match finish(ctx, &job, &outcome).await {
+    let finished = finish(ctx, &job, &outcome).await;
+    charge(ctx, &job).await;
+    match finished {
         Ok(Transition::Applied) => {
             events::run_completed(id, job.run, ok, true);
             events::job_outcome(&ctx.spec, if ok { "succeeded" } else { "failed" }, Some(run_of(&job)));
@@ -319,6 +321,16 @@ async fn patiently<T, F: Future<Output = Result<T, StoreError>>>(
             }
             other => return other,
         }
+    }
+}
+
+/// Charges this run's time to its tenant's compute quota (best effort: a store that fails only
+/// makes the quota lenient). Every run that got this far counts, stored or not: it used a worker.
+async fn charge(ctx: &Ctx, job: &Job) {
+    let Some(tenant) = &job.envelope.tenant else { return };
+    let seconds = job.started.elapsed().as_secs_f64();
+    if let Err(e) = ctx.backend.limiter.charge(tenant, seconds).await {
+        events::charge_failed(job.id, &e);
     }
 }
 

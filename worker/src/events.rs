@@ -31,6 +31,11 @@ pub fn run_completed(id: JobId, attempt: u32, ok: bool, stored: bool) {
     tracing::debug!(target: "kiln::worker::runs", job_id = %id, attempt, ok, stored, "run completed");
 }
 
+pub fn charge_failed(id: JobId, error: &dyn Display) {
+    tracing::warn!(target: "kiln::worker", job_id = %id, error = %error, "run time not charged to its tenant's compute quota");
+    metrics::counter!("kiln_worker_charge_failures_total").increment(1);
+}
+
 pub fn skipped(id: JobId, why: &Start) {
     tracing::info!(target: "kiln::worker", job_id = %id, why = ?why, "delivery skipped");
 }

@@ -133,7 +133,7 @@ async fn two_hundred_concurrent_jobs_all_succeed(kind: Kind) {
 
 async fn bad_input_gets_a_clear_error(kind: Kind) {
     let env = Env::new(kind);
-    let config = kiln_gateway::GatewayConfig { max_body_bytes: 4096, ..Default::default() };
+    let config = kiln_gateway::GatewayConfig { max_body_bytes: 4096, ..crate::harness::open_gateway() };
     let gw = env.gateway_with(config).await;
     let json_ct = Some("application/json");
     let long = "a".repeat(5000);

@@ -275,7 +275,7 @@ pub(crate) fn webhook_gateway(retry_base: Duration, give_up_after: Duration) -> 
             webhook_timeout: Duration::from_secs(5),
             ..WebhookConfig::default()
         },
-        ..GatewayConfig::default()
+        ..crate::harness::open_gateway()
     }
 }
 

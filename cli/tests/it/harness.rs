@@ -64,7 +64,7 @@ impl Env {
     }
 
     pub async fn gateway(&self) -> Gateway {
-        self.gateway_with(GatewayConfig::default()).await
+        self.gateway_with(open_gateway()).await
     }
 
     pub async fn gateway_with(&self, config: GatewayConfig) -> Gateway {
@@ -247,6 +247,11 @@ pub fn set(key: &str, value: &str) -> impl Fn(String) -> String {
             .collect::<Vec<_>>()
             .join("\n")
     }
+}
+
+/// Gateway settings of the tests that are not about keys: an open API (`KILN_AUTH=off`).
+pub fn open_gateway() -> GatewayConfig {
+    GatewayConfig { auth: kiln_gateway::AuthMode::Off, ..GatewayConfig::default() }
 }
 
 /// A `kiln worker` process, logging JSON to a file so tests can read what it did.
@@ -465,6 +470,7 @@ impl ChildGateway {
         backend_env(&mut cmd, &self.args);
         cmd.env("KILN_MODELS_DIR", &self.models)
             .env("KILN_CACHE_DIR", cache_dir())
+            .env("KILN_AUTH", "off")
             .env("KILN_LOG", "warn,kiln::gateway=debug")
             .env("KILN_LOG_FORMAT", "json")
             .stdout(std::process::Stdio::null())

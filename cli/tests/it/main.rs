@@ -13,5 +13,6 @@ mod history;
 mod images;
 mod observability;
 mod reliability;
+mod security;
 mod suite;
 mod webhooks_hard;

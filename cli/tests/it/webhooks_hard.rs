@@ -90,7 +90,7 @@ async fn sse_resume_at_or_past_the_last_event_of_a_finished_job_ends_at_once(kin
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn event_streams_are_bounded_per_gateway() {
     let env = Env::new(Kind::Embedded);
-    let gw = env.gateway_with(GatewayConfig { max_event_streams: 1, ..GatewayConfig::default() }).await;
+    let gw = env.gateway_with(GatewayConfig { max_event_streams: 1, ..crate::harness::open_gateway() }).await;
     let id = gw.submit_ok(json!({ "text": "streamed to one client at a time" })).await;
     let mut first = SseClient::open(&gw, id, None).await;
     assert_eq!(first.next().await.expect("the current state").event, "status");
@@ -113,7 +113,7 @@ async fn event_streams_are_bounded_per_gateway() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn long_polls_are_bounded_per_gateway() {
     let env = Env::new(Kind::Embedded);
-    let gw = Arc::new(env.gateway_with(GatewayConfig { max_waiters: 1, ..GatewayConfig::default() }).await);
+    let gw = Arc::new(env.gateway_with(GatewayConfig { max_waiters: 1, ..crate::harness::open_gateway() }).await);
     let id = gw.submit_ok(json!({ "text": "long-polled by one client at a time" })).await;
     let long_poll = |wait_s: u64| {
         let gw = gw.clone();
@@ -172,7 +172,7 @@ fn webhook_config(tune: impl FnOnce(&mut WebhookConfig)) -> GatewayConfig {
         ..WebhookConfig::default()
     };
     tune(&mut webhooks);
-    GatewayConfig { webhooks, ..GatewayConfig::default() }
+    GatewayConfig { webhooks, ..crate::harness::open_gateway() }
 }
 
 /// A receiver that takes connections and never answers; [`Hang::close`] takes it down (the port

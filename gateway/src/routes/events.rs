@@ -10,15 +10,16 @@
 use std::convert::Infallible;
 use std::time::Duration;
 
-use axum::extract::{Path, State};
+use axum::extract::{Extension, Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use kiln_proto::{EventKind, JobEvent, JobId};
 use tokio::sync::{OwnedSemaphorePermit, broadcast, mpsc};
 
+use crate::auth::Principal;
 use crate::error::ApiError;
-use crate::routes::jobs::current;
+use crate::routes::jobs::{current, visible};
 use crate::state::AppState;
 
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
@@ -29,6 +30,7 @@ type Tx = mpsc::Sender<Result<Event, Infallible>>;
 
 pub async fn stream(
     State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
@@ -41,7 +43,7 @@ pub async fn stream(
     let last_event_id = headers.get("last-event-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
     let rx = state.backend.store.subscribe(job_id).await;
     // Fails with 404 before the stream starts, while an error can still be a status code.
-    let record = current(&state, job_id).await?.ok_or(ApiError::JobNotFound(id))?;
+    let record = visible(&state, &who, job_id).await?.ok_or(ApiError::JobNotFound(id))?;
     if let Some(last) = &last_event_id
         && record.status.is_terminal()
         && has_everything(&state, job_id, last).await?

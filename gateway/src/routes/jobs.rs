@@ -7,7 +7,7 @@ use std::time::Duration;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use kiln_common::cache;
@@ -22,7 +22,8 @@ use sha2::{Digest, Sha256};
 
 use tracing::Instrument;
 
-use crate::error::ApiError;
+use crate::auth::Principal;
+use crate::error::{ApiError, Limited, RateHeaders};
 use crate::events;
 use crate::state::AppState;
 
@@ -52,12 +53,55 @@ struct Submission {
     webhook: Option<WebhookState>,
     /// Hash of the canonical request, for idempotency.
     fingerprint: String,
-    /// The result-cache key, unless the request opted out (`"cache": false`).
+    /// The result-cache key, unless the request opted out (`"cache": false`): the tenant's own,
+    /// or one shared by every tenant for a model that opts in (`shared_cache = true`).
     cache_key: Option<String>,
+    shared_cache: bool,
+    tenant: Option<String>,
+}
+
+/// Refuses a submission of a tenant that has used its compute quota for the hour.
+async fn check_compute(state: &AppState, who: &Principal) -> Result<(), ApiError> {
+    let (Some(tenant), Some(limit)) = (&who.tenant, who.limits.compute_s_per_hour) else { return Ok(()) };
+    let use_ = state.backend.limiter.compute(tenant).await.map_err(|e| ApiError::Store(e, state.config.retry_after))?;
+    let used = use_.used();
+    if used < limit {
+        return Ok(());
+    }
+    let retry_after = use_.retry_after(limit);
+    Err(ApiError::QuotaExceeded(Limited {
+        message: format!("tenant {tenant} used {used:.1} of its {limit} compute-seconds this hour"),
+        retry_after,
+        headers: RateHeaders {
+            policy: format!("\"compute\";q={};w=3600", limit.ceil() as u64),
+            state: format!("\"compute\";r=0;t={}", retry_after.as_secs()),
+        },
+    }))
+}
+
+/// Takes one of the tenant's slots of jobs in flight for `id`; answers the tenant when it did.
+async fn take_slot(state: &AppState, who: &Principal, id: JobId) -> Result<Option<String>, ApiError> {
+    let (Some(tenant), Some(max)) = (&who.tenant, who.limits.max_in_flight.filter(|m| *m > 0)) else {
+        return Ok(None);
+    };
+    let retry = state.config.retry_after;
+    let slot = state.backend.store.reserve_slot(tenant, id, max).await.map_err(|e| ApiError::Store(e, retry))?;
+    if !slot.granted {
+        return Err(ApiError::QuotaExceeded(Limited {
+            message: format!("tenant {tenant} has {} jobs in flight, the most it may", slot.in_use),
+            retry_after: retry,
+            headers: RateHeaders {
+                policy: format!("\"jobs\";q={max}"),
+                state: format!("\"jobs\";r=0;t={}", retry.as_secs().max(1)),
+            },
+        }));
+    }
+    Ok(Some(tenant.clone()))
 }
 
 pub async fn submit(
     State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -70,12 +114,17 @@ pub async fn submit(
         return Err(ApiError::PayloadTooLarge { limit });
     }
     check_content_type(&headers)?;
-    let mut submission = validate(&state, &body)?;
+    let mut submission = validate(&state, &body, who.tenant.as_deref())?;
     if let Some(after) = cancel_after(&headers)? {
         submission.deadline = Some(submission.deadline.map_or(after, |d| d.min(after)));
     }
     let wait = prefer_wait(&headers, state.config.max_wait_s);
-    let key = idempotency_key(&headers)?;
+    // A tenant's idempotency keys are its own: another tenant's same key names another job.
+    let key = idempotency_key(&headers)?.map(|k| match &who.tenant {
+        Some(t) => format!("t:{t}:{k}"),
+        None => k,
+    });
+    check_compute(&state, &who).await?;
 
     let permit =
         state.admission.clone().try_acquire_owned().map_err(|_| ApiError::Overloaded(state.config.retry_after))?;
@@ -92,15 +141,24 @@ pub async fn submit(
     let admitted = tokio::spawn(
         async move {
             let _permit = permit;
-            admit(&state, key, submission, id).await.map(|a| (a, state))
+            let slot = take_slot(&state, &who, id).await?;
+            let admitted = admit(&state, key, submission, id).await;
+            // A slot is held by a job that is now live; the others give theirs back.
+            if let Some(tenant) = slot
+                && !matches!(admitted, Ok(Admitted::New(_)))
+                && let Err(e) = state.backend.store.release_slot(&tenant, id).await
+            {
+                events::slot_not_released(id, &e);
+            }
+            admitted.map(|a| (a, state, who))
         }
         .instrument(tracing::Span::current()),
     )
     .await
     .map_err(|e| ApiError::Internal(format!("accepting the job: {e}")))?;
-    let (admitted, state) = admitted?;
+    let (admitted, state, who) = admitted?;
     let record = match admitted {
-        Admitted::Existing(record) => return respond(&state, record, wait, true).await,
+        Admitted::Existing(record) => return respond(&state, &who, record, wait, true).await,
         Admitted::Cached(record) => return Ok(job_response(record)),
         Admitted::New(record) => record,
     };
@@ -179,8 +237,10 @@ async fn cached(
     record.started_at = Some(now);
     record.completed_at = Some(now);
     record.output = Some(output);
-    record.cached = true;
+    // A hit in a cache shared across tenants may be another tenant's result: it is not said.
+    record.cached = !s.shared_cache;
     record.webhook = s.webhook.clone();
+    record.tenant = s.tenant.clone();
     let how = Creation { envelope: None, idempotency_key };
     state.backend.store.insert(&record, &how).await.map_err(|e| ApiError::Store(e, state.config.retry_after))?;
     events::cache_hit(id, &s.spec_name);
@@ -201,12 +261,14 @@ async fn accept(state: &AppState, id: JobId, s: Submission, key: Option<&str>) -
     record.deadline_at = deadline;
     record.webhook = s.webhook.clone();
     record.traceparent = kiln_common::telemetry::current_traceparent();
+    record.tenant = s.tenant.clone();
     let mut envelope = Envelope::new(id, s.spec_name.clone(), s.input, created_at, deadline);
     envelope.cache_key = s.cache_key.clone();
     // What a rebuilt record needs, should the store lose this one.
     envelope.metadata = s.metadata;
     envelope.webhook = s.webhook.map(|w| kiln_proto::EnvelopeWebhook { url: w.url, events: w.events });
     envelope.traceparent = record.traceparent.clone();
+    envelope.tenant = s.tenant;
     let text = serde_json::to_string(&envelope).map_err(|e| ApiError::Internal(format!("encoding envelope: {e}")))?;
     let how = Creation { envelope: Some(&text), idempotency_key: key };
     match &s.cache_key {
@@ -306,18 +368,20 @@ pub struct GetParams {
 
 pub async fn get(
     State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
     Path(id): Path<String>,
     Query(params): Query<GetParams>,
 ) -> Result<Response, ApiError> {
     let job_id: JobId = id.parse().map_err(|_| ApiError::JobNotFound(id.clone()))?;
     let wait = params.wait.map(|w| Duration::from_secs(w.min(state.config.max_wait_s)));
-    let record = current(&state, job_id).await?.ok_or(ApiError::JobNotFound(id))?;
-    respond(&state, record, wait, false).await
+    let record = visible(&state, &who, job_id).await?.ok_or(ApiError::JobNotFound(id))?;
+    respond(&state, &who, record, wait, false).await
 }
 
 /// Answers with `record`, after waiting for it to finish when asked to.
 async fn respond(
     state: &AppState,
+    who: &Principal,
     record: JobRecord,
     wait: Option<Duration>,
     as_submit: bool,
@@ -346,11 +410,31 @@ async fn respond(
         }
         _ => record,
     };
+    let record = shown(who, record).ok_or_else(|| ApiError::JobNotFound(id.to_string()))?;
     let resp = if as_submit { job_response(record) } else { Json(record).into_response() };
     Ok(match wait {
         Some(w) if as_submit => with_wait_applied(resp, w),
         _ => resp,
     })
+}
+
+/// The record of job `id` as `who` may see it: none for another tenant's job (which then answers
+/// 404 like a job that does not exist), and without the webhook URL unless it is `who`'s own.
+pub async fn visible(state: &AppState, who: &Principal, id: JobId) -> Result<Option<JobRecord>, ApiError> {
+    Ok(current(state, id).await?.and_then(|r| shown(who, r)))
+}
+
+/// `record` as `who` may see it (see [`visible`]).
+pub fn shown(who: &Principal, mut record: JobRecord) -> Option<JobRecord> {
+    if !who.sees(record.tenant.as_deref()) {
+        return None;
+    }
+    if !who.owns(record.tenant.as_deref())
+        && let Some(w) = record.webhook.as_mut()
+    {
+        w.url = "(another tenant's)".into();
+    }
+    Some(record)
 }
 
 /// The record, with a queued job whose deadline passed before it ever started reported (and
@@ -367,13 +451,19 @@ pub async fn current(state: &AppState, id: JobId) -> Result<Option<JobRecord>, A
     Ok(Some(record))
 }
 
-pub async fn cancel(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+pub async fn cancel(
+    State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     let job_id: JobId = id.parse().map_err(|_| ApiError::JobNotFound(id.clone()))?;
     let retry = state.config.retry_after;
+    // Another tenant's job is not there to cancel.
+    visible(&state, &who, job_id).await?.ok_or_else(|| ApiError::JobNotFound(id.clone()))?;
     match state.backend.store.cancel(job_id).await.map_err(|e| ApiError::Store(e, retry))? {
         Transition::Applied => {
             events::job_canceled(job_id);
-            let record = current(&state, job_id).await?.ok_or(ApiError::JobNotFound(id))?;
+            let record = visible(&state, &who, job_id).await?.ok_or(ApiError::JobNotFound(id))?;
             Ok(Json(record).into_response())
         }
         Transition::AlreadyTerminal(status) | Transition::NotApplicable(status) => {
@@ -447,7 +537,7 @@ fn invalid(field: &str, message: impl Into<String>) -> ApiError {
 
 const FIELDS: [&str; 7] = ["model", "input", "metadata", "deadline_s", "webhook", "webhook_events", "cache"];
 
-fn validate(state: &AppState, body: &[u8]) -> Result<Submission, ApiError> {
+fn validate(state: &AppState, body: &[u8], tenant: Option<&str>) -> Result<Submission, ApiError> {
     let value: Value = serde_json::from_slice(body).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
     // serde_json's maps are ordered, so this text is canonical: the same request, the same hash.
     let fingerprint = hex::encode(Sha256::digest(value.to_string().as_bytes()));
@@ -504,9 +594,27 @@ fn validate(state: &AppState, body: &[u8]) -> Result<Submission, ApiError> {
     };
     // Outputs that are files belong to their job (their URLs name it), so such jobs always run;
     // their seeds make them reproducible instead.
-    let cache_key = (use_cache && state.backend.cache.enabled() && !spec.task.produces_files())
-        .then(|| cache::key(spec.name.as_str(), &spec.version, &input));
-    Ok(Submission { spec_name: spec.name.clone(), input, metadata, deadline, webhook, fingerprint, cache_key })
+    // Cached results (and coalescing onto an identical job in flight) stay within a tenant,
+    // unless the model shares its cache.
+    let shared_cache = spec.shared_cache;
+    let cache_key = (use_cache && state.backend.cache.enabled() && !spec.task.produces_files()).then(|| {
+        let key = cache::key(spec.name.as_str(), &spec.version, &input);
+        match tenant {
+            Some(t) if !shared_cache => format!("t:{t}:{key}"),
+            _ => key,
+        }
+    });
+    Ok(Submission {
+        spec_name: spec.name.clone(),
+        input,
+        metadata,
+        deadline,
+        webhook,
+        fingerprint,
+        cache_key,
+        shared_cache,
+        tenant: tenant.map(str::to_owned),
+    })
 }
 
 fn canonical<T: serde::Serialize>(parsed: Result<T, kiln_proto::InputError>) -> Result<Value, ApiError> {

@@ -38,7 +38,9 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit.saturating_add(1)))
+        .route_layer(middleware::from_fn_with_state(state.clone(), crate::auth::guard))
         .route_layer(middleware::from_fn(measure))
+        .layer(middleware::from_fn_with_state(state.clone(), crate::auth::audit))
         .layer(middleware::from_fn(span))
         .with_state(state)
 }

@@ -5,16 +5,18 @@
 //! until then the files of the latest run are served.
 
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::{Extension, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use kiln_proto::{ImageOutput, JobId, stored_output_name};
 
+use crate::auth::Principal;
 use crate::error::ApiError;
 use crate::state::AppState;
 
 pub async fn get(
     State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
     Path((id, name)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
@@ -22,7 +24,7 @@ pub async fn get(
     let retry = state.config.retry_after;
     let not_found = || ApiError::OutputNotFound(id.clone(), name.clone());
     let outputs = &state.backend.outputs;
-    let name = stored_name(&state, job, &name).await?.ok_or_else(not_found)?;
+    let name = stored_name(&state, &who, job, &name).await?.ok_or_else(not_found)?;
     let etag = |sha: &str| HeaderValue::from_str(&format!("\"{sha}\"")).map_err(|_| ApiError::Internal("etag".into()));
     if let Some(tags) = headers.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()) {
         let meta = outputs.head(job, &name).await.map_err(|e| ApiError::Outputs(e, retry))?.ok_or_else(not_found)?;
@@ -51,11 +53,13 @@ pub async fn get(
 
 /// Where the output store keeps the job's file `name`: the run the record lists for it, else the
 /// latest run's; a file of a record written before runs named their files keeps its own name.
-async fn stored_name(state: &AppState, job: JobId, name: &str) -> Result<Option<String>, ApiError> {
+async fn stored_name(state: &AppState, who: &Principal, job: JobId, name: &str) -> Result<Option<String>, ApiError> {
     let retry = state.config.retry_after;
     let Some(record) = state.backend.store.get(job).await.map_err(|e| ApiError::Store(e, retry))? else {
         return Ok(None);
     };
+    // Another tenant's files are not there.
+    let Some(record) = crate::routes::jobs::shown(who, record) else { return Ok(None) };
     let listed = record
         .output
         .and_then(|o| serde_json::from_value::<ImageOutput>(o).ok())

@@ -17,7 +17,7 @@ use tower::ServiceExt;
 fn state() -> AppState {
     let repo = ModelRepository::load(&std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models")).unwrap();
     AppState::new(
-        GatewayConfig::default(),
+        GatewayConfig { auth: kiln_gateway::AuthMode::Off, ..GatewayConfig::default() },
         Backend::embedded(Duration::from_secs(60)),
         Arc::new(repo),
         CancellationToken::new(),
