@@ -13,6 +13,16 @@ use crate::outputs::{EmbeddedOutputs, FsOutputs, OutputStore};
 use crate::store::embedded::{EmbeddedStore, StoreSettings};
 use crate::store::redis::{RedisConfig, RedisStore};
 use crate::store::{Store, StoreError};
+use crate::tls::{ClientTls, TlsError};
+
+/// Why the RabbitMQ + Redis backend could not be built (nothing has connected yet).
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("KILN_TLS_CA: {0}")]
+    Tls(#[from] TlsError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
 
 #[derive(Clone)]
 pub struct Backend {
@@ -58,14 +68,16 @@ impl Backend {
     }
 
     /// RabbitMQ and Redis. Nothing connects yet: a process starts while they are down and
-    /// reports not-ready until they come up.
-    pub fn external(args: &BackendArgs) -> Result<Self, StoreError> {
+    /// reports not-ready until they come up. The CA bundle (`KILN_TLS_CA`) is read here.
+    pub fn external(args: &BackendArgs) -> Result<Self, BackendError> {
+        let tls = ClientTls::load(args.tls_ca.as_deref())?;
         let broker = AmqpBroker::new(AmqpConfig {
             url: args.amqp_url.clone(),
             topology: Topology::new(&args.queue_prefix),
             connect_timeout: args.connect_timeout,
             confirm_timeout: args.io_timeout,
             retry_interval: Duration::from_millis(500),
+            tls: tls.clone(),
         });
         let store = RedisStore::new(RedisConfig {
             url: args.redis_url.clone(),
@@ -75,14 +87,16 @@ impl Backend {
             sweep_after: args.sweep_after,
             connect_timeout: args.connect_timeout,
             response_timeout: args.io_timeout,
+            tls: tls.clone(),
         })?;
         let cache_url = args.cache_redis_url.as_ref().unwrap_or(&args.redis_url);
-        let cache = RedisCache::new(cache_url, &args.key_prefix, args.cache_ttl, args.io_timeout)?;
+        let cache = RedisCache::new(cache_url, &tls, &args.key_prefix, args.cache_ttl, args.io_timeout)?;
         let outputs: Arc<dyn OutputStore> = match &args.output_dir {
             Some(dir) => Arc::new(FsOutputs::new(dir.clone(), args.job_retention)),
             None => Arc::new(
                 RedisOutputs::new(
                     args.outputs_redis_url.as_ref().unwrap_or(&args.redis_url),
+                    &tls,
                     &args.key_prefix,
                     args.job_retention,
                     args.io_timeout,

@@ -16,6 +16,7 @@ pub mod store;
 pub mod telemetry;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod tls;
 pub mod webhooks;
 
 pub use backend::Backend;

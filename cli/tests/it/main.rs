@@ -14,4 +14,5 @@ mod images;
 mod observability;
 mod reliability;
 mod suite;
+mod tls;
 mod webhooks_hard;

@@ -5,6 +5,7 @@ use std::fmt::Debug;
 use std::future::Future;
 use std::time::Duration;
 
+pub mod certs;
 pub mod onnx;
 pub mod servers;
 
@@ -45,6 +46,7 @@ pub fn backend_args(retention: Duration) -> BackendArgs {
         io_timeout: Duration::from_secs(5),
         outputs_redis_url: None,
         output_dir: None,
+        tls_ca: None,
     }
 }
 
