@@ -90,7 +90,7 @@ pub struct Downloaded {
 
 impl Client {
     pub fn new(base: &str) -> Result<Self, reqwest::Error> {
-        let http = reqwest::Client::builder()
+        let http = kiln_common::tls::http_client()
             .timeout(Duration::from_secs(30))
             .connect_timeout(Duration::from_secs(5))
             .build()?;

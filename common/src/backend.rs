@@ -17,6 +17,16 @@ use crate::store::{Store, StoreError};
 use crate::tenancy::KeyStore;
 use crate::tenancy::file::FileKeys;
 use crate::tenancy::redis::RedisKeys;
+use crate::tls::{ClientTls, TlsError};
+
+/// Why the RabbitMQ + Redis backend could not be built (nothing has connected yet).
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("KILN_TLS_CA: {0}")]
+    Tls(#[from] TlsError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
 
 #[derive(Clone)]
 pub struct Backend {
@@ -70,14 +80,16 @@ impl Backend {
     }
 
     /// RabbitMQ and Redis. Nothing connects yet: a process starts while they are down and
-    /// reports not-ready until they come up.
-    pub fn external(args: &BackendArgs) -> Result<Self, StoreError> {
+    /// reports not-ready until they come up. The CA bundle (`KILN_TLS_CA`) is read here.
+    pub fn external(args: &BackendArgs) -> Result<Self, BackendError> {
+        let tls = ClientTls::load(args.tls_ca.as_deref())?;
         let broker = AmqpBroker::new(AmqpConfig {
             url: args.amqp_url.clone(),
             topology: Topology::new(&args.queue_prefix),
             connect_timeout: args.connect_timeout,
             confirm_timeout: args.io_timeout,
             retry_interval: Duration::from_millis(500),
+            tls: tls.clone(),
         });
         let store = RedisStore::new(RedisConfig {
             url: args.redis_url.clone(),
@@ -87,14 +99,16 @@ impl Backend {
             sweep_after: args.sweep_after,
             connect_timeout: args.connect_timeout,
             response_timeout: args.io_timeout,
+            tls: tls.clone(),
         })?;
         let cache_url = args.cache_redis_url.as_ref().unwrap_or(&args.redis_url);
-        let cache = RedisCache::new(cache_url, &args.key_prefix, args.cache_ttl, args.io_timeout)?;
+        let cache = RedisCache::new(cache_url, &tls, &args.key_prefix, args.cache_ttl, args.io_timeout)?;
         let outputs: Arc<dyn OutputStore> = match &args.output_dir {
             Some(dir) => Arc::new(FsOutputs::new(dir.clone(), args.job_retention)),
             None => Arc::new(
                 RedisOutputs::new(
                     args.outputs_redis_url.as_ref().unwrap_or(&args.redis_url),
+                    &tls,
                     &args.key_prefix,
                     args.job_retention,
                     args.io_timeout,
@@ -102,7 +116,8 @@ impl Backend {
                 .map_err(|e| StoreError::Unavailable(e.to_string()))?,
             ),
         };
-        let client = redis::Client::open(args.redis_url.expose())
+        let client = tls
+            .redis_client(args.redis_url.expose())
             .map_err(|e| StoreError::Unavailable(format!("bad Redis URL: {e}")))?;
         let config = crate::store::redis::connection_config(args.connect_timeout, args.io_timeout);
         let conn = redis::aio::ConnectionManager::new_lazy_with_config(client, config)

@@ -13,6 +13,7 @@ use tokio::time::Instant;
 
 use crate::config::Secret;
 use crate::store::StoreError;
+use crate::tls::ClientTls;
 
 /// The cache key of a job: what determines its output. `input` is the canonical input (the
 /// gateway's normalised form, with ordered keys).
@@ -43,9 +44,15 @@ pub struct RedisCache {
 }
 
 impl RedisCache {
-    pub fn new(url: &Secret, prefix: &str, ttl: Duration, timeout: Duration) -> Result<Self, StoreError> {
-        let client = redis::Client::open(url.expose())
-            .map_err(|e| StoreError::Unavailable(format!("bad cache Redis URL: {e}")))?;
+    pub fn new(
+        url: &Secret,
+        tls: &ClientTls,
+        prefix: &str,
+        ttl: Duration,
+        timeout: Duration,
+    ) -> Result<Self, StoreError> {
+        let client =
+            tls.redis_client(url.expose()).map_err(|e| StoreError::Unavailable(format!("bad cache Redis URL: {e}")))?;
         let config = crate::store::redis::connection_config(timeout, timeout);
         let conn = ConnectionManager::new_lazy_with_config(client, config)
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;

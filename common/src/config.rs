@@ -135,6 +135,12 @@ pub struct BackendArgs {
     /// deployments keep keys in the job store's Redis.)
     #[arg(long, env = "KILN_KEYS_FILE")]
     pub keys_file: Option<PathBuf>,
+    /// CA bundle (PEM) that the certificates of `amqps://` RabbitMQ and `rediss://` Redis servers
+    /// must chain to, for the host in the URL. Unset: the system's roots. Redis trusts only this
+    /// bundle; RabbitMQ's client adds it to the system roots (set `SSL_CERT_FILE` to the bundle
+    /// to trust it alone). Plain `amqp://` and `redis://` URLs do not use TLS.
+    #[arg(long, env = "KILN_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
 }
 
 /// Where the model repository and the cache of fetched assets are.

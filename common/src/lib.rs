@@ -20,6 +20,7 @@ pub mod telemetry;
 pub mod tenancy;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod tls;
 pub mod webhooks;
 
 pub use backend::Backend;

@@ -7,9 +7,9 @@ use std::process::ExitCode;
 use tokio_util::sync::CancellationToken;
 
 use crate::Backend;
+use crate::backend::BackendError;
 use crate::config::{BackendArgs, ModelArgs};
 use crate::models::{ModelConfigError, ModelRepository};
-use crate::store::StoreError;
 
 /// Exit code for a configuration error (EX_CONFIG-style usage error).
 pub const EXIT_CONFIG: u8 = 64;
@@ -21,7 +21,7 @@ pub enum ConfigError {
     #[error("KILN_AMQP_URL {url} is not an AMQP URL: {reason}")]
     AmqpUrl { url: String, reason: String },
     #[error(transparent)]
-    Store(#[from] StoreError),
+    Backend(#[from] BackendError),
 }
 
 /// Everything a role needs to start.

@@ -78,7 +78,7 @@ pub fn init(args: &TelemetryArgs, service: &str) -> Telemetry {
 fn tracer_provider(endpoint: &str, service: &str, ratio: f64) -> Result<SdkTracerProvider, String> {
     let runtime = tokio::runtime::Handle::try_current().map_err(|_| "not inside the tokio runtime".to_owned())?;
     let client =
-        reqwest::Client::builder().timeout(std::time::Duration::from_secs(10)).build().map_err(|e| e.to_string())?;
+        crate::tls::http_client().timeout(std::time::Duration::from_secs(10)).build().map_err(|e| e.to_string())?;
     let endpoint = endpoint.trim_end_matches('/');
     let url = if endpoint.ends_with("/v1/traces") { endpoint.to_owned() } else { format!("{endpoint}/v1/traces") };
     let exporter = opentelemetry_otlp::SpanExporter::builder()

@@ -240,7 +240,7 @@ impl reqwest::dns::Resolve for VettingResolver {
 /// The delivery client: the attempt bound, no redirects, no proxy (a proxy would resolve the
 /// target itself, past the vetting), and the [`VettingResolver`].
 pub fn client(config: &WebhookConfig, resolver: VettingResolver) -> Result<reqwest::Client, reqwest::Error> {
-    reqwest::Client::builder()
+    crate::tls::http_client()
         .redirect(reqwest::redirect::Policy::none())
         .no_proxy()
         .timeout(config.webhook_timeout)

@@ -65,15 +65,18 @@ struct Verdict {
     reason: Option<&'static str>,
 }
 
-/// Keys as last read, per public id.
+/// A key and its tenant's limits, as read from the key store.
+type Found = Option<(ApiKey, Limits)>;
+
+/// Keys as last read (and when), per public id.
 #[derive(Default)]
 pub struct KeyCache {
-    entries: Mutex<HashMap<String, (Instant, Option<(ApiKey, Limits)>)>>,
+    entries: Mutex<HashMap<String, (Instant, Found)>>,
 }
 
 impl KeyCache {
     /// The key with this id and its tenant's limits, at most `KEY_CACHE_TTL` old.
-    async fn lookup(&self, state: &AppState, id: &str) -> Result<Option<(ApiKey, Limits)>, ApiError> {
+    async fn lookup(&self, state: &AppState, id: &str) -> Result<Found, ApiError> {
         let cached = self.lock().get(id).filter(|(at, _)| at.elapsed() < KEY_CACHE_TTL).map(|(_, hit)| hit.clone());
         if let Some(hit) = cached {
             return Ok(hit);
@@ -95,7 +98,7 @@ impl KeyCache {
         Ok(found)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Instant, Option<(ApiKey, Limits)>)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Instant, Found)>> {
         self.entries.lock().unwrap_or_else(|p| p.into_inner())
     }
 }

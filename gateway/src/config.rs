@@ -1,6 +1,7 @@
 //! Gateway settings. Each field is a flag and a `KILN_*` variable; the doc comments are `--help`.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use kiln_common::audit::AuditConfig;
@@ -65,6 +66,8 @@ pub struct GatewayConfig {
     /// store's, filled in by the process that runs the gateway.
     #[arg(skip)]
     pub audit_redis_url: Option<Secret>,
+    #[command(flatten)]
+    pub tls: TlsConfig,
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,6 +118,46 @@ impl DefaultLimits {
     }
 }
 
+/// HTTPS: served when a certificate and its key are configured, plain HTTP otherwise.
+#[derive(clap::Args, Debug, Clone)]
+pub struct TlsConfig {
+    /// Certificate chain (PEM, the server's certificate first) to serve HTTPS with; needs
+    /// `KILN_TLS_KEY`. Unset: plain HTTP (terminate TLS in front of the gateway).
+    #[arg(long, env = "KILN_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM: PKCS#8, PKCS#1 or SEC1) of `KILN_TLS_CERT`.
+    #[arg(long, env = "KILN_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Lowest TLS version a client may use: `1.3`, or `1.2` for clients that cannot do 1.3.
+    #[arg(long, env = "KILN_TLS_MIN_VERSION", value_enum, default_value = "1.3")]
+    pub tls_min_version: TlsVersion,
+    /// How often the certificate and key files are checked for a change (their modification
+    /// time and size). A changed pair serves new connections without a restart; a pair that does
+    /// not load (or whose key does not fit) is logged and the one in use kept.
+    #[arg(long, env = "KILN_TLS_RELOAD_EVERY", default_value = "10s", value_parser = parse_duration)]
+    pub tls_reload_every: Duration,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            tls_cert: None,
+            tls_key: None,
+            tls_min_version: TlsVersion::V1_3,
+            tls_reload_every: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A TLS protocol version, as `KILN_TLS_MIN_VERSION` spells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+pub enum TlsVersion {
+    #[value(name = "1.2")]
+    V1_2,
+    #[value(name = "1.3")]
+    V1_3,
+}
+
 impl Default for GatewayConfig {
     fn default() -> Self {
         Self {
@@ -134,6 +177,7 @@ impl Default for GatewayConfig {
             limits: DefaultLimits::default(),
             audit: AuditConfig::default(),
             audit_redis_url: None,
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -155,5 +199,16 @@ mod tests {
     fn defaults_agree_with_the_flags() {
         let parsed = Cli::try_parse_from(["kiln-gateway"]).expect("no flags needed").gateway;
         assert_eq!(format!("{parsed:?}"), format!("{:?}", GatewayConfig::default()));
+    }
+
+    #[test]
+    fn a_certificate_needs_its_key_and_versions_are_spelled_as_numbers() {
+        assert!(Cli::try_parse_from(["kiln-gateway", "--tls-cert", "c.pem"]).is_err());
+        assert!(Cli::try_parse_from(["kiln-gateway", "--tls-key", "k.pem"]).is_err());
+        let both = Cli::try_parse_from(["kiln-gateway", "--tls-cert", "c.pem", "--tls-key", "k.pem"]).unwrap().gateway;
+        assert_eq!(both.tls.tls_cert, Some(PathBuf::from("c.pem")));
+        let old = Cli::try_parse_from(["kiln-gateway", "--tls-min-version", "1.2"]).unwrap().gateway;
+        assert_eq!(old.tls.tls_min_version, TlsVersion::V1_2);
+        assert!(Cli::try_parse_from(["kiln-gateway", "--tls-min-version", "1.1"]).is_err());
     }
 }

@@ -7,6 +7,7 @@ mod error;
 mod events;
 mod routes;
 mod state;
+pub mod tls;
 mod waiting;
 
 use std::sync::Arc;
@@ -27,8 +28,8 @@ pub fn router(state: AppState) -> Router {
     routes::router(state)
 }
 
-/// Serves the API on `listener` until `shutdown` is cancelled, then stops taking connections,
-/// finishes the requests in flight and returns.
+/// Serves the API on `listener` (HTTPS when `config.tls` names a certificate) until `shutdown` is
+/// cancelled, then stops taking connections, finishes the requests in flight and returns.
 pub async fn run(
     config: GatewayConfig,
     backend: Backend,
@@ -36,6 +37,8 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    let tls =
+        tls::ServerTls::load(&config.tls).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
     // Metrics recorded from here on land in the recorder `/metrics` renders.
     kiln_common::telemetry::prometheus();
     let audit = AuditLog::open(&config.audit, config.audit_redis_url.as_ref()).map_err(std::io::Error::other)?;
@@ -51,13 +54,22 @@ pub async fn run(
             shutdown.clone(),
         ));
     }
-    tracing::info!(addr = %listener.local_addr()?, broker = state.backend.broker.kind(), store = state.backend.store.kind(), "gateway listening");
+    tracing::info!(addr = %listener.local_addr()?, https = tls.is_some(), broker = state.backend.broker.kind(), store = state.backend.store.kind(), "gateway listening");
     let delay = state.config.shutdown_delay;
-    let stop = async move {
-        shutdown.cancelled().await;
-        tokio::time::sleep(delay).await;
+    let stop = {
+        let shutdown = shutdown.clone();
+        async move {
+            shutdown.cancelled().await;
+            tokio::time::sleep(delay).await;
+        }
     };
-    let served = axum::serve(listener, router(state)).with_graceful_shutdown(stop).await;
+    let served = match tls {
+        Some(tls) => {
+            let listener = tls.listen(listener, shutdown)?;
+            axum::serve(listener, router(state)).with_graceful_shutdown(stop).await
+        }
+        None => axum::serve(listener, router(state)).with_graceful_shutdown(stop).await,
+    };
     if let Err(e) = audit.close().await {
         tracing::error!(error = %e, "the audit log did not close cleanly");
     }

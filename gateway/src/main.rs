@@ -9,7 +9,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use kiln_common::config::{BackendArgs, ModelArgs, TelemetryArgs};
-use kiln_common::process::{config_error, prepare};
+use kiln_common::process::{EXIT_CONFIG, config_error, prepare};
 use kiln_gateway::GatewayConfig;
 
 /// The Kiln HTTP gateway: accepts jobs, puts them on RabbitMQ, serves their status from Redis.
@@ -30,6 +30,10 @@ struct Cli {
 async fn main() -> ExitCode {
     let mut cli = Cli::parse();
     cli.gateway.audit_redis_url.get_or_insert_with(|| cli.backend.redis_url.clone());
+    if let Err(e) = kiln_gateway::tls::ServerTls::load(&cli.gateway.tls) {
+        eprintln!("kiln-gateway: TLS: {e}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
     let p = match prepare(&cli.models, &cli.backend) {
         Ok(p) => p,
         Err(e) => return config_error("kiln-gateway", &e),

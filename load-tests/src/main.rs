@@ -147,7 +147,7 @@ async fn main() -> anyhow::Result<()> {
     let mut report = Report::default();
     let run = uuid::Uuid::new_v4().simple().to_string();
     let run = &run[..8];
-    let http = reqwest::Client::builder().pool_max_idle_per_host(512).timeout(Duration::from_secs(120)).build()?;
+    let http = kiln_common::tls::http_client().pool_max_idle_per_host(512).timeout(Duration::from_secs(120)).build()?;
 
     // Baseline 1, per mix: bare ONNX Runtime, before any process shares the cores.
     let mut bares = Vec::new();

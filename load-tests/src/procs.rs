@@ -53,7 +53,7 @@ impl Proc {
             .spawn()
             .with_context(|| format!("starting {} gateway", args.kiln.display()))?;
         let mut me = Self { child, url: format!("http://127.0.0.1:{port}") };
-        let http = reqwest::Client::new();
+        let http = kiln_common::tls::http_client().build()?;
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Ok(r) = http.get(format!("{}/readyz", me.url)).send().await

@@ -110,6 +110,7 @@ async fn a_cache_hit_never_touches_the_broker(kind: Kind) {
         connect_timeout: Duration::from_millis(300),
         confirm_timeout: Duration::from_secs(1),
         retry_interval: Duration::from_millis(100),
+        tls: Default::default(),
     });
     let cut_off = Backend { broker: Arc::new(dead), ..env.backend.clone() };
     let isolated = Env::from_parts(cut_off, env.args.clone()).gateway().await;

@@ -436,13 +436,14 @@ async fn a_client_hanging_up_mid_submit_never_strands_its_idempotency_key(kind: 
         connect_timeout: Duration::from_millis(1500),
         confirm_timeout: Duration::from_secs(1),
         retry_interval: Duration::from_millis(100),
+        tls: Default::default(),
     });
     let backend = Backend { broker: Arc::new(hanging), ..env.backend.clone() };
     let gw = crate::harness::Env::from_parts(backend, env.args.clone()).gateway().await;
     let body = job_body("hung up on");
     let key = format!("hangup-{}", kiln_common::testing::unique_prefix());
     // The client gives up while the gateway is still publishing.
-    let impatient = reqwest::Client::builder().timeout(Duration::from_millis(300)).build().unwrap();
+    let impatient = kiln_common::tls::http_client().timeout(Duration::from_millis(300)).build().unwrap();
     let gone = impatient.post(gw.url("/v1/jobs")).header("idempotency-key", &key).json(&body).send().await;
     assert!(gone.is_err_and(|e| e.is_timeout()), "the first client timed out");
     // Its accept still runs to the end — the publish fails and the key is released — so the

@@ -59,7 +59,7 @@ impl Env {
 
     pub fn from_parts(backend: Backend, args: Option<BackendArgs>) -> Self {
         let repo = ModelRepository::load(&repo_dir()).expect("model repository");
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
+        let http = kiln_common::tls::http_client().timeout(Duration::from_secs(30)).build().unwrap();
         Self { backend, args, repo, http }
     }
 
@@ -481,7 +481,7 @@ impl ChildGateway {
         }
         let child = std::sync::Mutex::new(cmd.spawn().expect("spawn kiln gateway"));
         self.logs.push(log.clone());
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(2)).build().unwrap();
+        let http = kiln_common::tls::http_client().timeout(Duration::from_secs(2)).build().unwrap();
         let ready = self.url("/readyz");
         let exited =
             testing::wait_until(&format!("kiln gateway on {} is ready", self.addr), Duration::from_secs(60), || {

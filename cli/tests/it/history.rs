@@ -164,7 +164,7 @@ fn is_terminal(record: &Value) -> bool {
 
 impl History {
     pub fn new(base: &str) -> Arc<Self> {
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
+        let http = kiln_common::tls::http_client().timeout(Duration::from_secs(30)).build().unwrap();
         Arc::new(Self {
             base: base.trim_end_matches('/').to_owned(),
             http,

@@ -15,4 +15,5 @@ mod observability;
 mod reliability;
 mod security;
 mod suite;
+mod tls;
 mod webhooks_hard;

@@ -97,7 +97,7 @@ async fn one_trace_spans_request_inference_and_webhook_and_metrics_count_the_job
         .kill_on_drop(true)
         .spawn()
         .expect("kiln dev");
-    let http = reqwest::Client::new();
+    let http = kiln_common::tls::http_client().build().unwrap();
     let base = format!("http://127.0.0.1:{port}");
     let jobs = 5;
     let mut ids = Vec::new();

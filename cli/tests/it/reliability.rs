@@ -211,7 +211,7 @@ async fn worker_probes_report_consuming_models(kind: Kind) {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
     let worker = env.worker_with(WorkerConfig { health_listen: Some(addr), ..WorkerConfig::default() });
-    let http = reqwest::Client::new();
+    let http = kiln_common::tls::http_client().build().unwrap();
     let ready = wait_until("the worker reports ready", JOB_TIMEOUT, || async {
         let r = http.get(format!("http://{addr}/readyz")).send().await.map_err(|e| e.to_string())?;
         let status = r.status();

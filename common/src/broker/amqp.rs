@@ -57,6 +57,7 @@ use super::{
     RETRY_DELAYS, delay_step,
 };
 use crate::config::Secret;
+use crate::tls::ClientTls;
 
 /// The dead-letter queue's delivery limit: as good as none (see the module header).
 pub const DEAD_LETTER_DELIVERY_LIMIT: i32 = i32::MAX;
@@ -225,6 +226,8 @@ pub struct AmqpConfig {
     pub confirm_timeout: Duration,
     /// After a failed connection attempt, calls fail fast for this long instead of each dialling again.
     pub retry_interval: Duration,
+    /// How an `amqps://` server is verified.
+    pub tls: ClientTls,
 }
 
 pub struct AmqpBroker {
@@ -298,9 +301,15 @@ impl AmqpBroker {
         {
             return Err(BrokerError::Unavailable(why.clone()));
         }
+        let runtime = lapin::runtime::default_runtime()?;
         let attempt = tokio::time::timeout(
             self.config.connect_timeout,
-            Connection::connect(self.config.url.expose(), ConnectionProperties::default()),
+            Connection::connect_with_config(
+                self.config.url.expose(),
+                ConnectionProperties::default(),
+                self.config.tls.amqp(),
+                runtime,
+            ),
         )
         .await;
         let why = match attempt {

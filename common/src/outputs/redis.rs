@@ -11,6 +11,7 @@ use redis::aio::ConnectionManager;
 
 use super::{FileMeta, OutputError, OutputStore, check, valid_name};
 use crate::config::Secret;
+use crate::tls::ClientTls;
 
 pub struct RedisOutputs {
     conn: ConnectionManager,
@@ -20,9 +21,15 @@ pub struct RedisOutputs {
 
 impl RedisOutputs {
     /// Connects lazily, like the job store.
-    pub fn new(url: &Secret, key_prefix: &str, retention: Duration, timeout: Duration) -> Result<Self, OutputError> {
+    pub fn new(
+        url: &Secret,
+        tls: &ClientTls,
+        key_prefix: &str,
+        retention: Duration,
+        timeout: Duration,
+    ) -> Result<Self, OutputError> {
         let client =
-            redis::Client::open(url.expose()).map_err(|e| OutputError::Unavailable(format!("bad Redis URL: {e}")))?;
+            tls.redis_client(url.expose()).map_err(|e| OutputError::Unavailable(format!("bad Redis URL: {e}")))?;
         let config = crate::store::redis::connection_config(timeout, timeout);
         let conn = ConnectionManager::new_lazy_with_config(client, config).map_err(unavailable)?;
         Ok(Self { conn, prefix: key_prefix.to_owned(), retention })

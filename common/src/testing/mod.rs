@@ -5,6 +5,7 @@ use std::fmt::Debug;
 use std::future::Future;
 use std::time::Duration;
 
+pub mod certs;
 pub mod onnx;
 pub mod servers;
 
@@ -46,6 +47,7 @@ pub fn backend_args(retention: Duration) -> BackendArgs {
         outputs_redis_url: None,
         output_dir: None,
         keys_file: None,
+        tls_ca: None,
     }
 }
 

@@ -2,6 +2,8 @@
 //! them, so they never disturb the shared servers other tests run against. Each runs as a child
 //! process on free ports with a temporary data dir, and is killed (its dir removed) on drop.
 //! `stop` is an operator's clean shutdown; `kill` is a crash (SIGKILL, nothing flushed or closed).
+//! Either can listen with TLS only ([`RabbitMq::start_tls`], [`Redis::start_tls`]), on a
+//! certificate from a [`super::certs::TestCa`].
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -9,6 +11,7 @@ use std::time::Duration;
 
 use tokio::process::{Child, Command};
 
+use super::certs::{ServerCert, TestCa};
 use super::wait_until;
 
 fn free_port() -> u16 {
@@ -36,6 +39,8 @@ pub struct RabbitMq {
     dist_port: u16,
     epmd_port: u16,
     node: String,
+    /// The port of the TLS listener, when it has one.
+    tls_port: Option<u16>,
     child: Option<Child>,
 }
 
@@ -43,6 +48,17 @@ impl RabbitMq {
     /// Starts a node; `consumer_timeout` lowers RabbitMQ's delivery acknowledgement timeout, which
     /// it then checks every second.
     pub async fn start(consumer_timeout: Option<Duration>) -> Self {
+        Self::start_with(consumer_timeout, None).await
+    }
+
+    /// Starts a node that also listens with TLS 1.3 (only) on a certificate `ca` signs; connect
+    /// with [`Self::tls_url`].
+    pub async fn start_tls(ca: &TestCa) -> Self {
+        let server = ca.server("rabbitmq");
+        Self::start_with(None, Some((ca.ca_file(), server))).await
+    }
+
+    async fn start_with(consumer_timeout: Option<Duration>, tls: Option<(PathBuf, ServerCert)>) -> Self {
         let dir = temp_dir("rabbitmq");
         for d in ["home", "mnesia", "log"] {
             std::fs::create_dir_all(dir.join(d)).unwrap();
@@ -53,15 +69,40 @@ impl RabbitMq {
         if let Some(t) = consumer_timeout {
             conf.push_str(&format!("consumer_timeout = {}\n", t.as_millis()));
         }
+        let tls_port = tls.as_ref().map(|_| free_port());
+        if let (Some(port), Some((ca, server))) = (tls_port, &tls) {
+            conf.push_str(&format!(
+                "listeners.ssl.default = 127.0.0.1:{port}\nssl_options.cacertfile = {}\nssl_options.certfile = {}\n\
+                 ssl_options.keyfile = {}\nssl_options.versions.1 = tlsv1.3\nssl_options.verify = verify_none\n\
+                 ssl_options.fail_if_no_peer_cert = false\n",
+                ca.display(),
+                server.cert.display(),
+                server.key.display()
+            ));
+        }
         std::fs::write(dir.join("rabbitmq.conf"), conf).unwrap();
         let node = format!("kiln-{}@localhost", super::unique_prefix());
-        let mut me = Self { dir, port: free_port(), dist_port: free_port(), epmd_port: free_port(), node, child: None };
+        let mut me = Self {
+            dir,
+            port: free_port(),
+            dist_port: free_port(),
+            epmd_port: free_port(),
+            node,
+            tls_port,
+            child: None,
+        };
         me.launch().await;
         me
     }
 
     pub fn url(&self) -> String {
         format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    /// The `amqps://` URL of the TLS listener (a node from [`Self::start_tls`]).
+    pub fn tls_url(&self) -> String {
+        let port = self.tls_port.expect("a node started with start_tls");
+        format!("amqps://guest:guest@127.0.0.1:{port}/%2f")
     }
 
     fn command(&self, program: &str) -> Command {
@@ -217,6 +258,8 @@ pub struct Redis {
     dir: PathBuf,
     port: u16,
     fsync: Fsync,
+    /// The CA file and the server's certificate when it listens with TLS only.
+    tls: Option<(PathBuf, ServerCert)>,
     child: Option<Child>,
 }
 
@@ -228,18 +271,47 @@ impl Redis {
 
     /// Starts Redis with an append-only file fsynced as `fsync` says.
     pub async fn start_with(fsync: Fsync) -> Self {
-        let mut me = Self { dir: temp_dir("redis"), port: free_port(), fsync, child: None };
+        let mut me = Self { dir: temp_dir("redis"), port: free_port(), fsync, tls: None, child: None };
+        me.launch().await;
+        me
+    }
+
+    /// Starts a durable Redis that listens with TLS only (no plain port), on a certificate `ca`
+    /// signs; [`Self::url`] is then a `rediss://` URL.
+    pub async fn start_tls(ca: &TestCa) -> Self {
+        let tls = Some((ca.ca_file(), ca.server("redis")));
+        let mut me = Self { dir: temp_dir("redis"), port: free_port(), fsync: Fsync::Always, tls, child: None };
         me.launch().await;
         me
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
+        let scheme = if self.tls.is_some() { "rediss" } else { "redis" };
+        format!("{scheme}://127.0.0.1:{}/", self.port)
+    }
+
+    /// A client of this server, trusting the test CA when it listens with TLS.
+    fn client(&self) -> Result<redis::Client, String> {
+        let tls =
+            crate::tls::ClientTls::load(self.tls.as_ref().map(|(ca, _)| ca.as_path())).map_err(|e| e.to_string())?;
+        tls.redis_client(&self.url()).map_err(|e| e.to_string())
     }
 
     async fn launch(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes"])
+        let mut command = Command::new("redis-server");
+        match &self.tls {
+            None => command.args(["--port", &self.port.to_string()]),
+            Some((ca, server)) => command
+                .args(["--port", "0", "--tls-port", &self.port.to_string(), "--tls-auth-clients", "no"])
+                .arg("--tls-cert-file")
+                .arg(&server.cert)
+                .arg("--tls-key-file")
+                .arg(&server.key)
+                .arg("--tls-ca-cert-file")
+                .arg(ca),
+        };
+        let child = command
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "yes"])
             // No rewrites, so an `AofMark` stays a position in the file being appended to.
             .args(["--auto-aof-rewrite-percentage", "0"])
             .args(["--appendfsync", self.fsync.arg(), "--dir"])
@@ -250,11 +322,11 @@ impl Redis {
             .spawn()
             .expect("start redis-server (run the suite with scripts/test.sh, which installs it)");
         self.child = Some(child);
-        let url = self.url();
+        let client = self.client();
         wait_until("Redis answers PING", Duration::from_secs(30), || {
-            let url = url.clone();
+            let client = client.clone();
             async move {
-                let client = redis::Client::open(url).map_err(|e| e.to_string())?;
+                let client = client?;
                 let mut conn = client.get_multiplexed_async_connection().await.map_err(|e| e.to_string())?;
                 redis::cmd("PING").query_async::<String>(&mut conn).await.map_err(|e| e.to_string())
             }
@@ -264,7 +336,7 @@ impl Redis {
 
     /// Shuts Redis down cleanly (the append-only file is complete) and waits for the process.
     pub async fn stop(&mut self) {
-        if let Ok(client) = redis::Client::open(self.url())
+        if let Ok(client) = self.client()
             && let Ok(mut conn) = client.get_multiplexed_async_connection().await
         {
             let _ = redis::cmd("SHUTDOWN").query_async::<()>(&mut conn).await;

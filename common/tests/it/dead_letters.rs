@@ -174,6 +174,7 @@ fn amqp_broker(prefix: &str) -> AmqpBroker {
         connect_timeout: Duration::from_secs(1),
         confirm_timeout: Duration::from_secs(5),
         retry_interval: Duration::from_millis(500),
+        tls: Default::default(),
     })
 }
 

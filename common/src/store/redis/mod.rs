@@ -29,6 +29,7 @@ use super::{
     WebhookAttempt, WebhookDelivery, canceled_error, deadline_error, lost_error,
 };
 use crate::config::Secret;
+use crate::tls::ClientTls;
 
 mod events;
 mod scripts;
@@ -53,6 +54,8 @@ pub struct RedisConfig {
     pub connect_timeout: Duration,
     /// Bound on one command's response.
     pub response_timeout: Duration,
+    /// How a `rediss://` server is verified.
+    pub tls: ClientTls,
 }
 
 pub struct RedisStore {
@@ -67,7 +70,9 @@ impl RedisStore {
     /// Creates the store without connecting: the first command connects, so a process can start
     /// while Redis is still down, and reconnects after Redis restarts.
     pub fn new(config: RedisConfig) -> Result<Self, StoreError> {
-        let client = redis::Client::open(config.url.expose())
+        let client = config
+            .tls
+            .redis_client(config.url.expose())
             .map_err(|e| StoreError::Unavailable(format!("bad Redis URL: {e}")))?;
         let mgr_config =
             connection_config(config.connect_timeout, config.response_timeout).set_max_delay(Duration::from_secs(2));
