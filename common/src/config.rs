@@ -21,8 +21,17 @@ impl Secret {
         &self.0
     }
 
-    /// The value with any `user:password@` password masked.
+    /// The value with any `user:password@` password and any `?query` (which may hold a token)
+    /// masked.
     pub fn redacted(&self) -> String {
+        let masked = self.password_masked();
+        match masked.find('?') {
+            Some(q) if masked.contains("://") => format!("{}?***", &masked[..q]),
+            _ => masked,
+        }
+    }
+
+    fn password_masked(&self) -> String {
         let s = &self.0;
         match (s.find("://"), s.rfind('@')) {
             (Some(scheme), Some(at)) if at > scheme => {
@@ -187,7 +196,7 @@ pub struct TelemetryArgs {
     /// OpenTelemetry collector to export traces to over OTLP/HTTP (protobuf), e.g.
     /// `http://otel-collector:4318`. Unset: no traces are recorded or sent.
     #[arg(long, env = "KILN_OTLP_ENDPOINT")]
-    pub otlp_endpoint: Option<String>,
+    pub otlp_endpoint: Option<Secret>,
     /// `service.name` of the exported traces; default: the process's role (`kiln-gateway`, ...).
     #[arg(long, env = "KILN_OTEL_SERVICE_NAME")]
     pub otel_service_name: Option<String>,
@@ -225,6 +234,9 @@ mod tests {
         assert_eq!(Secret::new("redis://127.0.0.1:6379").to_string(), "redis://127.0.0.1:6379");
         assert_eq!(Secret::new("whsec_abc").to_string(), "***");
         assert_eq!(s.expose(), "amqp://kiln:hunter2@rabbit:5672/%2f");
+        // A token in the query (an OTLP endpoint's, say) is masked too.
+        let otlp = Secret::new("https://u:p@otel.example:4318/v1/traces?api-key=t0k3n");
+        assert_eq!(otlp.to_string(), "https://u:***@otel.example:4318/v1/traces?***");
     }
 
     #[test]

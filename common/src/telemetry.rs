@@ -54,9 +54,9 @@ pub fn init(args: &TelemetryArgs, service: &str) -> Telemetry {
             .with_filter(filter)
             .boxed(),
     };
-    let provider = args.otlp_endpoint.as_deref().and_then(|endpoint| {
+    let provider = args.otlp_endpoint.as_ref().and_then(|endpoint| {
         let name = args.otel_service_name.clone().unwrap_or_else(|| service.to_owned());
-        match tracer_provider(endpoint, &name, args.otel_sample_ratio) {
+        match tracer_provider(endpoint.expose(), &name, args.otel_sample_ratio) {
             Ok(p) => Some(p),
             Err(e) => {
                 eprintln!("{service}: trace export to {endpoint} is off: {e}");

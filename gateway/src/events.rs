@@ -59,3 +59,9 @@ pub fn coalesced(id: JobId, leader: JobId) {
 pub fn cache_unavailable(error: &dyn std::fmt::Display) {
     tracing::warn!(target: "kiln::gateway", %error, "result cache unavailable; running the job");
 }
+
+/// A dependency failed its readiness check: the detail goes to the log, the answer gets a word.
+pub fn dependency_down(which: &'static str, error: &dyn std::fmt::Display) -> &'static str {
+    tracing::warn!(target: "kiln::gateway", dependency = which, %error, "readiness check failed");
+    "unavailable"
+}

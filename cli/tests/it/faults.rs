@@ -54,7 +54,8 @@ async fn unreachable_broker_gives_fast_503_and_leaves_no_job() {
         b
     };
     assert_eq!(ready_body["checks"]["store"], "ok");
-    assert!(ready_body["checks"]["broker"].as_str().unwrap().contains("RabbitMQ"), "{ready_body}");
+    // Which dependency is down, in a stable word: no error text, host or port in the answer.
+    assert_eq!(ready_body["checks"]["broker"], "unavailable", "{ready_body}");
     let records = redis_keys(args.redis_url.expose(), &format!("{}job:", args.key_prefix)).await;
     assert!(records.is_empty(), "records left for jobs that were never enqueued: {records:?}");
     // Each refused job leaves a withdrawal marker, so a late delivery of it would be dropped.
