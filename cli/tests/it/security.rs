@@ -56,6 +56,12 @@ async fn call(gw: &Gateway, method: &str, path: &str, token: Option<&str>, body:
     Answer { status, headers, body: serde_json::from_slice(&bytes).unwrap_or(Value::Null) }
 }
 
+/// A submit with `token` and one more header, answering the body.
+async fn post_with(gw: &Gateway, token: &str, (name, value): (&str, &str), body: &Value) -> Value {
+    let r = gw.http.post(gw.url("/v1/jobs")).bearer_auth(token).header(name, value).json(body).send().await.unwrap();
+    r.json().await.unwrap()
+}
+
 fn job(text: &str) -> Value {
     json!({ "model": MODEL, "input": { "text": text } })
 }
@@ -115,16 +121,7 @@ async fn scopes_and_tenants_are_enforced_on_every_route(kind: Kind) {
     let keyed_submit = |token: String| {
         let gw = &gw;
         async move {
-            let r = gw
-                .http
-                .post(gw.url("/v1/jobs"))
-                .bearer_auth(token)
-                .header("idempotency-key", "nightly-batch-1")
-                .json(&job("same body"))
-                .send()
-                .await
-                .unwrap();
-            let v: Value = r.json().await.unwrap();
+            let v = post_with(gw, &token, ("idempotency-key", "nightly-batch-1"), &job("same body")).await;
             v["id"].as_str().expect("an id").to_owned()
         }
     };
@@ -144,18 +141,7 @@ async fn the_cache_is_per_tenant(kind: Kind) {
     let body = job("cached within one tenant only");
     let wait = |token: String| {
         let (gw, body) = (&gw, &body);
-        async move {
-            let r = gw
-                .http
-                .post(gw.url("/v1/jobs"))
-                .bearer_auth(token)
-                .header("prefer", "wait=30")
-                .json(body)
-                .send()
-                .await
-                .unwrap();
-            r.json::<Value>().await.unwrap()
-        }
+        async move { post_with(gw, &token, ("prefer", "wait=30"), body).await }
     };
     let first = wait(a.clone()).await;
     assert_eq!((first["status"].as_str(), first["cached"].as_bool()), (Some("succeeded"), Some(false)), "{first}");
@@ -222,16 +208,8 @@ async fn jobs_in_flight_and_compute_are_limited_per_tenant(kind: Kind) {
     // Compute: a worker's runs are charged to their tenant, and past the hour's quota it is 429.
     let (_, c) = key(&env, "computing", RW, Limits { compute_s_per_hour: Some(1000.0), ..Limits::default() }).await;
     let worker = env.worker();
-    let r = gw
-        .http
-        .post(gw.url("/v1/jobs"))
-        .bearer_auth(&c)
-        .header("prefer", "wait=30")
-        .json(&job("charged"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    let charged = post_with(&gw, &c, ("prefer", "wait=30"), &job("charged")).await;
+    assert_eq!(charged["status"], "succeeded", "{charged}");
     let used = wait_until("the run is charged to its tenant", Duration::from_secs(10), || async {
         let u = env.backend.limiter.compute("computing").await.unwrap();
         if u.used() > 0.0 { Ok(u.used()) } else { Err(u) }

@@ -38,8 +38,9 @@ const MAX_IDEMPOTENCY_KEY: usize = 255;
 /// write and a publisher confirm, each within the I/O timeout).
 const IDEMPOTENCY_PENDING: Duration = Duration::from_secs(30);
 /// How long an identical job waits for its in-flight twin's message to be confirmed before it
-/// runs on its own (a twin whose gateway died never confirms).
-const COALESCE_WAIT: Duration = Duration::from_millis(250);
+/// runs on its own (a twin whose gateway died never confirms). A confirm takes milliseconds; on a
+/// loaded broker it can take hundreds, and a burst that gives up too soon runs once per request.
+const COALESCE_WAIT: Duration = Duration::from_secs(1);
 /// Tries at withdrawing a job whose publish failed, before the sweeper is left to find it.
 const DISCARD_TRIES: u32 = 5;
 const WEBHOOK_EVENTS: [&str; 3] = ["start", "progress", "completed"];
