@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use kiln_common::audit::{self, AuditConfig};
 use kiln_common::tenancy::{self, Limits, NewKey, Scope};
 use kiln_common::testing::{Kind, wait_until};
+use kiln_gateway::config::MetricsAuth;
 use kiln_gateway::{AuthMode, GatewayConfig};
 use kiln_proto::now_millis;
 use serde_json::{Value, json};
@@ -69,7 +70,7 @@ fn job(text: &str) -> Value {
 async fn scopes_and_tenants_are_enforced_on_every_route(kind: Kind) {
     let env = Env::new(kind);
     let hooks = crate::delivery::webhook_gateway(Duration::from_secs(60), Duration::from_secs(60));
-    let gw = env.gateway_with(GatewayConfig { auth: AuthMode::Keys, ..hooks }).await;
+    let gw = env.gateway_with(GatewayConfig { auth: AuthMode::Keys, metrics_auth: MetricsAuth::Admin, ..hooks }).await;
     let (_, a) = key(&env, "tenant-a", RW, Limits::default()).await;
     let (_, reader) = key(&env, "tenant-a", &[Scope::JobsRead], Limits::default()).await;
     let (_, b) = key(&env, "tenant-b", RW, Limits::default()).await;
@@ -85,6 +86,19 @@ async fn scopes_and_tenants_are_enforced_on_every_route(kind: Kind) {
         assert_eq!((r.status, r.body["error"]["code"].as_str()), (401, Some("unauthorized")), "{token:?}: {}", r.body);
         assert_eq!(r.headers["www-authenticate"], challenge);
     }
+    // An expired key is no key.
+    let expired = NewKey {
+        tenant: "tenant-a".into(),
+        scopes: RW.iter().copied().collect(),
+        expires_at: Some(now_millis() - 1),
+        limits: Limits::default(),
+    };
+    let expired = tenancy::issue(env.backend.keys.as_ref(), expired, now_millis() - 60_000).await.unwrap().token;
+    assert_eq!(call(&gw, "GET", "/v1/models", Some(&expired), None).await.status, 401);
+    // /metrics under KILN_METRICS_AUTH=admin: an admin key only.
+    assert_eq!(call(&gw, "GET", "/metrics", None, None).await.status, 401);
+    assert_eq!(call(&gw, "GET", "/metrics", Some(&a), None).await.status, 403);
+    assert_eq!(call(&gw, "GET", "/metrics", Some(&admin), None).await.status, 200);
     // A key without jobs:submit: 403 naming the scope.
     let r = call(&gw, "POST", "/v1/jobs", Some(&reader), Some(&job("x"))).await;
     assert_eq!((r.status, r.body["error"]["code"].as_str()), (403, Some("forbidden")), "{}", r.body);
