@@ -38,4 +38,7 @@ if [ -f "$summary" ]; then
   sort "$summary"
 fi
 
+step "API fuzzing (Schemathesis against /openapi.json: no 5xx, every error JSON with a stable code)"
+scripts/fuzz-api.sh
+
 step "done in $((SECONDS - started))s"

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use axum::Json;
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use kiln_common::broker::BrokerError;
@@ -34,6 +35,10 @@ pub enum ApiError {
     Outputs(#[source] OutputError, Duration),
     #[error("no route for {0}")]
     NotFound(String),
+    /// A path parameter that axum could not extract (not UTF-8 once percent-decoded): it names
+    /// nothing here.
+    #[error("nothing here: {0}")]
+    UndecodablePath(String),
     #[error("method not allowed")]
     MethodNotAllowed,
     #[error("the job queue is unavailable, retry later")]
@@ -123,7 +128,7 @@ impl ApiError {
                 }
                 OutputError::Invalid(_) => (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal, None),
             },
-            Self::NotFound(_) => (StatusCode::NOT_FOUND, ErrorCode::NotFound, None),
+            Self::NotFound(_) | Self::UndecodablePath(_) => (StatusCode::NOT_FOUND, ErrorCode::NotFound, None),
             Self::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, ErrorCode::MethodNotAllowed, None),
             Self::Broker(e, retry) => match e {
                 BrokerError::Unavailable(_) | BrokerError::ConfirmTimeout(_) | BrokerError::Amqp(_) => {
@@ -161,6 +166,21 @@ impl ApiError {
             },
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal, None),
         }
+    }
+}
+
+/// axum's rejection of a path parameter, as an error of ours (its own answer is plain text).
+impl From<PathRejection> for ApiError {
+    fn from(rejection: PathRejection) -> Self {
+        Self::UndecodablePath(rejection.body_text())
+    }
+}
+
+/// axum's rejection of a query string (a parameter of the wrong type, or given twice), as an
+/// error of ours (its own answer is plain text).
+impl From<QueryRejection> for ApiError {
+    fn from(rejection: QueryRejection) -> Self {
+        Self::InvalidRequest { field: "query".to_owned(), message: rejection.body_text() }
     }
 }
 

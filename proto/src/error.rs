@@ -9,7 +9,8 @@ use serde::{Deserialize, Serialize};
 pub enum ErrorCode {
     /// The request body is not valid JSON.
     MalformedJson,
-    /// The body is JSON but a field is missing, unknown or of the wrong type.
+    /// The body is JSON but a field is missing, unknown or of the wrong type; or a header or query
+    /// parameter is malformed.
     InvalidRequest,
     /// The job's `input` does not fit the model's task schema.
     InvalidInput,

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{Extension, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -370,9 +370,10 @@ pub struct GetParams {
 pub async fn get(
     State(state): State<AppState>,
     Extension(who): Extension<Principal>,
-    Path(id): Path<String>,
-    Query(params): Query<GetParams>,
+    id: Result<Path<String>, PathRejection>,
+    params: Result<Query<GetParams>, QueryRejection>,
 ) -> Result<Response, ApiError> {
+    let (Path(id), Query(params)) = (id?, params?);
     let job_id: JobId = id.parse().map_err(|_| ApiError::JobNotFound(id.clone()))?;
     let wait = params.wait.map(|w| Duration::from_secs(w.min(state.config.max_wait_s)));
     let record = visible(&state, &who, job_id).await?.ok_or(ApiError::JobNotFound(id))?;
@@ -455,8 +456,9 @@ pub async fn current(state: &AppState, id: JobId) -> Result<Option<JobRecord>, A
 pub async fn cancel(
     State(state): State<AppState>,
     Extension(who): Extension<Principal>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
+    let Path(id) = id?;
     let job_id: JobId = id.parse().map_err(|_| ApiError::JobNotFound(id.clone()))?;
     let retry = state.config.retry_after;
     // Another tenant's job is not there to cancel.

@@ -75,13 +75,14 @@ pub fn document() -> Value {
                 "summary": "A job's record",
                 "parameters": [ job_id(), { "name": "wait", "in": "query", "schema": { "type": "integer", "minimum": 0 },
                                             "description": "Long-poll: return as soon as the job finishes, or after this many seconds." } ],
-                "responses": { "200": { "description": "The record", "content": job_content }, "404": error_response("job_not_found"),
+                "responses": { "200": { "description": "The record", "content": job_content }, "404": error_response("job_not_found; not_found for a path parameter that is not UTF-8"),
+                               "422": error_response("invalid_request: a malformed query parameter (wait not a whole number of seconds, or given twice)"),
                                "503": retry_error("store_unavailable, or overloaded: the gateway's long-polls are all taken (KILN_MAX_WAITERS)") }
             } },
             "/v1/jobs/{id}/cancel": { "post": {
                 "summary": "Cancel a queued or running job",
                 "parameters": [ job_id() ],
-                "responses": { "200": { "description": "Canceled", "content": job_content }, "404": error_response("job_not_found"),
+                "responses": { "200": { "description": "Canceled", "content": job_content }, "404": error_response("job_not_found; not_found for a path parameter that is not UTF-8"),
                                "409": error_response("job_finished: the job is already terminal"), "503": retry_error("store_unavailable") }
             } },
             "/v1/jobs/{id}/events": { "get": {
@@ -90,7 +91,7 @@ pub fn document() -> Value {
                 "parameters": [ job_id(), { "name": "Last-Event-ID", "in": "header", "schema": { "type": "string" }, "description": "Resume after this event." } ],
                 "responses": { "200": { "description": "text/event-stream", "content": { "text/event-stream": { "schema": { "type": "string" } } } },
                                "204": { "description": "A resume (Last-Event-ID) of a finished job whose completed event the client has: nothing left to send; an EventSource stops reconnecting" },
-                               "404": error_response("job_not_found"),
+                               "404": error_response("job_not_found; not_found for a path parameter that is not UTF-8"),
                                "503": retry_error("store_unavailable, or overloaded: the gateway's event streams are all open (KILN_MAX_EVENT_STREAMS)") }
             } },
             "/v1/jobs/{id}/outputs/{name}": { "get": {
@@ -102,11 +103,14 @@ pub fn document() -> Value {
                                         "headers": { "ETag": { "schema": { "type": "string" } } },
                                         "content": { "image/png": { "schema": { "type": "string", "format": "binary" } } } },
                                "304": { "description": "Not modified" },
-                               "404": error_response("job_not_found, output_not_found"), "503": retry_error("store_unavailable") }
+                               "404": error_response("job_not_found, output_not_found; not_found for a path parameter that is not UTF-8"), "503": retry_error("store_unavailable") }
             } },
             "/v1/models": { "get": { "summary": "Served models", "responses": { "200": { "description": "Models with task, version, max_batch, input JSON Schema, and the workers serving each" } } } },
             "/healthz": { "get": { "summary": "Liveness", "responses": { "200": { "description": "Alive" } } } },
-            "/readyz": { "get": { "summary": "Readiness", "responses": { "200": { "description": "Broker and store reachable, not draining" }, "503": retry_error("not ready") } } },
+            "/readyz": { "get": { "summary": "Readiness", "responses": { "200": { "description": "Broker and store reachable, not draining",
+                                                            "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Readiness" } } } }, "503": { "description": "Not ready: a dependency is down, or the gateway is draining. The body says which (not an Error)",
+                                                   "headers": { "Retry-After": { "$ref": "#/components/headers/Retry-After" } },
+                                                   "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Readiness" } } } } } } },
             "/metrics": { "get": { "summary": "Prometheus metrics of this process (text format 0.0.4)", "responses": { "200": { "description": "kiln_gateway_* series (and kiln_worker_* where a worker runs in the same process)" } } } },
             "/openapi.json": { "get": { "summary": "This document", "responses": { "200": { "description": "OpenAPI 3.1" } } } },
         },
@@ -124,7 +128,8 @@ pub fn document() -> Value {
                     "metadata": { "type": "object", "description": "Echoed back on the record; at most 4 KiB." },
                     "deadline_s": { "type": "number", "exclusiveMinimum": 0, "description": "Expire the job if not started within this many seconds." },
                     "webhook": { "type": "string", "format": "uri", "description": "Receives signed job events; internal addresses are refused." },
-                    "webhook_events": { "type": "array", "items": { "enum": ["start", "progress", "completed"] }, "description": "completed is always sent." }
+                    "webhook_events": { "type": "array", "items": { "enum": ["start", "progress", "completed"] }, "description": "completed is always sent." },
+                    "cache": { "type": "boolean", "description": "false: never answered from the result cache nor coalesced onto an identical job (default true)." }
                 } },
                 "Job": { "type": "object", "properties": {
                     "id": { "type": "string", "format": "uuid" }, "model": { "type": "string" },
@@ -137,6 +142,10 @@ pub fn document() -> Value {
                     "webhook": { "type": "object", "properties": { "url": { "type": "string" }, "events": { "type": "array" }, "attempts": { "type": "integer" },
                                  "last_status": { "type": ["integer", "null"] }, "delivered_at": { "type": ["string", "null"] }, "gave_up_at": { "type": ["string", "null"] } } }
                 } },
+                "Readiness": { "type": "object", "required": ["status", "draining", "checks"], "properties": {
+                    "status": { "enum": ["ready", "not_ready"] }, "draining": { "type": "boolean" },
+                    "checks": { "type": "object", "description": "broker and store: ok, or a stable word saying why not (the error itself is in the log)",
+                                "properties": { "broker": { "type": "string" }, "store": { "type": "string" } } } } },
                 "JobError": { "type": "object", "properties": { "code": { "type": "string", "enum": codes }, "message": { "type": "string" } } },
                 "WebhookPayload": { "type": "object", "properties": {
                     "type": { "enum": ["job.started", "job.progress", "job.completed"] }, "timestamp": { "type": "string", "format": "date-time" },

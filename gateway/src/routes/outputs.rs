@@ -5,6 +5,7 @@
 //! until then the files of the latest run are served.
 
 use axum::body::Body;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Extension, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -17,9 +18,10 @@ use crate::state::AppState;
 pub async fn get(
     State(state): State<AppState>,
     Extension(who): Extension<Principal>,
-    Path((id, name)): Path<(String, String)>,
+    path: Result<Path<(String, String)>, PathRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    let Path((id, name)) = path?;
     let job: JobId = id.parse().map_err(|_| ApiError::JobNotFound(id.clone()))?;
     let retry = state.config.retry_after;
     let not_found = || ApiError::OutputNotFound(id.clone(), name.clone());

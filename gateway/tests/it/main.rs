@@ -125,3 +125,48 @@ async fn openapi_describes_every_route_header_and_error_code() {
         );
     }
 }
+
+/// Asserts an error answer is JSON `{"error": {"code": code, "message": …}}`.
+fn assert_json_error(what: &str, headers: &axum::http::HeaderMap, body: &Value, code: &str) {
+    assert_eq!(headers.get(header::CONTENT_TYPE).map(|v| v.to_str().unwrap()), Some("application/json"), "{what}");
+    assert_eq!(body["error"]["code"], code, "{what}: {body}");
+    assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{what}: {body}");
+}
+
+// Found by scripts/fuzz-api.sh: axum's own query rejection answered `400 text/plain`.
+#[tokio::test]
+async fn query_parameter_of_the_wrong_type_is_a_json_422() {
+    let s = state();
+    let id = "e3e70682-c209-1cac-a29f-6fbed82c07cd";
+    for query in ["wait=abc", "wait=null&wait=null", "wait=-1", "wait=99999999999999999999999", "wait=%FF"] {
+        let uri = format!("/v1/jobs/{id}?{query}");
+        let (status, headers, body) = call(&s, Request::get(&uri).body(Body::empty()).unwrap()).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{uri}: {body}");
+        assert_json_error(&uri, &headers, &body, "invalid_request");
+    }
+    // A well-formed wait on a job that does not exist is still a 404.
+    let uri = format!("/v1/jobs/{id}?wait=0");
+    let (status, headers, body) = call(&s, Request::get(&uri).body(Body::empty()).unwrap()).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_json_error(&uri, &headers, &body, "job_not_found");
+}
+
+// Found by scripts/fuzz-api.sh: a path parameter that is not UTF-8 once percent-decoded got axum's
+// `400 text/plain` "Invalid URL".
+#[tokio::test]
+async fn undecodable_path_parameter_is_a_json_404() {
+    let s = state();
+    let id = "e3e70682-c209-1cac-a29f-6fbed82c07cd";
+    for (method, uri) in [
+        ("GET", "/v1/jobs/%FF".to_owned()),
+        ("POST", "/v1/jobs/%FF/cancel".to_owned()),
+        ("GET", "/v1/jobs/%C3%28/events".to_owned()),
+        ("GET", "/v1/jobs/%FF/outputs/image-0.png".to_owned()),
+        ("GET", format!("/v1/jobs/{id}/outputs/%FF")),
+    ] {
+        let req = Request::builder().method(method).uri(&uri).body(Body::empty()).unwrap();
+        let (status, headers, body) = call(&s, req).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{method} {uri}: {body}");
+        assert_json_error(&format!("{method} {uri}"), &headers, &body, "not_found");
+    }
+}
