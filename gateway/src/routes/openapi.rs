@@ -24,6 +24,43 @@ fn job_id() -> Value {
 }
 
 pub fn document() -> Value {
+    let mut doc = routes();
+    secured(&mut doc);
+    doc
+}
+
+/// Every `/v1` operation needs a key (`KILN_AUTH=keys`, the default of `kiln gateway`) and can
+/// be refused for it or over a limit.
+fn secured(doc: &mut Value) {
+    doc["components"]["securitySchemes"] = json!({ "bearer": {
+        "type": "http", "scheme": "bearer",
+        "description": "An API key, `kiln_<id>_<secret>` (`kiln keys create`). Not needed when the gateway runs with KILN_AUTH=off."
+    } });
+    let mut limited = retry_error(
+        "rate_limited (the tenant's request rate), quota_exceeded (jobs in flight, compute-seconds per hour)",
+    );
+    limited["headers"]["RateLimit-Policy"] =
+        json!({ "schema": { "type": "string" }, "description": "e.g. \"requests\";q=100;w=2" });
+    limited["headers"]["RateLimit"] =
+        json!({ "schema": { "type": "string" }, "description": "e.g. \"requests\";r=0;t=1" });
+    let challenge = json!({ "WWW-Authenticate": { "schema": { "type": "string" } } });
+    let mut unauthorized = error_response("unauthorized: no key, or one malformed, unknown, revoked or expired");
+    unauthorized["headers"] = challenge.clone();
+    let mut forbidden = error_response("forbidden: the key lacks this route's scope (jobs:submit, jobs:read, admin)");
+    forbidden["headers"] = challenge;
+    let Some(paths) = doc["paths"].as_object_mut() else { return };
+    for (_, item) in paths.iter_mut().filter(|(p, _)| p.starts_with("/v1/")) {
+        let Some(ops) = item.as_object_mut() else { continue };
+        for op in ops.values_mut().filter(|op| op.get("responses").is_some()) {
+            op["security"] = json!([{ "bearer": [] }]);
+            op["responses"]["401"] = unauthorized.clone();
+            op["responses"]["403"] = forbidden.clone();
+            op["responses"]["429"] = limited.clone();
+        }
+    }
+}
+
+fn routes() -> Value {
     let codes: Vec<&str> = ErrorCode::ALL.iter().map(|c| c.as_str()).collect();
     let job = json!({ "$ref": "#/components/schemas/Job" });
     let job_content = json!({ "application/json": { "schema": job } });
