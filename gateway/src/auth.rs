@@ -25,8 +25,6 @@ use crate::state::AppState;
 const KEY_CACHE_TTL: Duration = Duration::from_millis(500);
 /// Keys cached at most; past it the cache starts over.
 const KEY_CACHE_ENTRIES: usize = 10_000;
-/// Largest body the audit hashes (the body limit is enforced again by the handler).
-const AUDIT_BODY_LIMIT: usize = 64 << 20;
 
 /// The caller of a request, as the handlers see it.
 #[derive(Debug, Clone)]
@@ -219,27 +217,35 @@ pub async fn audit(State(state): State<AppState>, req: Request, next: Next) -> R
     let method = req.method().to_string();
     let path = req.uri().path().to_owned();
     let (parts, body) = req.into_parts();
-    let (body, digest) = match axum::body::to_bytes(body, AUDIT_BODY_LIMIT).await {
+    // Hashing needs the whole body: read no more of it than the gateway accepts at all.
+    let limit = state.config.max_body_bytes;
+    let (resp, digest) = match axum::body::to_bytes(body, limit.saturating_add(1)).await {
         Ok(bytes) => {
             let digest = (!bytes.is_empty()).then(|| kiln_common::audit::body_sha256(&bytes));
-            (Body::from(bytes), digest)
+            (next.run(Request::from_parts(parts, Body::from(bytes))).await, digest)
         }
-        Err(_) => return ApiError::PayloadTooLarge { limit: state.config.max_body_bytes }.into_response(),
+        Err(_) => {
+            let mut resp = ApiError::PayloadTooLarge { limit }.into_response();
+            resp.extensions_mut().insert(Verdict { reason: Some("payload_too_large"), ..Verdict::default() });
+            (resp, None)
+        }
     };
-    let resp = next.run(Request::from_parts(parts, body)).await;
     let verdict = resp.extensions().get::<Verdict>().cloned().unwrap_or_default();
     let job_id = job_in_path(&path)
         .or_else(|| resp.headers().get(header::LOCATION).and_then(|l| l.to_str().ok()).and_then(job_in_path));
     let status = resp.status();
+    // A handler's own refusal over a quota (jobs in flight, compute) is a denial too.
+    let reason = verdict.reason.or((status == axum::http::StatusCode::TOO_MANY_REQUESTS).then_some("quota_exceeded"));
     state.audit.record(NewEntry {
         key_id: verdict.key_id,
         tenant: verdict.tenant,
         method,
-        route: verdict.route.unwrap_or_else(|| "unmatched".to_owned()),
+        // The route pattern; the path itself when the router never matched one.
+        route: verdict.route.unwrap_or(path),
         job_id,
         body_sha256: digest,
-        decision: if verdict.reason.is_some() { Decision::Denied } else { Decision::Allowed },
-        reason: verdict.reason.map(str::to_owned),
+        decision: if reason.is_some() { Decision::Denied } else { Decision::Allowed },
+        reason: reason.map(str::to_owned),
         status: status.as_u16(),
     });
     resp

@@ -334,6 +334,9 @@ async fn the_audit_log_records_every_call_across_a_restart() {
     assert_eq!(accepted.status, 202);
     let id = accepted.body["id"].as_str().unwrap().to_owned();
     assert_eq!(call(&gw, "POST", "/v1/jobs", None, Some(&body)).await.status, 401);
+    // A body past the limit is refused before it is read whole, and recorded.
+    let huge = job(&"x".repeat(2 << 20));
+    assert_eq!(call(&gw, "POST", "/v1/jobs", Some(&token), Some(&huge)).await.status, 413);
     gw.stop().await;
     let gw = env.gateway_with(config()).await;
     assert_eq!(call(&gw, "GET", &format!("/v1/jobs/{id}"), Some(&token), None).await.status, 200);
@@ -361,6 +364,7 @@ async fn the_audit_log_records_every_call_across_a_restart() {
         vec![
             ("/v1/jobs".to_owned(), "allowed".to_owned(), 202, id.clone()),
             ("/v1/jobs".to_owned(), "denied".to_owned(), 401, String::new()),
+            ("/v1/jobs".to_owned(), "denied".to_owned(), 413, String::new()),
             ("/v1/jobs/{id}".to_owned(), "allowed".to_owned(), 200, id.clone()),
         ],
         "{text}"
@@ -368,6 +372,7 @@ async fn the_audit_log_records_every_call_across_a_restart() {
     assert_eq!(requests[0]["key_id"], kid.as_str());
     assert_eq!(requests[0]["tenant"], "audited");
     assert_eq!(requests[1]["reason"], "unauthorized");
+    assert_eq!(requests[2]["reason"], "payload_too_large");
     assert_eq!(requests[0]["body_sha256"], audit::body_sha256(body.to_string().as_bytes()));
     std::fs::remove_dir_all(&dir).ok();
 }
