@@ -59,7 +59,7 @@ pub fn dead_lettered(spec: &ModelSpec, id: JobId, error: &dyn Display) {
 }
 
 pub fn duplicate_finish(id: JobId, found: &str) {
-    tracing::warn!(target: "kiln::worker", job_id = %id, found, "result not stored: the job was already finished");
+    tracing::warn!(target: "kiln::worker", job_id = %id, found, "result not stored: the job finished in another run, or the store no longer knows this run");
 }
 
 pub fn handed_back(id: JobId, error: &dyn Display) {

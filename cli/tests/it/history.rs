@@ -512,12 +512,15 @@ impl History {
                     && first["status"] == record["status"]
                     && equal_results(&first["output"], &record["output"])
             };
-            // Every result the workers stored for it fell in the lost writes: the store forgot the
-            // job ever started, so a deadline job past its deadline ends expired (README, "What
-            // cannot be promised"). A run whose start or result survived does not qualify.
-            let run_forgotten = s.deadline()
+            // No result the workers stored for it survived (each fell in the lost writes, or the
+            // store refused it because it had forgotten the run's start): the store believes the
+            // job never started, so a deadline job past its deadline ends expired (README, "What
+            // cannot be promised"). Only in a scenario that lost writes; a stored result that
+            // survived does not qualify.
+            let run_forgotten = loss.is_some()
+                && s.deadline()
                 && record["status"] == "expired"
-                && stored.get(&id.to_string()).is_some_and(|(n, lost)| *n >= 1 && n == lost);
+                && stored.get(&id.to_string()).is_none_or(|(n, lost)| n == lost);
             if let Some((at, first)) = firsts.get(id)
                 && (first["status"] != record["status"]
                     || first["output"] != record["output"]
@@ -552,6 +555,8 @@ impl History {
                     }
                     if ran_it && !run_forgotten {
                         v.wrong.push(format!("{what}: expired, yet a worker ran it{}", evidence(&lines, *id)));
+                    } else if ran_it {
+                        v.notes.push(format!("{what}: ran, its start lost in the crash, and expired on recovery"));
                     }
                     continue;
                 }
