@@ -116,12 +116,8 @@ impl Backend {
                 .map_err(|e| StoreError::Unavailable(e.to_string()))?,
             ),
         };
-        let client = tls
-            .redis_client(args.redis_url.expose())
-            .map_err(|e| StoreError::Unavailable(format!("bad Redis URL: {e}")))?;
-        let config = crate::store::redis::connection_config(args.connect_timeout, args.io_timeout);
-        let conn = redis::aio::ConnectionManager::new_lazy_with_config(client, config)
-            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        // Keys and limits live in the job store's Redis, over its connection.
+        let conn = store.connection();
         Ok(Self {
             broker: Arc::new(broker),
             store: Arc::new(store),

@@ -51,11 +51,9 @@ impl RedisCache {
         ttl: Duration,
         timeout: Duration,
     ) -> Result<Self, StoreError> {
-        let client =
-            tls.redis_client(url.expose()).map_err(|e| StoreError::Unavailable(format!("bad cache Redis URL: {e}")))?;
         let config = crate::store::redis::connection_config(timeout, timeout);
-        let conn = ConnectionManager::new_lazy_with_config(client, config)
-            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let (_, conn) = crate::store::redis::lazy_connection(tls, url.expose(), "cache Redis", config)
+            .map_err(StoreError::Unavailable)?;
         Ok(Self { conn, prefix: format!("{prefix}cache:"), ttl })
     }
 }

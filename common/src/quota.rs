@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use redis::aio::ConnectionManager;
@@ -106,7 +106,7 @@ fn gcra(tat: Option<f64>, now: f64, rate: f64, burst: u32) -> (RateDecision, Opt
 }
 
 fn now_ms() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+    kiln_proto::now_millis() as f64
 }
 
 /// The limiter of the embedded backend.

@@ -186,7 +186,8 @@ async fn over_the_rate_a_client_gets_429_with_headers_and_gets_in_after_retry_af
         "{:?}",
         r.headers["ratelimit"]
     );
-    // Honouring Retry-After gets the client in.
+    // Honouring Retry-After gets the client in. The wait is the behaviour under test (a client
+    // told to come back in N seconds), not synchronisation.
     tokio::time::sleep(Duration::from_secs(retry)).await;
     let r = call(&gw, "GET", "/v1/models", Some(&t), None).await;
     assert_eq!(r.status, 200, "after waiting Retry-After ({retry} s): {}", r.body);

@@ -28,10 +28,9 @@ impl RedisOutputs {
         retention: Duration,
         timeout: Duration,
     ) -> Result<Self, OutputError> {
-        let client =
-            tls.redis_client(url.expose()).map_err(|e| OutputError::Unavailable(format!("bad Redis URL: {e}")))?;
         let config = crate::store::redis::connection_config(timeout, timeout);
-        let conn = ConnectionManager::new_lazy_with_config(client, config).map_err(unavailable)?;
+        let (_, conn) = crate::store::redis::lazy_connection(tls, url.expose(), "Redis", config)
+            .map_err(OutputError::Unavailable)?;
         Ok(Self { conn, prefix: key_prefix.to_owned(), retention })
     }
 

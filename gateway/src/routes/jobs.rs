@@ -61,6 +61,15 @@ struct Submission {
     tenant: Option<String>,
 }
 
+/// `key` in `tenant`'s namespace (idempotency keys, cache keys): another tenant's same key is
+/// another key. Unchanged without a tenant (an open gateway).
+fn tenant_scoped(tenant: Option<&str>, key: String) -> String {
+    match tenant {
+        Some(t) => format!("t:{t}:{key}"),
+        None => key,
+    }
+}
+
 /// Refuses a submission of a tenant that has used its compute quota for the hour.
 async fn check_compute(state: &AppState, who: &Principal) -> Result<(), ApiError> {
     let (Some(tenant), Some(limit)) = (&who.tenant, who.limits.compute_s_per_hour) else { return Ok(()) };
@@ -121,10 +130,7 @@ pub async fn submit(
     }
     let wait = prefer_wait(&headers, state.config.max_wait_s);
     // A tenant's idempotency keys are its own: another tenant's same key names another job.
-    let key = idempotency_key(&headers)?.map(|k| match &who.tenant {
-        Some(t) => format!("t:{t}:{k}"),
-        None => k,
-    });
+    let key = idempotency_key(&headers)?.map(|k| tenant_scoped(who.tenant.as_deref(), k));
     check_compute(&state, &who).await?;
 
     let permit =
@@ -602,10 +608,7 @@ fn validate(state: &AppState, body: &[u8], tenant: Option<&str>) -> Result<Submi
     let shared_cache = spec.shared_cache;
     let cache_key = (use_cache && state.backend.cache.enabled() && !spec.task.produces_files()).then(|| {
         let key = cache::key(spec.name.as_str(), &spec.version, &input);
-        match tenant {
-            Some(t) if !shared_cache => format!("t:{t}:{key}"),
-            _ => key,
-        }
+        tenant_scoped(tenant.filter(|_| !shared_cache), key)
     });
     Ok(Submission {
         spec_name: spec.name.clone(),

@@ -67,16 +67,18 @@ pub struct RedisStore {
 }
 
 impl RedisStore {
+    /// The store's connection, for what else lives in the job store's Redis (keys, limits).
+    pub fn connection(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
     /// Creates the store without connecting: the first command connects, so a process can start
     /// while Redis is still down, and reconnects after Redis restarts.
     pub fn new(config: RedisConfig) -> Result<Self, StoreError> {
-        let client = config
-            .tls
-            .redis_client(config.url.expose())
-            .map_err(|e| StoreError::Unavailable(format!("bad Redis URL: {e}")))?;
         let mgr_config =
             connection_config(config.connect_timeout, config.response_timeout).set_max_delay(Duration::from_secs(2));
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), mgr_config).map_err(unavailable)?;
+        let (client, conn) =
+            lazy_connection(&config.tls, config.url.expose(), "Redis", mgr_config).map_err(StoreError::Unavailable)?;
         let scripts = Scripts::new();
         Ok(Self { conn, client, config, scripts, hub: Arc::new(Hub::default()) })
     }
@@ -168,6 +170,19 @@ pub(crate) fn connection_config(connect: Duration, response: Duration) -> Connec
         .set_number_of_retries(1)
         .set_concurrency_limit(CONNECTION_CONCURRENCY)
         .set_pipeline_buffer_size(2 * CONNECTION_CONCURRENCY)
+}
+
+/// A Redis connection that connects on its first command and reconnects after a restart, with
+/// [`connection_config`]; through `tls` for a `rediss://` URL. `what` names it in a bad URL's error.
+pub(crate) fn lazy_connection(
+    tls: &crate::tls::ClientTls,
+    url: &str,
+    what: &str,
+    config: ConnectionManagerConfig,
+) -> Result<(redis::Client, ConnectionManager), String> {
+    let client = tls.redis_client(url).map_err(|e| format!("bad {what} URL: {e}"))?;
+    let conn = ConnectionManager::new_lazy_with_config(client.clone(), config).map_err(|e| e.to_string())?;
+    Ok((client, conn))
 }
 
 fn unavailable(e: redis::RedisError) -> StoreError {
