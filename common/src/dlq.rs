@@ -15,7 +15,7 @@
 use kiln_proto::{DeadLetter, Envelope, JobError, JobId, JobStatus, UnixMillis};
 
 use crate::Backend;
-use crate::broker::{BrokerError, DELIVERY_LIMIT, Death, DeathReason, Delivery};
+use crate::broker::{BrokerError, DELIVERY_LIMIT, Death, DeathReason, Delivery, Lane};
 use crate::store::{Creation, StoreError, Transition};
 
 /// Most messages one call looks at; they are all held unacknowledged while it runs.
@@ -213,7 +213,7 @@ pub async fn redrive(backend: &Backend, selection: Selection) -> Result<RedriveR
         }
         let body = serde_json::to_vec(&envelope).expect("envelopes serialise");
         backend.broker.declare(std::slice::from_ref(&envelope.model)).await?;
-        backend.broker.publish(&envelope.model, body).await?;
+        backend.broker.publish(&Lane::of(&envelope), body).await?;
         delivery.ack().await?;
         report.redriven.push(id);
     }

@@ -131,7 +131,10 @@ impl ApiError {
             Self::NotFound(_) | Self::UndecodablePath(_) => (StatusCode::NOT_FOUND, ErrorCode::NotFound, None),
             Self::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, ErrorCode::MethodNotAllowed, None),
             Self::Broker(e, retry) => match e {
-                BrokerError::Unavailable(_) | BrokerError::ConfirmTimeout(_) | BrokerError::Amqp(_) => {
+                BrokerError::Unavailable(_)
+                | BrokerError::ConfirmTimeout(_)
+                | BrokerError::Amqp(_)
+                | BrokerError::Unroutable(_) => {
                     (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::BrokerUnavailable, Some(*retry))
                 }
                 BrokerError::Rejected(_) => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Overloaded, Some(*retry)),

@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 
-use kiln_common::broker::Delivery;
+use kiln_common::broker::{Delivery, Lane};
 use kiln_common::store::{Creation, Outcome, Start, StoreError, Transition};
 use kiln_proto::{
     AttemptRecord, DeadLetter, ENVELOPE_VERSION, EmbeddingInput, EmbeddingOutput, Envelope, ImageGenerationInput,
@@ -39,9 +39,11 @@ pub async fn embed_one(ctx: &Ctx, delivery: Delivery) -> Settled {
     let started = std::time::Instant::now();
     let Some(received) = receive(ctx, delivery).await else { return Settled::Done };
     let span = received.span.clone();
+    let tenant = received.envelope.tenant.clone();
+    let tenant = tenant.as_deref();
     let mut ahead = EmbeddingInput::parse(&received.envelope.input, &ctx.spec.limits)
         .ok()
-        .map(|input| Box::pin(ctx.infer.embed(input.texts).instrument(span.clone())));
+        .map(|input| Box::pin(ctx.infer.embed(input.texts, tenant).instrument(span.clone())));
     let start = std::pin::pin!(start_job(ctx, received));
     let (admitted, early) = match ahead.as_mut() {
         None => (start.await, None),
@@ -62,7 +64,7 @@ pub async fn embed_one(ctx: &Ctx, delivery: Delivery) -> Settled {
             guarded(embed, std::slice::from_mut(&mut job), &ctx.backend, &ctx.owner, ctx.lease).await
         }
         (None, None) => {
-            let run = ctx.infer.embed(texts).instrument(span.clone());
+            let run = ctx.infer.embed(texts, tenant).instrument(span.clone());
             guarded(run, std::slice::from_mut(&mut job), &ctx.backend, &ctx.owner, ctx.lease).await
         }
     };
@@ -250,7 +252,7 @@ async fn settle(ctx: &Ctx, mut job: Job, result: Result<Produced, Failure>) -> S
                 let body = serde_json::to_vec(&job.envelope).expect("envelopes serialise");
                 // Publish the retry first: until it is confirmed, the job stays with this message
                 // (or lease), so a failure here loses nothing.
-                if let Err(e) = ctx.backend.broker.publish_delayed(&ctx.spec.name, body, after).await {
+                if let Err(e) = ctx.backend.broker.publish_delayed(&Lane::of(&job.envelope), body, after).await {
                     return job.hand_back(&e).await;
                 }
                 let _ = ctx.backend.store.retry(id, job.run, kiln_common::broker::delay_step(after)).await;

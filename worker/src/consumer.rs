@@ -1,14 +1,14 @@
-//! A model's consume loop: (re)connect with backoff, take deliveries within the prefetch window,
-//! and hand them to [`crate::batch`]: each embedding job on its own as it arrives (the model's
+//! A model's consume loop: (re)connect with backoff, take deliveries from the model's lanes in turn
+//! ([`crate::lanes`]), within each lane's prefetch window, and hand them to [`crate::batch`]: each embedding job on its own as it arrives (the model's
 //! pool batches their texts), image jobs gathered into batches (up to `max_batch` jobs, waiting
-//! at most `batch_wait`). An idle tick checks that the consumer's channel is still open, so a
-//! consumer that stopped silently is replaced, and reports progress to the health probes.
+//! at most `batch_wait`). An idle tick checks that the consumer's channels are still open, so a
+//! consumer that stopped silently is replaced, and reports progress to the health probes; a
+//! faster one consumes the tenants' lanes that appeared since.
 
 use std::time::Duration;
 
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
-use kiln_common::broker::Deliveries;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -16,6 +16,7 @@ use crate::ctx::Ctx;
 use crate::events;
 use crate::health::LoopState;
 use crate::job::Settled;
+use crate::lanes::{self, Lanes};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
@@ -28,7 +29,7 @@ pub async fn consume(ctx: Ctx, shutdown: CancellationToken) {
     while !shutdown.is_cancelled() {
         ctx.health.set(&name, LoopState::Connecting);
         let prefetch = ctx.spec.prefetch.unwrap_or(ctx.config.prefetch);
-        let deliveries = match ctx.backend.broker.consume(&name, prefetch).await {
+        let deliveries = match Lanes::open(&ctx.backend, &name, prefetch).await {
             Ok(d) => {
                 events::consuming(&name, prefetch);
                 ctx.health.set(&name, LoopState::Consuming);
@@ -70,8 +71,10 @@ fn pipeline_depth(ctx: &Ctx) -> usize {
     if ctx.spec.task.produces_files() { 1 } else { usize::MAX }
 }
 
-async fn serve(ctx: &Ctx, shutdown: &CancellationToken, mut deliveries: Deliveries) -> Stop {
+async fn serve(ctx: &Ctx, shutdown: &CancellationToken, mut deliveries: Lanes) -> Stop {
     let mut tick = tokio::time::interval(IDLE_TICK);
+    let mut discover = tokio::time::interval(lanes::DISCOVER_EVERY);
+    discover.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut in_flight = FuturesUnordered::new();
     // When the store fails, the loop takes no new delivery for BACKOFF_MIN — once per episode:
     // the many jobs in flight that fail together (a full prefetch window) back off together.
@@ -92,9 +95,15 @@ async fn serve(ctx: &Ctx, shutdown: &CancellationToken, mut deliveries: Deliveri
                 ctx.health.beat(&ctx.spec.name);
                 continue;
             }
+            _ = discover.tick() => {
+                if let Err(e) = deliveries.discover(&ctx.backend).await {
+                    break Stop::Lost(e.to_string());
+                }
+                continue;
+            }
             _ = tick.tick() => {
                 if !deliveries.is_alive() {
-                    break Stop::Lost("the consumer's channel closed".into());
+                    break Stop::Lost("a consumer's channel closed".into());
                 }
                 ctx.health.beat(&ctx.spec.name);
                 announce(ctx).await;

@@ -17,6 +17,14 @@ pub fn consuming(model: &ModelName, prefetch: u16) {
     tracing::info!(target: "kiln::worker", %model, prefetch, "consuming");
 }
 
+pub fn lane_consumed(lane: &kiln_common::broker::Lane, prefetch: u16) {
+    tracing::info!(target: "kiln::worker", %lane, prefetch, "consuming a tenant's lane");
+}
+
+pub fn lanes_unknown(model: &ModelName, error: &dyn Display) {
+    tracing::warn!(target: "kiln::worker", %model, %error, "tenants' lanes not looked for: the store did not answer");
+}
+
 pub fn consumer_lost(model: &ModelName, error: &dyn Display) {
     tracing::warn!(target: "kiln::worker", %model, %error, "consumer lost, reconnecting");
 }

@@ -116,10 +116,11 @@ impl InferenceHandle {
         Ok(Self { inner: Inner::Thread(tx), provider })
     }
 
-    /// Embeds `texts` (batched with other requests by the pool); vectors in the order given.
-    pub async fn embed(&self, texts: Vec<String>) -> Result<Vec<Vec<f32>>, PipelineError> {
+    /// Embeds `texts` of `tenant` (batched with other requests by the pool, in fair order among
+    /// tenants); vectors in the order given.
+    pub async fn embed(&self, texts: Vec<String>, tenant: Option<&str>) -> Result<Vec<Vec<f32>>, PipelineError> {
         match &self.inner {
-            Inner::Pool(pool) => pool.embed(texts).await,
+            Inner::Pool(pool) => pool.embed(texts, tenant).await,
             Inner::Thread(_) => Err(wrong_task("embedding")),
         }
     }

@@ -15,6 +15,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use kiln_common::Backend;
+use kiln_common::broker::Lane;
 use kiln_common::store::Stray;
 use kiln_proto::Envelope;
 use tokio_util::sync::CancellationToken;
@@ -86,9 +87,11 @@ pub async fn reap(backend: Backend, policy: LeasePolicy, shutdown: CancellationT
         };
         for l in lapsed {
             let published = match serde_json::from_str::<Envelope>(&l.envelope) {
-                Ok(envelope) => {
-                    backend.broker.publish(&envelope.model, l.envelope.into_bytes()).await.map_err(|e| e.to_string())
-                }
+                Ok(envelope) => backend
+                    .broker
+                    .publish(&Lane::of(&envelope), l.envelope.into_bytes())
+                    .await
+                    .map_err(|e| e.to_string()),
                 Err(e) => Err(format!("unreadable envelope: {e}")),
             };
             match published {

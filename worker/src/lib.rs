@@ -14,6 +14,7 @@ mod health;
 mod images;
 mod inference;
 mod job;
+mod lanes;
 mod lease;
 mod noise;
 pub mod planner;

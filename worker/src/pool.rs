@@ -9,6 +9,10 @@
 //! several *narrow* ones of fewer threads each, which together give the most throughput under
 //! load. They never run at once: a wide run starts only when nothing else runs, and narrow runs
 //! only while the wide one is idle, so the cores are never oversubscribed.
+//!
+//! The queue is kept in fair order among tenants ([`Fair`]), so the oldest text a batch is planned
+//! around is the one whose tenant has had the least of the sessions' time lately, not simply the
+//! one that came first: one tenant's burst of texts does not hold another tenant's text behind it.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
@@ -49,6 +53,8 @@ pub struct PoolSpec {
 
 struct Item {
     ids: Vec<u32>,
+    /// Where it stands in the fair order ([`Fair::tag`]).
+    tag: u64,
     reply: oneshot::Sender<Result<Vec<f32>, PipelineError>>,
     span: Span,
 }
@@ -60,7 +66,9 @@ enum Kind {
 }
 
 struct State {
+    /// In fair order: by tag, then by arrival.
     items: VecDeque<Item>,
+    fair: Fair,
     narrow: CostTable,
     wide: Option<CostTable>,
     busy_threads: usize,
@@ -109,6 +117,7 @@ impl EmbeddingPool {
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 items: VecDeque::new(),
+                fair: Fair::default(),
                 narrow,
                 wide,
                 busy_threads: 0,
@@ -133,8 +142,9 @@ impl EmbeddingPool {
         Ok(Self { shared, text: Arc::new(text) })
     }
 
-    /// Embeds `texts`, each batched with whatever else is waiting; vectors in the order given.
-    pub async fn embed(&self, texts: Vec<String>) -> Result<Vec<Vec<f32>>, PipelineError> {
+    /// Embeds `texts` of `tenant` (none: the shared lane's jobs, one tenant together), each
+    /// batched with whatever else is waiting; vectors in the order given.
+    pub async fn embed(&self, texts: Vec<String>, tenant: Option<&str>) -> Result<Vec<Vec<f32>>, PipelineError> {
         let chars: usize = texts.iter().map(String::len).sum();
         let ids = if chars > INLINE_TOKENIZE_CHARS {
             let text = self.text.clone();
@@ -150,7 +160,9 @@ impl EmbeddingPool {
             let mut state = self.shared.lock();
             for ids in ids {
                 let (reply, rx) = oneshot::channel();
-                state.items.push_back(Item { ids, reply, span: span.clone() });
+                let tag = state.fair.tag(tenant.unwrap_or(""), ids.len());
+                let at = state.items.partition_point(|i| i.tag <= tag);
+                state.items.insert(at, Item { ids, tag, reply, span: span.clone() });
                 replies.push(rx);
             }
         }
@@ -160,6 +172,41 @@ impl EmbeddingPool {
             out.push(rx.await.map_err(|_| PipelineError::Inference("inference threads stopped".into()))??);
         }
         Ok(out)
+    }
+}
+
+/// Start-time fair queueing of texts among tenants (Goyal, Vin and Cheng, 1996), with a text's
+/// tokens as its cost. A text is tagged with its tenant's virtual start: the later of the pool's
+/// virtual time and the end of the tenant's previous text (that text's start plus its tokens).
+/// The queue runs in tag order. A tenant
+/// that sends many texts tags them ever later, so another tenant's text, tagged at the virtual
+/// time, goes ahead of most of them; a tenant alone (or the shared lane alone) keeps arrival
+/// order, because its tags only grow. The virtual time is the smallest tag of the batch started
+/// last (the text it was planned around), not its largest: a batch gathers texts by length from
+/// far down the queue, and a newcomer must not be tagged behind the texts it skipped.
+#[derive(Default)]
+struct Fair {
+    now: u64,
+    /// Each tenant's virtual end, for tenants whose end is still ahead of `now` (the others
+    /// start at `now`, as a tenant never seen does).
+    ends: HashMap<String, u64>,
+}
+
+impl Fair {
+    fn tag(&mut self, tenant: &str, tokens: usize) -> u64 {
+        let end = self.ends.get(tenant).copied().unwrap_or(0);
+        let start = end.max(self.now);
+        self.ends.insert(tenant.to_owned(), start + tokens.max(1) as u64);
+        start
+    }
+
+    /// A batch started around the text tagged `tag`.
+    fn started(&mut self, tag: u64) {
+        if tag > self.now {
+            self.now = tag;
+            let now = self.now;
+            self.ends.retain(|_, end| *end > now);
+        }
     }
 }
 
@@ -210,6 +257,7 @@ fn serve(shared: &Shared, mut encoder: Encoder, kind: Kind, threads: usize) {
             state.busy_threads += threads;
             state.wide_busy |= kind == Kind::Wide;
             let batch = take(&mut state.items, &picked);
+            state.fair.started(batch.iter().map(|i| i.tag).min().unwrap_or(0));
             let shape = Shape { batch: batch.len(), len: batch.iter().map(|i| i.ids.len()).max().unwrap_or(1) };
             let estimate = table(&state, kind).estimate(shape);
             (batch, shape, estimate)
@@ -364,7 +412,53 @@ mod tests {
 
     fn item(len: usize) -> Item {
         let (reply, _rx) = oneshot::channel();
-        Item { ids: vec![0; len], reply, span: Span::none() }
+        Item { ids: vec![0; len], tag: 0, reply, span: Span::none() }
+    }
+
+    /// A text queued through [`Fair`] as [`EmbeddingPool::embed`] queues it.
+    fn queue_fairly(fair: &mut Fair, q: &mut VecDeque<Item>, tenant: &str, len: usize) {
+        let mut it = item(len);
+        it.tag = fair.tag(tenant, len);
+        let at = q.partition_point(|i| i.tag <= it.tag);
+        q.insert(at, it);
+    }
+
+    /// Where texts of `len` tokens stand in the queue.
+    fn places(q: &VecDeque<Item>, len: usize) -> Vec<usize> {
+        q.iter().enumerate().filter(|(_, i)| i.ids.len() == len).map(|(at, _)| at).collect()
+    }
+
+    #[test]
+    fn a_tenants_lone_text_goes_ahead_of_another_tenants_backlog() {
+        // Tenant "a"'s texts are 12 tokens long, tenant "b"'s 7.
+        let (mut fair, mut q) = (Fair::default(), VecDeque::new());
+        for _ in 0..100 {
+            queue_fairly(&mut fair, &mut q, "a", 12);
+        }
+        queue_fairly(&mut fair, &mut q, "b", 7);
+        assert_eq!(places(&q, 7), vec![1], "behind a's first text only");
+
+        // A batch starts from the front; "a" keeps sending, then "b" sends again.
+        let batch = take(&mut q, &(0..16).collect::<Vec<_>>());
+        fair.started(batch.iter().map(|i| i.tag).min().unwrap());
+        for _ in 0..50 {
+            queue_fairly(&mut fair, &mut q, "a", 12);
+        }
+        queue_fairly(&mut fair, &mut q, "b", 7);
+        assert_eq!(places(&q, 7), vec![0], "ahead of a's backlog of {}", q.len() - 1);
+
+        // Once the virtual time passes a tenant's end, it starts afresh, like a new tenant.
+        fair.started(10_000);
+        assert!(fair.ends.is_empty(), "{:?}", fair.ends);
+    }
+
+    #[test]
+    fn texts_of_one_tenant_keep_their_arrival_order() {
+        let (mut fair, mut q) = (Fair::default(), VecDeque::new());
+        for len in [5, 1, 9, 3, 3, 7] {
+            queue_fairly(&mut fair, &mut q, "", len);
+        }
+        assert_eq!(q.iter().map(|i| i.ids.len()).collect::<Vec<_>>(), vec![5, 1, 9, 3, 3, 7]);
     }
 
     #[test]
@@ -468,7 +562,7 @@ mod tests {
         for (mix, texts) in mixes(36) {
             let mut expected = Vec::new();
             for t in &texts {
-                expected.push(alone.embed(vec![t.clone()]).await.expect("batch 1").remove(0));
+                expected.push(alone.embed(vec![t.clone()], None).await.expect("batch 1").remove(0));
             }
             // Requests of one to three texts, all at once, in a scrambled order.
             let n = texts.len();
@@ -477,7 +571,7 @@ mod tests {
             let answers = futures::future::join_all(requests.iter().map(|r| {
                 let infer = infer.clone();
                 let batch: Vec<String> = r.iter().map(|&i| texts[i].clone()).collect();
-                async move { infer.embed(batch).await }
+                async move { infer.embed(batch, None).await }
             }))
             .await;
             for (request, answer) in requests.iter().zip(answers) {

@@ -213,7 +213,7 @@ async fn job_of_a_worker_that_died_before_acking_is_redelivered_and_completes_on
 
     // A worker takes the job, marks it running, and dies (its channel closes) without acking.
     let model = ModelName::new(MODEL).unwrap();
-    let mut dying = env.backend.broker.consume(&model, 1).await.unwrap();
+    let mut dying = env.backend.broker.consume(&kiln_common::broker::Lane::shared(model.clone()), 1).await.unwrap();
     let delivery = tokio::time::timeout(JOB_TIMEOUT, dying.next()).await.expect("delivery").unwrap().unwrap();
     assert!(!delivery.redelivered);
     assert_eq!(env.backend.store.start(id, "dying-worker").await.unwrap(), Start::Started { attempt: 1 });
@@ -290,10 +290,18 @@ async fn worker_fails_a_bad_job_without_harming_its_batch_mates(kind: Kind) {
         let id = JobId::random();
         env.backend.store.create(&JobRecord::queued(id, model.clone(), now_millis(), None)).await.unwrap();
         let envelope = Envelope::new(id, model.clone(), input, now_millis(), None);
-        env.backend.broker.publish(&model, serde_json::to_vec(&envelope).unwrap()).await.unwrap();
+        env.backend
+            .broker
+            .publish(&kiln_common::broker::Lane::shared(model.clone()), serde_json::to_vec(&envelope).unwrap())
+            .await
+            .unwrap();
         ids.push(id);
     }
-    env.backend.broker.publish(&model, b"not an envelope".to_vec()).await.unwrap();
+    env.backend
+        .broker
+        .publish(&kiln_common::broker::Lane::shared(model.clone()), b"not an envelope".to_vec())
+        .await
+        .unwrap();
     let worker = env.worker();
     let jobs: Vec<_> = futures::future::join_all(ids.iter().map(|id| gw.finished(*id, JOB_TIMEOUT))).await;
     assert_eq!(embeddings(&jobs[0]).len(), 1);

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use kiln_common::audit::{self, AuditConfig};
 use kiln_common::tenancy::{self, Limits, NewKey, Scope};
 use kiln_common::testing::{Kind, wait_until};
@@ -241,8 +242,60 @@ async fn jobs_in_flight_and_compute_are_limited_per_tenant(kind: Kind) {
     gw.stop().await;
 }
 
+/// Fair share: tenant "flood" queues a backlog before any worker runs, then tenant "lone" queues
+/// one job. Each tenant has a lane of its own and the worker takes from the lanes in turn, so
+/// "lone"'s job is taken as soon as the worker starts, not once the backlog has drained. Asserted
+/// on the order in which the store saw the jobs start, not on time.
+async fn a_tenants_lone_job_is_taken_before_another_tenants_backlog_drains(kind: Kind) {
+    const BACKLOG: usize = 400;
+    let env = Env::new(kind);
+    let gw = env.gateway_with(keyed()).await;
+    let unlimited = Limits { rate: Some(100_000.0), burst: Some(100_000), ..Limits::default() };
+    let (_, flood) = key(&env, "flood", RW, unlimited).await;
+    let (_, lone) = key(&env, "lone", RW, Limits::default()).await;
+    let ids: Vec<String> = futures::stream::iter((0..BACKLOG).map(|i| {
+        let (gw, flood) = (&gw, &flood);
+        async move {
+            let r = call(gw, "POST", "/v1/jobs", Some(flood), Some(&job(&format!("backlog text number {i}")))).await;
+            assert_eq!(r.status, 202, "{}", r.body);
+            r.body["id"].as_str().unwrap().to_owned()
+        }
+    }))
+    .buffer_unordered(16)
+    .collect()
+    .await;
+    let r = call(&gw, "POST", "/v1/jobs", Some(&lone), Some(&job("a lone job, queued last"))).await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let lone_id = r.body["id"].as_str().unwrap().to_owned();
+
+    let worker = env.worker();
+    let started = |id: String| {
+        let store = env.backend.store.clone();
+        async move {
+            let record = store.get(id.parse().unwrap()).await.unwrap().unwrap();
+            if record.status.is_terminal() { Ok(record.started_at.unwrap_or(i64::MAX)) } else { Err(record.status) }
+        }
+    };
+    let lone_at = wait_until("the lone job ends", Duration::from_secs(120), || started(lone_id.clone())).await;
+    let mut flood_at = Vec::with_capacity(BACKLOG);
+    for id in &ids {
+        flood_at.push(wait_until("the backlog ends", Duration::from_secs(300), || started(id.clone())).await);
+    }
+    let after = flood_at.iter().filter(|at| **at > lone_at).count();
+    assert!(
+        after >= BACKLOG / 2,
+        "only {after} of the backlog's {BACKLOG} jobs started after the lone job (started at {lone_at}; the \
+         backlog from {:?} to {:?})",
+        flood_at.iter().min(),
+        flood_at.iter().max()
+    );
+    worker.stop().await;
+    gw.stop().await;
+}
+
 kiln_common::both_backends!(
     scopes_and_tenants_are_enforced_on_every_route,
+    a_tenants_lone_job_is_taken_before_another_tenants_backlog_drains,
     the_cache_is_per_tenant,
     over_the_rate_a_client_gets_429_with_headers_and_gets_in_after_retry_after,
     jobs_in_flight_and_compute_are_limited_per_tenant,

@@ -6,7 +6,10 @@
 //! route is at-least-once (`x-dead-letter-strategy: at-least-once`, which RabbitMQ only honours
 //! with `x-overflow: reject-publish`; without it, dead-lettering is at-most-once and a message is
 //! lost if the target does not take it), so the broker drops nothing on its own:
-//! - `P.jobs`, a direct exchange; `P.jobs.<model>` bound to it by the model name, with
+//! - `P.jobs`, a direct exchange; each [`Lane`] of a model a queue bound to it by the lane's key:
+//!   `P.jobs.<model>` (the shared lane) by the model name, `P.jobs.<model>@<tenant>` by
+//!   `<model>@<tenant>`, made by the first publish or consume of this process that uses it. Each
+//!   has
 //!   `x-delivery-limit` [`DELIVERY_LIMIT`] (explicit: RabbitMQ 4 defaults to 20 and then deletes
 //!   the message) and over-limit or rejected messages dead-lettered to `P.dlq` through the default
 //!   exchange. They arrive there as the raw envelope with RabbitMQ's `x-death` header.
@@ -19,7 +22,7 @@
 //!   it means the same on every version, so upgrading RabbitMQ never changes the declaration.
 //! - `P.retry.<ms>ms`, one fanout exchange and quorum queue per retry step, `x-message-ttl` the
 //!   step (quorum queues expire messages since RabbitMQ 3.10), dead-lettering back into `P.jobs`
-//!   with the message's own routing key, the model name.
+//!   with the message's own routing key: a retry comes back to the lane it left.
 //!
 //! Queues that exist keep the arguments they were declared with; RabbitMQ refuses a redeclare
 //! with others (`PRECONDITION_FAILED`). Deployments from before this topology have `P.jobs.<model>`
@@ -36,7 +39,7 @@
 //! - Policies combine with arguments: RabbitMQ uses the lower of a policy's `delivery-limit` and
 //!   the argument, so a policy can lower Kiln's limits but not raise them.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -53,7 +56,7 @@ use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProper
 use tokio::sync::Mutex;
 
 use super::{
-    Acknowledge, Broker, BrokerError, DELIVERY_LIMIT, Death, DeathReason, Deliveries, Delivery, HeldLetters,
+    Acknowledge, Broker, BrokerError, DELIVERY_LIMIT, Death, DeathReason, Deliveries, Delivery, HeldLetters, Lane,
     RETRY_DELAYS, delay_step,
 };
 use crate::config::Secret;
@@ -77,8 +80,13 @@ impl Topology {
         format!("{}.jobs", self.prefix)
     }
 
+    /// The queue of a model's shared lane.
     pub fn queue(&self, model: &ModelName) -> String {
-        format!("{}.jobs.{model}", self.prefix)
+        self.lane_queue(&Lane::shared(model.clone()))
+    }
+
+    pub fn lane_queue(&self, lane: &Lane) -> String {
+        format!("{}.jobs.{}", self.prefix, lane.key())
     }
 
     pub fn dead_letter_queue(&self) -> String {
@@ -148,21 +156,36 @@ impl Topology {
             )
             .await?;
         }
-        for model in models {
-            let name = self.queue(model);
-            if !declare_queue(conn, &mut ch, &name, self.job_queue_arguments(), known).await? {
+        let lanes: Vec<Lane> = models.iter().cloned().map(Lane::shared).collect();
+        legacy.extend(self.declare_lanes(conn, &mut ch, &lanes, known).await?);
+        let _ = ch.close(200, "declared".into()).await;
+        Ok(legacy)
+    }
+
+    /// Declares the lanes' queues and binds them (the exchange exists). Returns those that exist
+    /// with other arguments.
+    async fn declare_lanes(
+        &self,
+        conn: &Connection,
+        ch: &mut Channel,
+        lanes: &[Lane],
+        known: &BTreeSet<String>,
+    ) -> Result<Vec<String>, lapin::Error> {
+        let mut legacy = Vec::new();
+        for lane in lanes {
+            let name = self.lane_queue(lane);
+            if !declare_queue(conn, ch, &name, self.job_queue_arguments(), known).await? {
                 legacy.push(name.clone());
             }
             ch.queue_bind(
                 name.as_str().into(),
                 self.exchange().into(),
-                model.as_str().into(),
+                lane.key().as_str().into(),
                 QueueBindOptions::default(),
                 FieldTable::default(),
             )
             .await?;
         }
-        let _ = ch.close(200, "declared".into()).await;
         Ok(legacy)
     }
 }
@@ -238,6 +261,8 @@ pub struct AmqpBroker {
     fast: std::sync::Mutex<Option<Channel>>,
     /// Queues found with other arguments than this topology's, used as they are.
     legacy: std::sync::Mutex<BTreeSet<String>>,
+    /// Tenants' lanes this process declared; a publish to one of them declares nothing.
+    lanes: std::sync::Mutex<HashSet<Lane>>,
 }
 
 #[derive(Default)]
@@ -257,6 +282,7 @@ impl AmqpBroker {
             link: Mutex::new(Link::default()),
             fast: std::sync::Mutex::new(None),
             legacy: std::sync::Mutex::new(BTreeSet::new()),
+            lanes: std::sync::Mutex::new(HashSet::new()),
         }
     }
 
@@ -272,6 +298,48 @@ impl AmqpBroker {
     async fn declare_topology(&self, conn: &Connection, models: &[ModelName]) -> Result<(), BrokerError> {
         let known = self.legacy.lock().expect("legacy lock").clone();
         let found = self.config.topology.declare(conn, models, &known).await?;
+        self.found_legacy(found);
+        Ok(())
+    }
+
+    /// Makes a tenant's lane the first time this process uses it (the shared lanes are part of
+    /// the topology).
+    async fn ensure_lane(&self, lane: &Lane) -> Result<(), BrokerError> {
+        if lane.tenant().is_none() || self.lanes.lock().expect("lanes lock").contains(lane) {
+            return Ok(());
+        }
+        let conn = {
+            let mut link = self.link.lock().await;
+            self.connection(&mut link).await?
+        };
+        self.declare_topology(&conn, &[]).await?;
+        let known = self.legacy.lock().expect("legacy lock").clone();
+        let mut ch = conn.create_channel().await?;
+        let found = self.config.topology.declare_lanes(&conn, &mut ch, std::slice::from_ref(lane), &known).await?;
+        let _ = ch.close(200, "declared".into()).await;
+        self.found_legacy(found);
+        self.lanes.lock().expect("lanes lock").insert(lane.clone());
+        Ok(())
+    }
+
+    /// Publishes to a lane's queue through `exchange`. A tenant's lane whose queue is gone
+    /// (deleted since this process made it: the publish comes back unroutable) is made again,
+    /// once.
+    async fn publish_to(&self, exchange: &str, lane: &Lane, body: &[u8]) -> Result<(), BrokerError> {
+        self.ensure_lane(lane).await?;
+        let key = lane.key();
+        match self.confirmed(exchange, &key, body).await {
+            Err(BrokerError::Unroutable(_)) if lane.tenant().is_some() => {
+                self.lanes.lock().expect("lanes lock").remove(lane);
+                self.ensure_lane(lane).await?;
+                self.confirmed(exchange, &key, body).await
+            }
+            other => other,
+        }
+    }
+
+    /// Warns once per process about each queue that has other arguments.
+    fn found_legacy(&self, found: Vec<String>) {
         let mut legacy = self.legacy.lock().expect("legacy lock");
         for queue in found {
             if legacy.insert(queue.clone()) {
@@ -284,7 +352,6 @@ impl AmqpBroker {
                 );
             }
         }
-        Ok(())
     }
 
     async fn connection(&self, link: &mut Link) -> Result<Arc<Connection>, BrokerError> {
@@ -373,7 +440,7 @@ impl AmqpBroker {
             Ok(Err(e)) => Err(BrokerError::Amqp(e)),
             Ok(Ok(Confirmation::Ack(None))) => return Ok(()),
             Ok(Ok(Confirmation::Ack(Some(returned)))) => {
-                return Err(BrokerError::Rejected(format!("unroutable: {}", returned.reply_text)));
+                return Err(BrokerError::Unroutable(returned.reply_text.to_string()));
             }
             Ok(Ok(Confirmation::Nack(_))) => return Err(BrokerError::Rejected("negative confirm".into())),
             Ok(Ok(Confirmation::NotRequested)) => Err(BrokerError::Rejected("channel is not in confirm mode".into())),
@@ -430,16 +497,21 @@ impl Broker for AmqpBroker {
         self.publisher().await.map(drop)
     }
 
-    async fn publish(&self, model: &ModelName, body: Vec<u8>) -> Result<(), BrokerError> {
-        self.confirmed(&self.config.topology.exchange(), model.as_str(), &body).await
+    async fn publish(&self, lane: &Lane, body: Vec<u8>) -> Result<(), BrokerError> {
+        self.publish_to(&self.config.topology.exchange(), lane, &body).await
     }
 
-    async fn publish_delayed(&self, model: &ModelName, body: Vec<u8>, delay: Duration) -> Result<(), BrokerError> {
-        self.confirmed(&self.config.topology.delay(delay_step(delay)), model.as_str(), &body).await
+    async fn publish_delayed(&self, lane: &Lane, body: Vec<u8>, delay: Duration) -> Result<(), BrokerError> {
+        // Unroutable here means only that the delay queue is missing; the lane is checked for on
+        // the way back, when the message leaves the delay queue.
+        self.ensure_lane(lane).await?;
+        self.confirmed(&self.config.topology.delay(delay_step(delay)), &lane.key(), &body).await
     }
 
-    async fn consume(&self, model: &ModelName, prefetch: u16) -> Result<Deliveries, BrokerError> {
-        self.consume_queue(self.config.topology.queue(model), prefetch, std::slice::from_ref(model)).await
+    async fn consume(&self, lane: &Lane, prefetch: u16) -> Result<Deliveries, BrokerError> {
+        self.ensure_lane(lane).await?;
+        let queue = self.config.topology.lane_queue(lane);
+        self.consume_queue(queue, prefetch, std::slice::from_ref(lane.model())).await
     }
 
     async fn dead_letter(&self, body: Vec<u8>) -> Result<(), BrokerError> {

@@ -1,4 +1,4 @@
-//! The in-process broker of `kiln dev`: per-model FIFO queues with the delivery semantics workers rely
+//! The in-process broker of `kiln dev`: a FIFO queue per [`Lane`] with the delivery semantics workers rely
 //! on from RabbitMQ — bounded prefetch per consumer, explicit ack, nack with or without requeue, and
 //! redelivery (flagged `redelivered`) of everything a consumer held when it went away — and the
 //! dead-lettering RabbitMQ's queues are declared with: a job message rejected, or returned more
@@ -14,12 +14,14 @@ use futures::StreamExt;
 use kiln_proto::ModelName;
 use tokio::sync::Notify;
 
-use super::{Acknowledge, Broker, BrokerError, DELIVERY_LIMIT, Death, DeathReason, Deliveries, Delivery, HeldLetters};
+use super::{
+    Acknowledge, Broker, BrokerError, DELIVERY_LIMIT, Death, DeathReason, Deliveries, Delivery, HeldLetters, Lane,
+};
 
 /// In-memory broker. Messages live as long as the process: it is the embedded default's broker,
 /// not a durable one.
 pub struct EmbeddedBroker {
-    queues: Mutex<HashMap<ModelName, Arc<Queue>>>,
+    queues: Mutex<HashMap<Lane, Arc<Queue>>>,
     dead_letters: Arc<Queue>,
     max_queue_len: usize,
 }
@@ -66,12 +68,12 @@ impl EmbeddedBroker {
         Self { queues: Mutex::new(HashMap::new()), dead_letters: Queue::new("dlq".into(), None), max_queue_len }
     }
 
-    fn queue(&self, model: &ModelName) -> Arc<Queue> {
+    fn queue(&self, lane: &Lane) -> Arc<Queue> {
         let dlq = &self.dead_letters;
         let mut queues = self.queues.lock().expect("broker lock");
         queues
-            .entry(model.clone())
-            .or_insert_with(|| Queue::new(format!("jobs.{model}"), Some((dlq.clone(), DELIVERY_LIMIT))))
+            .entry(lane.clone())
+            .or_insert_with(|| Queue::new(format!("jobs.{lane}"), Some((dlq.clone(), DELIVERY_LIMIT))))
             .clone()
     }
 }
@@ -86,18 +88,19 @@ impl Default for EmbeddedBroker {
 impl Broker for EmbeddedBroker {
     async fn declare(&self, models: &[ModelName]) -> Result<(), BrokerError> {
         for m in models {
-            self.queue(m);
+            self.queue(&Lane::shared(m.clone()));
         }
         Ok(())
     }
 
-    async fn publish(&self, model: &ModelName, body: Vec<u8>) -> Result<(), BrokerError> {
-        self.queue(model).push(body, crate::telemetry::current_traceparent(), self.max_queue_len, model.as_str())
+    async fn publish(&self, lane: &Lane, body: Vec<u8>) -> Result<(), BrokerError> {
+        let queue = self.queue(lane);
+        queue.push(body, crate::telemetry::current_traceparent(), self.max_queue_len, &queue.name)
     }
 
-    async fn publish_delayed(&self, model: &ModelName, body: Vec<u8>, delay: Duration) -> Result<(), BrokerError> {
-        let queue = self.queue(model);
-        let (max, name, delay) = (self.max_queue_len, model.to_string(), super::delay_step(delay));
+    async fn publish_delayed(&self, lane: &Lane, body: Vec<u8>, delay: Duration) -> Result<(), BrokerError> {
+        let queue = self.queue(lane);
+        let (max, name, delay) = (self.max_queue_len, queue.name.clone(), super::delay_step(delay));
         let traceparent = crate::telemetry::current_traceparent();
         // Held by a timer task; like everything in the embedded broker, it lives as long as the process.
         tokio::spawn(async move {
@@ -109,8 +112,8 @@ impl Broker for EmbeddedBroker {
         Ok(())
     }
 
-    async fn consume(&self, model: &ModelName, prefetch: u16) -> Result<Deliveries, BrokerError> {
-        Ok(consume_queue(self.queue(model), prefetch))
+    async fn consume(&self, lane: &Lane, prefetch: u16) -> Result<Deliveries, BrokerError> {
+        Ok(consume_queue(self.queue(lane), prefetch))
     }
 
     async fn dead_letter(&self, body: Vec<u8>) -> Result<(), BrokerError> {

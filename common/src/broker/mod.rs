@@ -1,6 +1,11 @@
-//! The broker abstraction: durable, confirmed publishing of job envelopes to a per-model queue, and
+//! The broker abstraction: durable, confirmed publishing of job envelopes to a model's queues, and
 //! consuming them with a bounded prefetch and explicit acknowledgement. Implementations: RabbitMQ
 //! ([`amqp`]) and the in-process [`embedded`] broker with the same delivery semantics.
+//!
+//! A model has one queue per [`Lane`]: the shared lane, for jobs that belong to no tenant (a
+//! gateway without keys), and one lane per tenant, made the first time a tenant's job is
+//! published. Workers consume every lane of a model and take from them in turn, so one tenant's
+//! backlog waits in its own lane instead of ahead of everybody else's jobs.
 //!
 //! Nothing a broker holds is dropped by the broker: a job message returned to its queue more than
 //! [`DELIVERY_LIMIT`] times, or rejected, is moved to the dead-letter queue (with a [`Death`] that
@@ -12,7 +17,55 @@ pub mod embedded;
 use async_trait::async_trait;
 use futures::StreamExt;
 use futures::stream::BoxStream;
-use kiln_proto::{ModelName, UnixMillis};
+use kiln_proto::{Envelope, ModelName, UnixMillis};
+
+/// One of a model's queues: the shared one, or a tenant's own.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Lane {
+    model: ModelName,
+    tenant: Option<String>,
+}
+
+impl Lane {
+    /// The model's shared lane, for jobs of no tenant.
+    pub fn shared(model: ModelName) -> Self {
+        Self { model, tenant: None }
+    }
+
+    /// The lane of `tenant`'s jobs for `model`; the shared lane for none.
+    pub fn new(model: ModelName, tenant: Option<String>) -> Self {
+        Self { model, tenant }
+    }
+
+    /// The lane a job travels in.
+    pub fn of(envelope: &Envelope) -> Self {
+        Self::new(envelope.model.clone(), envelope.tenant.clone())
+    }
+
+    pub fn model(&self) -> &ModelName {
+        &self.model
+    }
+
+    pub fn tenant(&self) -> Option<&str> {
+        self.tenant.as_deref()
+    }
+
+    /// The lane's name within the model's: the model name, then `@tenant` for a tenant's lane
+    /// (`@` is in neither a model name nor a tenant). RabbitMQ's routing key, and the tail of the
+    /// queue's name.
+    pub fn key(&self) -> String {
+        match &self.tenant {
+            None => self.model.to_string(),
+            Some(t) => format!("{}@{t}", self.model),
+        }
+    }
+}
+
+impl std::fmt::Display for Lane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.key())
+    }
+}
 
 /// Returns a job message may take — a requeue, or its consumer going away while holding it — before
 /// the broker stops delivering it and moves it to the dead-letter queue instead: a message is
@@ -28,9 +81,13 @@ pub enum BrokerError {
     /// The broker cannot be reached or the connection is down; retry later.
     #[error("broker unavailable: {0}")]
     Unavailable(String),
-    /// The broker refused the message (negative confirm, unroutable, queue full).
+    /// The broker refused the message (negative confirm, queue full).
     #[error("broker rejected the message: {0}")]
     Rejected(String),
+    /// No queue is bound for the message (a published message is mandatory): its queue was
+    /// deleted, or never made.
+    #[error("broker returned the message as unroutable: {0}")]
+    Unroutable(String),
     /// No confirm arrived in time; the message may or may not be enqueued.
     #[error("broker did not confirm within {0:?}")]
     ConfirmTimeout(std::time::Duration),
@@ -256,21 +313,18 @@ pub trait Broker: Send + Sync + 'static {
     /// Declares whatever the given models' queues need. Idempotent.
     async fn declare(&self, models: &[ModelName]) -> Result<(), BrokerError>;
 
-    /// Publishes one persistent message to the model's queue and returns only once the broker has
+    /// Publishes one persistent message to the lane's queue, making the queue first if it is a
+    /// tenant's lane this broker has not published to yet, and returns only once the broker has
     /// confirmed it durably enqueued.
-    async fn publish(&self, model: &ModelName, body: Vec<u8>) -> Result<(), BrokerError>;
+    async fn publish(&self, lane: &Lane, body: Vec<u8>) -> Result<(), BrokerError>;
 
     /// Publishes like [`Broker::publish`], delivered only after `delay` (rounded up by
     /// [`delay_step`]); for retries with backoff.
-    async fn publish_delayed(
-        &self,
-        model: &ModelName,
-        body: Vec<u8>,
-        delay: std::time::Duration,
-    ) -> Result<(), BrokerError>;
+    async fn publish_delayed(&self, lane: &Lane, body: Vec<u8>, delay: std::time::Duration) -> Result<(), BrokerError>;
 
-    /// Starts consuming the model's queue with at most `prefetch` unacknowledged deliveries.
-    async fn consume(&self, model: &ModelName, prefetch: u16) -> Result<Deliveries, BrokerError>;
+    /// Starts consuming the lane's queue (making it if need be) with at most `prefetch`
+    /// unacknowledged deliveries.
+    async fn consume(&self, lane: &Lane, prefetch: u16) -> Result<Deliveries, BrokerError>;
 
     /// Publishes one message, durably and confirmed, to the dead-letter queue.
     async fn dead_letter(&self, body: Vec<u8>) -> Result<(), BrokerError>;

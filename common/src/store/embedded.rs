@@ -51,6 +51,8 @@ struct Inner {
     inflight: HashMap<String, JobId>,
     /// Model → worker → last seen.
     workers: HashMap<ModelName, HashMap<String, UnixMillis>>,
+    /// Tenants with a lane of their own, per model (see [`Store::lanes`]).
+    lanes: HashMap<ModelName, BTreeSet<String>>,
     /// Tenant → its jobs in flight (slots of `reserve_slot`), with when each slot was taken.
     live: HashMap<String, HashMap<JobId, UnixMillis>>,
 }
@@ -297,6 +299,13 @@ impl Inner {
         }
     }
 
+    /// Notes the tenant's lane of a job that is to be published.
+    fn lane(&mut self, record: &JobRecord) {
+        if let Some(t) = &record.tenant {
+            self.lanes.entry(record.model.clone()).or_default().insert(t.clone());
+        }
+    }
+
     fn note_write(&mut self) {
         self.writes_since_sweep += 1;
         if self.writes_since_sweep >= SWEEP_EVERY {
@@ -383,6 +392,7 @@ impl Store for EmbeddedStore {
             inner.ended(record.id, &s);
             inner.emit(record.id, EventKind::Completed, json!({"status": record.status}));
         } else {
+            inner.lane(record);
             inner.touch(record.id, &s, self.idle());
             inner.emit(record.id, EventKind::Status, json!({"status": "queued"}));
         }
@@ -432,6 +442,7 @@ impl Store for EmbeddedStore {
             None => {
                 entry.inflight = Some(inflight.to_owned());
                 inner.inflight.insert(inflight.to_owned(), record.id);
+                inner.lane(record);
                 Coalesced::Leader
             }
         };
@@ -859,6 +870,10 @@ impl Store for EmbeddedStore {
         let mut names: Vec<String> = seen.keys().cloned().collect();
         names.sort();
         Ok(names)
+    }
+
+    async fn lanes(&self, model: &ModelName) -> Result<Vec<String>, StoreError> {
+        Ok(self.lock().lanes.get(model).map(|t| t.iter().cloned().collect()).unwrap_or_default())
     }
 
     async fn check(&self) -> Result<(), StoreError> {

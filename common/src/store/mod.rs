@@ -269,6 +269,11 @@ pub trait Store: Send + Sync + 'static {
     /// the store's time.
     async fn worker_seen(&self, model: &ModelName, worker: &str) -> Result<(), StoreError>;
 
+    /// The tenants with a lane of their own for `model` (see [`crate::broker::Lane`]): each one
+    /// that had a job created to be published, noted with the job's record, atomically. Never
+    /// forgotten while the store keeps its data; workers consume every lane it names.
+    async fn lanes(&self, model: &ModelName) -> Result<Vec<String>, StoreError>;
+
     /// Workers that consumed `model`'s queue since `since`, for `GET /v1/models`.
     async fn workers(&self, model: &ModelName, since: UnixMillis) -> Result<Vec<String>, StoreError>;
 

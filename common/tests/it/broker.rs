@@ -1,10 +1,10 @@
 //! Delivery semantics every broker must have: confirmed publish, prefetch bound, ack, requeue, and
-//! redelivery of what a closed consumer held.
+//! redelivery of what a closed consumer held, and a queue per lane.
 
 use std::time::Duration;
 
 use futures::StreamExt;
-use kiln_common::broker::{Deliveries, Delivery};
+use kiln_common::broker::{Deliveries, Delivery, Lane};
 use kiln_common::testing::{self, Kind, backend};
 use kiln_proto::ModelName;
 
@@ -14,6 +14,7 @@ kiln_common::both_backends!(
     requeue_redelivers,
     delayed_publish_arrives_after_the_delay,
     dead_letters_are_kept_and_counted,
+    a_tenants_lane_is_a_queue_of_its_own_and_its_retries_come_back_to_it,
 );
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -30,13 +31,17 @@ fn model() -> ModelName {
     ModelName::new("m").unwrap()
 }
 
+fn lane() -> Lane {
+    Lane::shared(model())
+}
+
 async fn prefetch_bounds_unacked_deliveries(kind: Kind) {
     let b = backend(kind, Duration::from_secs(60));
     b.broker.declare(&[model()]).await.unwrap();
     for i in 0..3u8 {
-        b.broker.publish(&model(), vec![i]).await.unwrap();
+        b.broker.publish(&lane(), vec![i]).await.unwrap();
     }
-    let mut d = b.broker.consume(&model(), 2).await.unwrap();
+    let mut d = b.broker.consume(&lane(), 2).await.unwrap();
     let first = next(&mut d).await;
     let second = next(&mut d).await;
     assert_eq!((first.body.clone(), second.body.clone()), (vec![0], vec![1]));
@@ -49,12 +54,12 @@ async fn prefetch_bounds_unacked_deliveries(kind: Kind) {
 async fn closed_consumer_hands_back_what_it_held(kind: Kind) {
     let b = backend(kind, Duration::from_secs(60));
     b.broker.declare(&[model()]).await.unwrap();
-    b.broker.publish(&model(), b"job".to_vec()).await.unwrap();
-    let mut dying = b.broker.consume(&model(), 10).await.unwrap();
+    b.broker.publish(&lane(), b"job".to_vec()).await.unwrap();
+    let mut dying = b.broker.consume(&lane(), 10).await.unwrap();
     let held = next(&mut dying).await;
     assert!(!held.redelivered);
     drop(dying);
-    let mut other = b.broker.consume(&model(), 10).await.unwrap();
+    let mut other = b.broker.consume(&lane(), 10).await.unwrap();
     let again = next(&mut other).await;
     assert_eq!(again.body, b"job");
     assert!(again.redelivered, "a handed-back delivery is flagged redelivered");
@@ -66,8 +71,8 @@ async fn closed_consumer_hands_back_what_it_held(kind: Kind) {
 async fn requeue_redelivers(kind: Kind) {
     let b = backend(kind, Duration::from_secs(60));
     b.broker.declare(&[model()]).await.unwrap();
-    b.broker.publish(&model(), b"x".to_vec()).await.unwrap();
-    let mut d = b.broker.consume(&model(), 1).await.unwrap();
+    b.broker.publish(&lane(), b"x".to_vec()).await.unwrap();
+    let mut d = b.broker.consume(&lane(), 1).await.unwrap();
     next(&mut d).await.requeue().await.unwrap();
     let again = next(&mut d).await;
     assert!(again.redelivered);
@@ -77,10 +82,10 @@ async fn requeue_redelivers(kind: Kind) {
 async fn delayed_publish_arrives_after_the_delay(kind: Kind) {
     let b = backend(kind, Duration::from_secs(60));
     b.broker.declare(&[model()]).await.unwrap();
-    let mut d = b.broker.consume(&model(), 10).await.unwrap();
+    let mut d = b.broker.consume(&lane(), 10).await.unwrap();
     let sent = std::time::Instant::now();
-    b.broker.publish_delayed(&model(), b"later".to_vec(), Duration::from_millis(300)).await.unwrap();
-    b.broker.publish(&model(), b"now".to_vec()).await.unwrap();
+    b.broker.publish_delayed(&lane(), b"later".to_vec(), Duration::from_millis(300)).await.unwrap();
+    b.broker.publish(&lane(), b"now".to_vec()).await.unwrap();
     let first = next(&mut d).await;
     assert_eq!(first.body, b"now");
     first.ack().await.unwrap();
@@ -111,4 +116,31 @@ async fn dead_letters_are_kept_and_counted(kind: Kind) {
         }
     })
     .await;
+}
+
+async fn a_tenants_lane_is_a_queue_of_its_own_and_its_retries_come_back_to_it(kind: Kind) {
+    let b = backend(kind, Duration::from_secs(60));
+    b.broker.declare(&[model()]).await.unwrap();
+    let tenant = Lane::new(model(), Some("acme".into()));
+    assert_eq!(tenant.key(), "m@acme");
+    let mut shared = b.broker.consume(&lane(), 10).await.unwrap();
+    b.broker.publish(&tenant, b"acme's".to_vec()).await.unwrap();
+    b.broker.publish_delayed(&tenant, b"acme's retry".to_vec(), Duration::from_millis(10)).await.unwrap();
+    b.broker.publish(&lane(), b"nobody's".to_vec()).await.unwrap();
+    let mut own = b.broker.consume(&tenant, 10).await.unwrap();
+    for body in [&b"acme's"[..], b"acme's retry"] {
+        let d = next(&mut own).await;
+        assert_eq!(d.body, body);
+        d.ack().await.unwrap();
+    }
+    let d = next(&mut shared).await;
+    assert_eq!(d.body, b"nobody's");
+    d.ack().await.unwrap();
+    // Both of acme's messages were delivered on its own lane already: none is left to arrive here.
+    let stray = tokio::time::timeout(Duration::from_millis(200), shared.next()).await;
+    assert!(
+        stray.is_err(),
+        "the shared lane got a tenant's message: {:?}",
+        stray.map(|d| d.map(|d| d.map(|d| d.body)))
+    );
 }

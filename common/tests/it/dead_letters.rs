@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use kiln_common::Backend;
 use kiln_common::broker::amqp::{AmqpBroker, AmqpConfig, Topology};
-use kiln_common::broker::{Broker, DELIVERY_LIMIT, DeathReason};
+use kiln_common::broker::{Broker, DELIVERY_LIMIT, DeathReason, Lane};
 use kiln_common::dlq::{self, Cause, Selection};
 use kiln_common::testing::{self, Kind, backend};
 use kiln_proto::{DeadLetter, Envelope, ErrorCode, JobError, JobId, JobRecord, JobStatus, ModelName, now_millis};
@@ -26,6 +26,10 @@ const WAIT: Duration = Duration::from_secs(10);
 
 fn model() -> ModelName {
     ModelName::new("m").unwrap()
+}
+
+fn lane() -> Lane {
+    Lane::shared(model())
 }
 
 use crate::broker::next;
@@ -57,8 +61,8 @@ async fn requeued_past_the_delivery_limit_is_dead_lettered_not_lost(kind: Kind) 
     let b = backend(kind, Duration::from_secs(60));
     b.broker.declare(&[model()]).await.unwrap();
     let job = envelope();
-    b.broker.publish(&model(), serde_json::to_vec(&job).unwrap()).await.unwrap();
-    let mut d = b.broker.consume(&model(), 1).await.unwrap();
+    b.broker.publish(&lane(), serde_json::to_vec(&job).unwrap()).await.unwrap();
+    let mut d = b.broker.consume(&lane(), 1).await.unwrap();
     // Well past RabbitMQ 4's default of 20, the message is still there.
     for n in 0..25 {
         let again = next(&mut d).await;
@@ -112,9 +116,9 @@ async fn a_rejected_job_is_dead_lettered_with_its_reason_and_redriven(kind: Kind
     b.broker.declare(&[model()]).await.unwrap();
     let job = envelope();
     b.store.create(&JobRecord::queued(job.id, model(), now_millis(), None)).await.unwrap();
-    b.broker.publish(&model(), serde_json::to_vec(&job).unwrap()).await.unwrap();
-    b.broker.publish(&model(), b"not an envelope".to_vec()).await.unwrap();
-    let mut d = b.broker.consume(&model(), 2).await.unwrap();
+    b.broker.publish(&lane(), serde_json::to_vec(&job).unwrap()).await.unwrap();
+    b.broker.publish(&lane(), b"not an envelope".to_vec()).await.unwrap();
+    let mut d = b.broker.consume(&lane(), 2).await.unwrap();
     next(&mut d).await.reject().await.unwrap();
     next(&mut d).await.reject().await.unwrap();
     wait_for_dead_letters(&b, 2).await;
@@ -200,9 +204,9 @@ async fn retry_delays_are_quorum_queues_that_hand_jobs_back_after_the_delay() {
     ]);
     redeclare(&conn, &delay_queue, quorum).await.expect("the delay queue is quorum, dead-lettering at least once");
 
-    let mut d = b.broker.consume(&model(), 10).await.unwrap();
+    let mut d = b.broker.consume(&lane(), 10).await.unwrap();
     let sent = std::time::Instant::now();
-    b.broker.publish_delayed(&model(), b"later".to_vec(), Duration::from_millis(300)).await.unwrap();
+    b.broker.publish_delayed(&lane(), b"later".to_vec(), Duration::from_millis(300)).await.unwrap();
     let back = next(&mut d).await;
     assert_eq!(back.body, b"later");
     assert!(sent.elapsed() >= step, "delivered after {:?}", sent.elapsed());
@@ -214,6 +218,29 @@ fn args_for_classic_delay(topology: &Topology, step: Duration) -> FieldTable {
         ("x-message-ttl", AMQPValue::LongLongInt(step.as_millis() as i64)),
         ("x-dead-letter-exchange", text(&topology.exchange())),
     ])
+}
+
+/// A tenant's lane is made by its first publish with the job queues' arguments, and made again
+/// by a publish after its queue was deleted (the publish comes back unroutable once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenants_lane_is_declared_like_a_job_queue_and_made_again_when_deleted() {
+    let prefix = testing::unique_prefix();
+    let broker = amqp_broker(&prefix);
+    broker.declare(&[model()]).await.unwrap();
+    let topology = Topology::new(&prefix);
+    let lane = Lane::new(model(), Some("acme".into()));
+    broker.publish(&lane, b"first".to_vec()).await.expect("the lane is made by its first publish");
+    let conn = amqp().await;
+    let queue = topology.lane_queue(&lane);
+    assert_eq!(queue, format!("{prefix}.jobs.m@acme"));
+    redeclare(&conn, &queue, topology.job_queue_arguments()).await.expect("a job queue's arguments");
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_delete(queue.as_str().into(), Default::default()).await.unwrap();
+    broker.publish(&lane, b"second".to_vec()).await.expect("the deleted lane is made again");
+    let mut d = broker.consume(&lane, 10).await.unwrap();
+    let got = crate::broker::next(&mut d).await;
+    assert_eq!(got.body, b"second");
+    got.ack().await.unwrap();
 }
 
 /// The job queues and the dead-letter queue carry the limits and the at-least-once route.
@@ -256,8 +283,8 @@ async fn queues_declared_by_an_older_kiln_are_used_as_they_are() {
     assert_eq!(legacy, vec![topology.dead_letter_queue(), topology.queue(&model())]);
 
     let job = envelope();
-    broker.publish(&model(), serde_json::to_vec(&job).unwrap()).await.unwrap();
-    let mut d = broker.consume(&model(), 1).await.unwrap();
+    broker.publish(&lane(), serde_json::to_vec(&job).unwrap()).await.unwrap();
+    let mut d = broker.consume(&lane(), 1).await.unwrap();
     next(&mut d).await.ack().await.unwrap();
     broker.dead_letter(serde_json::to_vec(&given_up(1)).unwrap()).await.unwrap();
     let mut b = Backend::external(&testing::backend_args(Duration::from_secs(60))).unwrap();

@@ -1,6 +1,6 @@
 //! Job store semantics on both backends: create once, the running transition, fenced terminal
 //! writes, run tokens, withdrawal and expiry, leases and the reaper, the sweeper, coalescing onto
-//! confirmed leaders only, idempotency claims, the ordered webhook outbox, and what a job costs.
+//! confirmed leaders only, tenants' lanes, idempotency claims, the ordered webhook outbox, and what a job costs.
 
 use std::time::Duration;
 
@@ -26,6 +26,7 @@ kiln_common::both_backends!(
     redrive_only_moves_failed_jobs,
     a_live_completed_event_carries_the_finished_record,
     a_burst_of_concurrent_calls_on_a_busy_machine_all_complete,
+    a_tenants_lane_is_noted_with_its_first_job_to_publish,
 );
 
 fn record() -> JobRecord {
@@ -578,4 +579,22 @@ async fn a_finished_job_costs_the_store_a_bounded_number_of_bytes() {
     let per_hit = (after - before) / 1000;
     println!("store cost: {per_hit} bytes per cache hit");
     assert!(per_hit < 1536, "{per_hit} bytes per cache hit");
+}
+
+async fn a_tenants_lane_is_noted_with_its_first_job_to_publish(kind: Kind) {
+    let b = backend(kind, Duration::from_secs(60));
+    let m = ModelName::new("m").unwrap();
+    let of = |tenant: &str| JobRecord { tenant: Some(tenant.into()), ..record() };
+    assert!(b.store.lanes(&m).await.unwrap().is_empty());
+    b.store.insert(&record(), &ENVELOPE).await.unwrap();
+    b.store.insert(&of("queued"), &ENVELOPE).await.unwrap();
+    let key = format!("k-{}", JobId::random());
+    assert_eq!(b.store.create_coalesced(&of("leads"), &key, &ENVELOPE, false).await.unwrap(), Coalesced::Leader);
+    // A cache hit is born finished and is never published: it makes no lane.
+    let hit = JobRecord { status: JobStatus::Succeeded, output: Some(serde_json::json!(1)), ..of("hit") };
+    b.store.insert(&hit, &Creation::default()).await.unwrap();
+    let mut lanes = b.store.lanes(&m).await.unwrap();
+    lanes.sort();
+    assert_eq!(lanes, vec!["leads".to_owned(), "queued".to_owned()]);
+    assert!(b.store.lanes(&ModelName::new("other").unwrap()).await.unwrap().is_empty());
 }

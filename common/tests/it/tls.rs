@@ -54,6 +54,7 @@ async fn a_broker_on_amqps_verifies_the_server_against_the_ca() {
     let ca = TestCa::new("kiln test CA (rabbitmq)");
     let rabbit = RabbitMq::start_tls(&ca).await;
     let model = ModelName::new("m").unwrap();
+    let lane = kiln_common::broker::Lane::shared(model.clone());
 
     let b = Backend::external(&args_with(&ca, Some(rabbit.tls_url()), None)).expect("backend");
     // The node answers `rabbitmqctl wait` a moment before its TLS listener takes connections.
@@ -61,14 +62,14 @@ async fn a_broker_on_amqps_verifies_the_server_against_the_ca() {
         b.broker.declare(std::slice::from_ref(&model))
     })
     .await;
-    b.broker.publish(&model, b"over tls".to_vec()).await.expect("confirmed publish over TLS");
-    let mut deliveries = b.broker.consume(&model, 1).await.expect("consume over TLS");
+    b.broker.publish(&lane, b"over tls".to_vec()).await.expect("confirmed publish over TLS");
+    let mut deliveries = b.broker.consume(&lane, 1).await.expect("consume over TLS");
     let got = next(&mut deliveries).await;
     assert_eq!(got.body, b"over tls");
     got.ack().await.unwrap();
 
     let other = TestCa::new("some other CA");
     let b = Backend::external(&args_with(&other, Some(rabbit.tls_url()), None)).expect("backend");
-    let refused = b.broker.publish(&model, b"x".to_vec()).await.expect_err("a server the CA did not sign is refused");
+    let refused = b.broker.publish(&lane, b"x".to_vec()).await.expect_err("a server the CA did not sign is refused");
     assert!(says_certificate(&refused.to_string()), "the error does not say why: {refused}");
 }

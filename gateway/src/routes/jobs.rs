@@ -10,6 +10,7 @@ use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{Extension, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use kiln_common::broker::Lane;
 use kiln_common::cache;
 use kiln_common::store::{Claim, Coalesced, Creation, Transition};
 use kiln_common::webhooks;
@@ -277,6 +278,7 @@ async fn accept(state: &AppState, id: JobId, s: Submission, key: Option<&str>) -
     envelope.traceparent = record.traceparent.clone();
     envelope.tenant = s.tenant;
     let text = serde_json::to_string(&envelope).map_err(|e| ApiError::Internal(format!("encoding envelope: {e}")))?;
+    let lane = Lane::of(&envelope);
     let how = Creation { envelope: Some(&text), idempotency_key: key };
     match &s.cache_key {
         // A deadline is the job's own: such jobs neither lead nor follow.
@@ -304,7 +306,7 @@ async fn accept(state: &AppState, id: JobId, s: Submission, key: Option<&str>) -
         }
         _ => store.insert(&record, &how).await.map_err(|e| ApiError::Store(e, retry))?,
     }
-    if let Err(e) = state.backend.broker.publish(&s.spec_name, text.into_bytes()).await {
+    if let Err(e) = state.backend.broker.publish(&lane, text.into_bytes()).await {
         withdraw(state, id).await;
         return Err(ApiError::Broker(e, retry));
     }

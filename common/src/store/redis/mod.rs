@@ -549,6 +549,11 @@ impl Store for RedisStore {
         self.invoke::<i64>(&inv).await.map(drop)
     }
 
+    async fn lanes(&self, model: &ModelName) -> Result<Vec<String>, StoreError> {
+        let key = format!("{}lanes:{model}", self.config.key_prefix);
+        redis::cmd("SMEMBERS").arg(key).query_async(&mut self.conn.clone()).await.map_err(unavailable)
+    }
+
     async fn workers(&self, model: &ModelName, since: UnixMillis) -> Result<Vec<String>, StoreError> {
         let key = format!("{}workers:{model}", self.config.key_prefix);
         let (seen,): (Vec<String>,) = redis::pipe()

@@ -112,6 +112,11 @@ local function clear_lease_of(jk, jid)
   redis.call('ZREM', KEYS[2], jid)
 end
 local function clear_lease() clear_lease_of(KEYS[1], id) end
+-- The job is to be published: its tenant's lane of its model is one the workers consume.
+local function lane()
+  local tenant = redis.call('HGET', KEYS[1], 'tenant')
+  if tenant then redis.call('SADD', prefix .. 'lanes:' .. redis.call('HGET', KEYS[1], 'model'), tenant) end
+end
 -- A job became terminal: no lease, no envelope, nothing to watch; kept for the finished retention.
 local function ended_for(jk, jid)
   clear_lease_of(jk, jid)
@@ -223,6 +228,7 @@ impl Scripts {
       redis.call('PEXPIRE', KEYS[1], kept)
     else
       if ARGV[9] ~= '' then redis.call('HSET', KEYS[1], 'envelope', ARGV[9]) end
+      lane()
       touch(idle)
     end
     if ARGV[10] ~= '' then
@@ -257,6 +263,7 @@ impl Scripts {
     redis.call('SET', KEYS[6], id, 'PX', retention)
     redis.call('HSET', KEYS[1], unpack(ARGV, 9))
     redis.call('HSET', KEYS[1], 'inflight', KEYS[6], 'envelope', ARGV[7])
+    lane()
     touch(idle)
     emit('status', '{{"status":"queued"}}')
     return {{'leader'}}"#
