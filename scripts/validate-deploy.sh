@@ -436,12 +436,22 @@ def cmd_k8s_rules(base, cpu, gpu, mon):
                 if ("TriggerAuthentication", ta) not in by:
                     err(f"{label}: trigger {t.get('name')} names a missing TriggerAuthentication {ta}")
                 queues.add(md.get("queueName"))
+            # Each trigger counts a model's lanes: its shared queue and every tenant's, by a regex.
+            def counts(q, m):
+                return all(re.fullmatch(q, name) for name in (f"{prefix}.jobs.{m}", f"{prefix}.jobs.{m}@acme-1")) \
+                    and not re.fullmatch(q, f"{prefix}.jobs.{m}x") and not re.fullmatch(q, f"{prefix}.dlq")
+            for t in d["spec"]["triggers"]:
+                md = t.get("metadata", {})
+                if str(md.get("useRegex", "false")).lower() != "true" or md.get("operation", "sum") != "sum":
+                    err(f"{label}: trigger {t.get('name')} must select the model's lanes with useRegex and sum them")
+                elif not (md.get("queueName") or "").startswith("^") or not md["queueName"].endswith("$"):
+                    err(f"{label}: trigger {t.get('name')}'s queue regex must be anchored (^…$)")
             for m in models:
-                if f"{prefix}.jobs.{m}" not in queues and m == "all-minilm-l6-v2":
-                    err(f"{label}: no KEDA trigger for queue {prefix}.jobs.{m}")
+                if m == "all-minilm-l6-v2" and not any(q and counts(q, m) for q in queues):
+                    err(f"{label}: no KEDA trigger counts the lanes of {prefix}.jobs.{m}")
             for q in queues:
-                if not q or not q.startswith(f"{prefix}.jobs."):
-                    err(f"{label}: trigger queue {q} is not named {prefix}.jobs.<model>")
+                if not q or not any(counts(q, m) for m in models):
+                    err(f"{label}: trigger queue {q} does not select one model's lanes ({prefix}.jobs.<model>(@<tenant>)?)")
         for d in docs:
             if d["kind"] == "TriggerAuthentication":
                 for ref in d["spec"].get("secretTargetRef", []):

@@ -2,13 +2,15 @@
 //! Runtime on the served model per input mix (best of every session × thread layout and batch
 //! size) and a raw confirmed-publish loop to RabbitMQ — then the system as separate processes:
 //! gateway submit rate and latency, end-to-end closed loops and backlog drains per mix with the
-//! default and the batch-1 worker, the worker's memory, cache hits and images; and prints each
+//! default and the batch-1 worker, the worker's memory, cache hits, fair share between tenants and
+//! images; and prints each
 //! figure with the ratios against the baselines. `scripts/bench.sh` starts what it needs and
 //! runs it.
 
 mod backlog;
 mod bare;
 mod corpus;
+mod fairness;
 mod images;
 mod procs;
 mod report;
@@ -29,7 +31,7 @@ use kiln_common::config::parse_duration;
 use procs::Proc;
 use report::{Report, div};
 
-const SCENARIOS: [&str; 5] = ["submit", "e2e", "backlog", "cache", "images"];
+const SCENARIOS: [&str; 6] = ["submit", "e2e", "backlog", "cache", "fair", "images"];
 
 /// Kiln's benchmark: baselines and scenarios in one run, reported as ratios.
 #[derive(Parser, Debug)]
@@ -66,9 +68,9 @@ pub struct Args {
     /// Concurrent submitters for the submit scenario and the raw publish loop.
     #[arg(long, default_value_t = 64)]
     submitters: usize,
-    /// Scenarios to run: submit, e2e, backlog, cache, images (the bare baseline runs for e2e and
-    /// backlog, the raw publish loop for submit).
-    #[arg(long, value_delimiter = ',', default_value = "submit,e2e,backlog,cache,images")]
+    /// Scenarios to run: submit, e2e, backlog, cache, fair, images (the bare baseline runs for
+    /// e2e and backlog, the raw publish loop for submit).
+    #[arg(long, value_delimiter = ',', default_value = "submit,e2e,backlog,cache,fair,images")]
     scenarios: Vec<String>,
     /// The image model of the images scenario.
     #[arg(long, default_value = "terrain-diffusion")]
@@ -116,6 +118,9 @@ fn estimate(args: &Args, cores: usize) -> Duration {
     }
     if args.wants("cache") {
         s += d / 2.0 + 10.0;
+    }
+    if args.wants("fair") {
+        s += 9.0 * d + 40.0;
     }
     if args.wants("images") {
         s += 4.0 * d + 15.0;
@@ -215,6 +220,30 @@ async fn main() -> anyhow::Result<()> {
         scenarios::delete_queue(&args, &format!("{prefix}.jobs.{}", args.model)).await?;
     }
 
+    if args.wants("fair") {
+        let corpus = Arc::new(Corpus::new(Mix::Realistic));
+        let f = fairness::run(&args, &http, &format!("bf{run}"), &corpus).await?;
+        let what = "fair share, realistic, tenant B at 1 job/s";
+        let line = |s: &stats::Samples| format!("{:.1} / {:.1} ({} jobs)", s.ms(50.0), s.ms(99.0), s.len());
+        report.note(
+            "fair share: a new tenant's first job (its lane found by the worker), ms",
+            format!("{:.1}", f.first.ms(50.0)),
+        );
+        report.note(&format!("{what}, alone: p50 / p99 ms"), line(&f.alone));
+        report.note(&format!("{what}, while tenant A floods: p50 / p99 ms"), line(&f.flooded));
+        report.note(&format!("{what}, while A floods one shared queue (no lanes): p50 / p99 ms"), line(&f.one_queue));
+        report.note(
+            "fair share: tenant A's flood, jobs submitted / fewest waiting",
+            format!("{} / {} (topped up below {})", f.flood_jobs, f.flood_min_depth, fairness::FLOOD_LOW),
+        );
+        report.ratio("fair share: B's p50 while A floods / B alone", f.flooded.ms(50.0) / f.alone.ms(50.0), "≤ 2");
+        report.ratio("fair share: B's p99 while A floods / B alone", f.flooded.ms(99.0) / f.alone.ms(99.0), "≤ 2");
+        report.ratio(
+            "fair share: B's p99 while A floods one shared queue / B alone",
+            f.one_queue.ms(99.0) / f.alone.ms(99.0),
+            "(before lanes)",
+        );
+    }
     if let Some(duration) = args.soak {
         let corpus = Arc::new(Corpus::new(Mix::Realistic));
         let s = soak::run(&args, &http, &format!("bk{run}"), &corpus, duration).await?;

@@ -45,13 +45,19 @@ impl Proc {
     }
 
     pub async fn gateway(args: &Args, prefix: &str) -> anyhow::Result<Self> {
+        // The benchmarks measure the job path; keys and their limits are not part of it.
+        Self::gateway_with(args, prefix, &[("KILN_AUTH", "off")]).await
+    }
+
+    /// A gateway with `env` set, ready when this returns.
+    pub async fn gateway_with(args: &Args, prefix: &str, env: &[(&str, &str)]) -> anyhow::Result<Self> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let child = Self::command(args, "gateway", prefix)
-            .env("KILN_LISTEN", format!("127.0.0.1:{port}"))
-            // The benchmarks measure the job path; keys and their limits are not part of it.
-            .env("KILN_AUTH", "off")
-            .spawn()
-            .with_context(|| format!("starting {} gateway", args.kiln.display()))?;
+        let mut cmd = Self::command(args, "gateway", prefix);
+        cmd.env("KILN_LISTEN", format!("127.0.0.1:{port}"));
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().with_context(|| format!("starting {} gateway", args.kiln.display()))?;
         let mut me = Self { child, url: format!("http://127.0.0.1:{port}") };
         let http = kiln_common::tls::http_client().build()?;
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -69,6 +75,23 @@ impl Proc {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// A key for `tenant` that may submit and read, made with `kiln keys create` on the store of
+    /// the processes under `prefix`; answers its token.
+    pub async fn key(args: &Args, prefix: &str, tenant: &str) -> anyhow::Result<String> {
+        let out = Self::command(args, "keys", prefix)
+            .args(["create", "--tenant", tenant, "--scope", "jobs:submit,jobs:read"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .output()
+            .await
+            .context("running kiln keys create")?;
+        if !out.status.success() {
+            bail!("kiln keys create for {tenant} failed: {}", out.status);
+        }
+        let created: serde_json::Value = serde_json::from_slice(&out.stdout).context("kiln keys create's output")?;
+        created["token"].as_str().map(str::to_owned).context("kiln keys create printed no token")
     }
 
     /// A worker serving `model`, with `--worker-env` and then `extra_env` (which wins) set.

@@ -1,6 +1,7 @@
 //! A model's lanes ([`kiln_common::broker::Lane`]) consumed as one stream of deliveries: the shared
 //! lane and every tenant's lane the store names ([`kiln_common::store::Store::lanes`]), looked for
-//! again every [`DISCOVER_EVERY`], each consumed with the model's prefetch.
+//! again every [`DISCOVER_EVERY`] (a count, unless it changed), each consumed with the model's
+//! prefetch.
 //!
 //! This is where tenants are scheduled fairly. Each lane is a queue of its own, so a tenant's
 //! backlog waits in its lane and holds at most one prefetch window of this worker; the stream
@@ -22,7 +23,7 @@ use crate::events;
 
 /// How often a consumer asks the store for tenants' lanes it does not consume yet: the most a
 /// tenant's first job waits for its lane to be found.
-pub const DISCOVER_EVERY: Duration = Duration::from_secs(1);
+pub const DISCOVER_EVERY: Duration = Duration::from_millis(200);
 
 pub struct Lanes {
     model: ModelName,
@@ -53,8 +54,11 @@ impl Lanes {
     /// cannot answer now changes nothing (the next call asks again); a broker that cannot
     /// consume a lane is the consumer's loss.
     pub async fn discover(&mut self, backend: &Backend) -> Result<(), BrokerError> {
-        let tenants = match backend.store.lanes(&self.model).await {
-            Ok(t) => t,
+        // The shared lane is not the store's.
+        let known = self.known.len() - 1;
+        let tenants = match backend.store.lanes(&self.model, known).await {
+            Ok(Some(t)) => t,
+            Ok(None) => return Ok(()),
             Err(e) => {
                 events::lanes_unknown(&self.model, &e);
                 return Ok(());

@@ -872,8 +872,13 @@ impl Store for EmbeddedStore {
         Ok(names)
     }
 
-    async fn lanes(&self, model: &ModelName) -> Result<Vec<String>, StoreError> {
-        Ok(self.lock().lanes.get(model).map(|t| t.iter().cloned().collect()).unwrap_or_default())
+    async fn lanes(&self, model: &ModelName, known: usize) -> Result<Option<Vec<String>>, StoreError> {
+        let inner = self.lock();
+        let lanes = inner.lanes.get(model);
+        if lanes.map_or(0, BTreeSet::len) == known {
+            return Ok(None);
+        }
+        Ok(Some(lanes.map(|t| t.iter().cloned().collect()).unwrap_or_default()))
     }
 
     async fn check(&self) -> Result<(), StoreError> {

@@ -271,8 +271,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// The tenants with a lane of their own for `model` (see [`crate::broker::Lane`]): each one
     /// that had a job created to be published, noted with the job's record, atomically. Never
-    /// forgotten while the store keeps its data; workers consume every lane it names.
-    async fn lanes(&self, model: &ModelName) -> Result<Vec<String>, StoreError>;
+    /// forgotten while the store keeps its data; workers consume every lane it names. `None` when
+    /// there are exactly `known` of them: the set only grows, so the caller who has `known`
+    /// already has them all, and asking often costs a count.
+    async fn lanes(&self, model: &ModelName, known: usize) -> Result<Option<Vec<String>>, StoreError>;
 
     /// Workers that consumed `model`'s queue since `since`, for `GET /v1/models`.
     async fn workers(&self, model: &ModelName, since: UnixMillis) -> Result<Vec<String>, StoreError>;

@@ -549,9 +549,14 @@ impl Store for RedisStore {
         self.invoke::<i64>(&inv).await.map(drop)
     }
 
-    async fn lanes(&self, model: &ModelName) -> Result<Vec<String>, StoreError> {
+    async fn lanes(&self, model: &ModelName, known: usize) -> Result<Option<Vec<String>>, StoreError> {
         let key = format!("{}lanes:{model}", self.config.key_prefix);
-        redis::cmd("SMEMBERS").arg(key).query_async(&mut self.conn.clone()).await.map_err(unavailable)
+        let mut conn = self.conn.clone();
+        let count: usize = redis::cmd("SCARD").arg(&key).query_async(&mut conn).await.map_err(unavailable)?;
+        if count == known {
+            return Ok(None);
+        }
+        redis::cmd("SMEMBERS").arg(key).query_async(&mut conn).await.map(Some).map_err(unavailable)
     }
 
     async fn workers(&self, model: &ModelName, since: UnixMillis) -> Result<Vec<String>, StoreError> {
