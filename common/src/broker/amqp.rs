@@ -312,9 +312,12 @@ impl AmqpBroker {
             let mut link = self.link.lock().await;
             self.connection(&mut link).await?
         };
-        self.declare_topology(&conn, &[]).await?;
         let known = self.legacy.lock().expect("legacy lock").clone();
         let mut ch = conn.create_channel().await?;
+        // The exchange the lane is bound to (the rest of the topology is not the lane's).
+        let durable_x = ExchangeDeclareOptions { durable: true, ..Default::default() };
+        let exchange = self.config.topology.exchange();
+        ch.exchange_declare(exchange.as_str().into(), ExchangeKind::Direct, durable_x, FieldTable::default()).await?;
         let found = self.config.topology.declare_lanes(&conn, &mut ch, std::slice::from_ref(lane), &known).await?;
         let _ = ch.close(200, "declared".into()).await;
         self.found_legacy(found);
@@ -453,13 +456,15 @@ impl AmqpBroker {
         &self,
         queue: String,
         prefetch: u16,
-        declare: &[ModelName],
+        declare: Option<&[ModelName]>,
     ) -> Result<Deliveries, BrokerError> {
         let conn = {
             let mut link = self.link.lock().await;
             self.connection(&mut link).await?
         };
-        self.declare_topology(&conn, declare).await?;
+        if let Some(models) = declare {
+            self.declare_topology(&conn, models).await?;
+        }
         let ch = conn.create_channel().await?;
         ch.basic_qos(prefetch, BasicQosOptions { global: false }).await?;
         let consumer =
@@ -509,9 +514,16 @@ impl Broker for AmqpBroker {
     }
 
     async fn consume(&self, lane: &Lane, prefetch: u16) -> Result<Deliveries, BrokerError> {
-        self.ensure_lane(lane).await?;
         let queue = self.config.topology.lane_queue(lane);
-        self.consume_queue(queue, prefetch, std::slice::from_ref(lane.model())).await
+        match lane.tenant() {
+            None => self.consume_queue(queue, prefetch, Some(std::slice::from_ref(lane.model()))).await,
+            // Made (with the topology) by this process once: a worker starting on a model of
+            // many tenants declares each lane, not the whole topology again per lane.
+            Some(_) => {
+                self.ensure_lane(lane).await?;
+                self.consume_queue(queue, prefetch, None).await
+            }
+        }
     }
 
     async fn dead_letter(&self, body: Vec<u8>) -> Result<(), BrokerError> {
@@ -519,7 +531,7 @@ impl Broker for AmqpBroker {
     }
 
     async fn consume_dead_letters(&self, prefetch: u16) -> Result<Deliveries, BrokerError> {
-        self.consume_queue(self.config.topology.dead_letter_queue(), prefetch, &[]).await
+        self.consume_queue(self.config.topology.dead_letter_queue(), prefetch, Some(&[])).await
     }
 
     async fn fetch_dead_letters(&self, limit: u32) -> Result<HeldLetters, BrokerError> {
