@@ -1,6 +1,7 @@
 //! The fair-share scenario: an interactive tenant's jobs, one a second, while another tenant floods
 //! the same model, against the interactive tenant alone. One worker, three phases:
-//! - alone: tenant B's jobs and nothing else;
+//! - alone: tenant B's jobs and nothing else; then the same through the gateway without keys,
+//!   for what a key costs (its check and the rate limiter's Redis round trip);
 //! - flooded: tenant A keeps at least [`FLOOD_LOW`] jobs queued in its lane, B as before;
 //! - one queue: the same flood and B's jobs through a gateway without keys, which puts every job
 //!   in the model's shared lane: one FIFO queue, as Kiln had before lanes.
@@ -34,6 +35,8 @@ const FLOOD_CLIENTS: usize = 16;
 
 pub struct Fairness {
     pub alone: Samples,
+    /// The same jobs through the gateway without keys.
+    pub alone_open: Samples,
     pub flooded: Samples,
     pub one_queue: Samples,
     /// The interactive tenant's first job: its lane is new.
@@ -62,6 +65,7 @@ pub async fn run(args: &Args, http: &reqwest::Client, prefix: &str, corpus: &Arc
 
     let first = interactive(http, &keyed.url, Some(&lone_key), &args.model, corpus, Duration::from_secs(1)).await?;
     let alone = interactive(http, &keyed.url, Some(&lone_key), &args.model, corpus, phase).await?;
+    let alone_open = interactive(http, &open.url, None, &args.model, corpus, phase).await?;
 
     let lane = format!("{prefix}.jobs.{}@flood", args.model);
     let flood = Flood::start(args, http, &keyed.url, Some(flood_key), &lane, corpus).await?;
@@ -80,7 +84,7 @@ pub async fn run(args: &Args, http: &reqwest::Client, prefix: &str, corpus: &Arc
     worker.stop().await?;
     keyed.stop().await?;
     open.stop().await?;
-    Ok(Fairness { alone, flooded, one_queue, first, flood_jobs, flood_min_depth })
+    Ok(Fairness { alone, alone_open, flooded, one_queue, first, flood_jobs, flood_min_depth })
 }
 
 /// One job a second for `phase`, each waited for to its end; their latencies.

@@ -120,7 +120,7 @@ fn estimate(args: &Args, cores: usize) -> Duration {
         s += d / 2.0 + 10.0;
     }
     if args.wants("fair") {
-        s += 9.0 * d + 40.0;
+        s += 12.0 * d + 40.0;
     }
     if args.wants("images") {
         s += 4.0 * d + 15.0;
@@ -230,6 +230,11 @@ async fn main() -> anyhow::Result<()> {
             format!("{:.1}", f.first.ms(50.0)),
         );
         report.note(&format!("{what}, alone: p50 / p99 ms"), line(&f.alone));
+        report.note(&format!("{what}, alone, gateway without keys: p50 / p99 ms"), line(&f.alone_open));
+        report.note(
+            "fair share: what a key costs a request (keyed minus open p50), ms",
+            format!("{:.2}", f.alone.ms(50.0) - f.alone_open.ms(50.0)),
+        );
         report.note(&format!("{what}, while tenant A floods: p50 / p99 ms"), line(&f.flooded));
         report.note(&format!("{what}, while A floods one shared queue (no lanes): p50 / p99 ms"), line(&f.one_queue));
         report.note(
