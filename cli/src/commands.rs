@@ -212,11 +212,13 @@ pub async fn cancel(args: CancelArgs) -> anyhow::Result<ExitCode> {
 pub async fn jobs(args: JobsArgs) -> anyhow::Result<ExitCode> {
     let client = args.api.client()?;
     let mut query = JobsQuery { status: args.status, model: args.model, limit: args.limit, cursor: args.cursor };
-    if !args.json && !emit(&format!("{:<36}  {:<9}  {:<24}  {}", "ID", "STATUS", "MODEL", "CREATED"))? {
-        return Ok(ExitCode::SUCCESS);
-    }
+    let mut header = !args.json;
     loop {
         let page = client.list_jobs(&query).await?;
+        // After the first answer, so an error is not preceded by a table's header.
+        if std::mem::take(&mut header) && !emit(&format!("{:<36}  {:<9}  {:<24}  CREATED", "ID", "STATUS", "MODEL"))? {
+            return Ok(ExitCode::SUCCESS);
+        }
         for job in &page.data {
             let line = if args.json {
                 job.to_string()

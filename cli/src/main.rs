@@ -90,6 +90,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 "  try: curl -s {} -H 'content-type: application/json' -d '{{\"model\":\"all-minilm-l6-v2\",\"input\":{{\"text\":\"hello\"}}}}'",
                 running.url("/v1/jobs")
             );
+            eprintln!("  or:  kiln run all-minilm-l6-v2 -i text=hello --url {}", running.url(""));
             eprintln!("  webhooks are signed with {} (set KILN_WEBHOOK_SECRET to choose it)", secret.expose());
             if auth == AuthMode::Off {
                 eprintln!("  the API is open, with no keys (fine on loopback; --auth keys turns keys on)");
