@@ -1,18 +1,30 @@
-//! A small client of the HTTP API: `kiln submit/get/wait` (the `anyhow` methods), and the typed
-//! calls `kiln batch` builds on — keyed submission, long-poll, verified download — whose
-//! [`ClientError`] says whether a failure is worth retrying and after how long.
+//! A small client of the HTTP API, behind `kiln submit/get/wait/cancel/jobs/models/events/run`
+//! and `kiln batch`: submission (keyed or not), long-poll, listing, cancel, the event stream and
+//! verified download, each sending the API key when there is one. [`ClientError`] says whether a
+//! failure is worth retrying and after how long.
 
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use kiln_common::config::Secret;
+use reqwest::Method;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
+use crate::sse::{Parser, SseEvent};
+
+/// The longest long-poll one request asks for; the gateway caps it too (`KILN_MAX_WAIT_S`).
+pub const MAX_POLL: Duration = Duration::from_secs(60);
+/// An event stream with no byte for this long is dead (the gateway sends a keep-alive every 15 s).
+const STREAM_STALL: Duration = Duration::from_secs(60);
+
 pub struct Client {
     base: String,
     http: reqwest::Client,
+    /// Sent as `Authorization: Bearer …` to this gateway (never to another host an output URL
+    /// might name).
+    api_key: Option<Secret>,
 }
 
 /// Why a typed call failed. [`ClientError::is_transient`] drives the batch runner's retries.
@@ -89,62 +101,139 @@ pub struct Downloaded {
 }
 
 impl Client {
+    /// A client of the gateway at `base`, without an API key.
     pub fn new(base: &str) -> Result<Self, reqwest::Error> {
+        Self::with_key(base, None)
+    }
+
+    /// A client of the gateway at `base` that sends `api_key` on every call.
+    pub fn with_key(base: &str, api_key: Option<Secret>) -> Result<Self, reqwest::Error> {
         let http = kiln_common::tls::http_client()
             .timeout(Duration::from_secs(30))
             .connect_timeout(Duration::from_secs(5))
             .build()?;
-        Ok(Self { base: base.trim_end_matches('/').to_owned(), http })
+        Ok(Self { base: base.trim_end_matches('/').to_owned(), http, api_key })
     }
 
     pub fn base(&self) -> &str {
         &self.base
     }
 
-    pub async fn submit(&self, body: &Value) -> anyhow::Result<Value> {
-        let resp =
-            self.http.post(format!("{}/v1/jobs", self.base)).json(body).send().await.context("submitting the job")?;
-        Self::json(resp).await
+    /// A request to `url`, with the API key when `url` is on this gateway.
+    fn request(&self, method: Method, url: &str) -> reqwest::RequestBuilder {
+        let req = self.http.request(method, url);
+        let ours = url.strip_prefix(&self.base).is_some_and(|rest| rest.is_empty() || rest.starts_with(['/', '?']));
+        match &self.api_key {
+            Some(key) if ours => req.bearer_auth(key.expose()),
+            _ => req,
+        }
     }
 
-    pub async fn get(&self, id: &str) -> anyhow::Result<Value> {
-        let resp = self.http.get(format!("{}/v1/jobs/{id}", self.base)).send().await.context("fetching the job")?;
-        Self::json(resp).await
+    /// `POST /v1/jobs`; with `wait`, `Prefer: wait=N` (the answer is the finished job if it ends
+    /// within it).
+    pub async fn submit(&self, body: &Value, wait: Option<Duration>) -> Result<Value, ClientError> {
+        let url = format!("{}/v1/jobs", self.base);
+        let mut req = self.request(Method::POST, &url).json(body);
+        if let Some(wait) = wait {
+            req = req.header("prefer", format!("wait={}", wait.as_secs())).timeout(wait + Duration::from_secs(15));
+        }
+        self.typed_json(&url, req).await
     }
 
-    /// Polls until the job is terminal or `timeout` passes, backing off from 20 ms to 1 s.
-    pub async fn wait(&self, id: &str, timeout: Duration) -> anyhow::Result<Value> {
+    /// `GET /v1/jobs/{id}`.
+    pub async fn get(&self, id: &str) -> Result<Value, ClientError> {
+        let url = format!("{}/v1/jobs/{id}", self.base);
+        let req = self.request(Method::GET, &url);
+        self.typed_json(&url, req).await
+    }
+
+    /// Long-polls (`GET /v1/jobs/{id}?wait=N`, at most [`MAX_POLL`] a request) until the job is
+    /// over or `timeout` passes, and returns the last record seen: finished, or still on its way.
+    /// An overloaded or restarting gateway is asked again after its `Retry-After`, within the
+    /// timeout.
+    pub async fn wait(&self, id: &str, timeout: Duration) -> Result<Value, ClientError> {
         let deadline = tokio::time::Instant::now() + timeout;
-        let mut delay = Duration::from_millis(20);
         loop {
-            let job = self.get(id).await?;
-            let status = job["status"].as_str().unwrap_or("");
-            if matches!(status, "succeeded" | "failed" | "canceled" | "expired") {
-                return Ok(job);
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            // Whole seconds on the wire: ask for at least one, so a short wait is not a busy loop.
+            let poll = left.min(MAX_POLL).max(Duration::from_secs(1));
+            match self.get_waiting(id, poll).await {
+                Ok(job) if is_terminal(&job) || tokio::time::Instant::now() >= deadline => return Ok(job),
+                Ok(_) => {}
+                Err(e) if e.is_transient() && tokio::time::Instant::now() < deadline => {
+                    let pause = e.retry_after().unwrap_or(Duration::from_secs(1));
+                    tokio::time::sleep(pause.min(deadline.saturating_duration_since(tokio::time::Instant::now())))
+                        .await;
+                    if tokio::time::Instant::now() >= deadline {
+                        return self.get(id).await;
+                    }
+                }
+                Err(e) => return Err(e),
             }
-            if tokio::time::Instant::now() + delay > deadline {
-                bail!("job {id} still {status} after {timeout:?}");
-            }
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(1));
         }
     }
 
-    async fn json(resp: reqwest::Response) -> anyhow::Result<Value> {
-        let status = resp.status();
-        let body: Value = resp.json().await.with_context(|| format!("reading the {status} answer"))?;
-        if status.is_client_error() || status.is_server_error() {
-            let code = body["error"]["code"].as_str().unwrap_or("?");
-            let message = body["error"]["message"].as_str().unwrap_or("?");
-            bail!("{status}: {code}: {message}");
+    /// `POST /v1/jobs/{id}/cancel`: the canceled job's record.
+    pub async fn cancel(&self, id: &str) -> Result<Value, ClientError> {
+        let url = format!("{}/v1/jobs/{id}/cancel", self.base);
+        let req = self.request(Method::POST, &url);
+        self.typed_json(&url, req).await
+    }
+
+    /// `GET /v1/jobs?status=&model=&limit=&cursor=`: one page, `{"data": [records], "next_cursor"}`.
+    pub async fn list_jobs(&self, query: &JobsQuery) -> Result<JobsPage, ClientError> {
+        let url = format!("{}/v1/jobs", self.base);
+        let mut params: Vec<(&str, String)> = Vec::new();
+        if let Some(s) = &query.status {
+            params.push(("status", s.clone()));
         }
-        Ok(body)
+        if let Some(m) = &query.model {
+            params.push(("model", m.clone()));
+        }
+        if let Some(l) = query.limit {
+            params.push(("limit", l.to_string()));
+        }
+        if let Some(c) = &query.cursor {
+            params.push(("cursor", c.clone()));
+        }
+        let url = reqwest::Url::parse_with_params(&url, &params)
+            .map_err(|e| ClientError::Protocol { url: url.clone(), detail: format!("not a URL: {e}") })?
+            .to_string();
+        let req = self.request(Method::GET, &url);
+        let body = self.typed_json(&url, req).await?;
+        let protocol = |detail: &str| ClientError::Protocol { url: url.clone(), detail: detail.to_owned() };
+        let data = body["data"].as_array().cloned().ok_or_else(|| protocol("no `data` list"))?;
+        let next_cursor = match &body["next_cursor"] {
+            Value::Null => None,
+            Value::String(c) => Some(c.clone()),
+            _ => return Err(protocol("`next_cursor` is neither a string nor null")),
+        };
+        Ok(JobsPage { data, next_cursor })
+    }
+
+    /// `GET /v1/jobs/{id}/events`, resuming after `last_event_id`; `None` when the gateway says
+    /// there is nothing more to send (`204`: the job is over and the client has its end).
+    pub async fn events(&self, id: &str, last_event_id: Option<&str>) -> Result<Option<EventStream>, ClientError> {
+        let url = format!("{}/v1/jobs/{id}/events", self.base);
+        // The stream lasts as long as the job: no overall deadline, a stall limit instead.
+        let mut req = self.request(Method::GET, &url).timeout(Duration::from_secs(7 * 24 * 3600));
+        if let Some(last) = last_event_id {
+            req = req.header("last-event-id", last);
+        }
+        let resp = req.send().await.map_err(|source| ClientError::Transport { url: url.clone(), source })?;
+        if resp.status() == reqwest::StatusCode::NO_CONTENT {
+            return Ok(None);
+        }
+        if !resp.status().is_success() {
+            return Err(Self::error_of(&url, resp).await);
+        }
+        Ok(Some(EventStream { url, resp, parser: Parser::default() }))
     }
 
     /// `POST /v1/jobs` with an `Idempotency-Key`: the same key and body always name the same job.
     pub async fn submit_keyed(&self, body: &Value, key: &str) -> Result<Value, ClientError> {
         let url = format!("{}/v1/jobs", self.base);
-        let req = self.http.post(&url).header("idempotency-key", key).json(body);
+        let req = self.request(Method::POST, &url).header("idempotency-key", key).json(body);
         self.typed_json(&url, req).await
     }
 
@@ -152,14 +241,14 @@ impl Client {
     pub async fn get_waiting(&self, id: &str, wait: Duration) -> Result<Value, ClientError> {
         let url = format!("{}/v1/jobs/{id}?wait={}", self.base, wait.as_secs());
         // The server holds the request for up to `wait`: the client's own limit must be longer.
-        let req = self.http.get(&url).timeout(wait + Duration::from_secs(15));
+        let req = self.request(Method::GET, &url).timeout(wait + Duration::from_secs(15));
         self.typed_json(&url, req).await
     }
 
     /// `GET /v1/models`.
     pub async fn models(&self) -> Result<Value, ClientError> {
         let url = format!("{}/v1/models", self.base);
-        let req = self.http.get(&url);
+        let req = self.request(Method::GET, &url);
         self.typed_json(&url, req).await
     }
 
@@ -181,7 +270,8 @@ impl Client {
         let transport = |source| ClientError::Transport { url: url.clone(), source };
         let io = |source| ClientError::Io { path: dest.display().to_string(), source };
         // Outputs can be large: no overall deadline, only the connect timeout and a stall limit.
-        let mut resp = self.http.get(&url).timeout(Duration::from_secs(3600)).send().await.map_err(transport)?;
+        let mut resp =
+            self.request(Method::GET, &url).timeout(Duration::from_secs(3600)).send().await.map_err(transport)?;
         if !resp.status().is_success() {
             return Err(Self::error_of(&url, resp).await);
         }
@@ -254,4 +344,59 @@ impl Client {
             retry_after,
         }
     }
+}
+
+/// The filters and page of `GET /v1/jobs`.
+#[derive(Debug, Clone, Default)]
+pub struct JobsQuery {
+    pub status: Option<String>,
+    pub model: Option<String>,
+    pub limit: Option<u32>,
+    pub cursor: Option<String>,
+}
+
+/// One page of `GET /v1/jobs`.
+#[derive(Debug, Clone)]
+pub struct JobsPage {
+    pub data: Vec<Value>,
+    pub next_cursor: Option<String>,
+}
+
+/// A job's event stream, open.
+pub struct EventStream {
+    url: String,
+    resp: reqwest::Response,
+    parser: Parser,
+}
+
+impl EventStream {
+    /// The next event, or `None` when the gateway ended the stream.
+    pub async fn next(&mut self) -> Result<Option<SseEvent>, ClientError> {
+        loop {
+            if let Some(event) = self.parser.next_event() {
+                return Ok(Some(event));
+            }
+            let chunk = tokio::time::timeout(STREAM_STALL, self.resp.chunk())
+                .await
+                .map_err(|_| ClientError::Protocol {
+                    url: self.url.clone(),
+                    detail: format!("no data for {} s", STREAM_STALL.as_secs()),
+                })?
+                .map_err(|source| ClientError::Transport { url: self.url.clone(), source })?;
+            let Some(chunk) = chunk else { return Ok(None) };
+            self.parser
+                .push(&chunk)
+                .map_err(|e| ClientError::Protocol { url: self.url.clone(), detail: e.to_string() })?;
+        }
+    }
+}
+
+/// Whether a job record is in a final state.
+pub fn is_terminal(record: &Value) -> bool {
+    crate::outcome::Outcome::of(record).is_terminal()
+}
+
+/// A file name the server gave us, used inside an output directory only.
+pub fn safe_file_name(name: &str) -> bool {
+    !name.is_empty() && !name.starts_with('.') && !name.contains(['/', '\\', '\0']) && name.len() <= 200
 }

@@ -1,173 +1,67 @@
 //! `kiln`: the embedded default (`kiln dev`), each role on its own (`kiln gateway`, `kiln worker`),
-//! asset fetching, client commands, and `kiln batch`.
+//! asset fetching, the client commands, `kiln batch`, and shell completions. The command line is
+//! defined in `kiln_cli::app`; this file dispatches it.
 
 /// A process of many small short-lived allocations (requests, JSON, AMQP frames): glibc malloc
 /// was about a sixth of the gateway's CPU under submit load.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use std::net::{IpAddr, SocketAddr};
+use std::io::Write;
+use std::net::SocketAddr;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
-use kiln_cli::batch::BatchCommand;
-use kiln_cli::client::Client;
+use kiln_cli::app::{Command, DlqAction};
+use kiln_cli::commands;
+use kiln_cli::outcome::EXIT_ERROR;
 use kiln_cli::system::{self, SystemConfig};
-use kiln_common::config::{BackendArgs, ModelArgs, TelemetryArgs, parse_duration};
 use kiln_common::models::ModelRepository;
 use kiln_common::process::prepare;
-use kiln_common::webhooks::WebhookConfig;
 use kiln_common::{Backend, dlq, shutdown};
 use kiln_gateway::{AuthMode, GatewayConfig};
-use kiln_worker::WorkerConfig;
 use tokio_util::sync::CancellationToken;
-
-/// Kiln: an inference job fleet. HTTP gateway → RabbitMQ → ONNX Runtime workers → Redis.
-#[derive(Parser, Debug)]
-#[command(name = "kiln", version)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-    #[command(flatten)]
-    telemetry: TelemetryArgs,
-}
-
-#[derive(Subcommand, Debug)]
-enum Command {
-    /// Run gateway and worker in one process on the embedded broker and store (no RabbitMQ or
-    /// Redis needed), fetching ONNX Runtime and the models on first use.
-    Dev {
-        /// Port of the HTTP API.
-        #[arg(long, env = "KILN_PORT", default_value_t = 8080)]
-        port: u16,
-        /// Address of the HTTP API.
-        #[arg(long, env = "KILN_HOST", default_value = "127.0.0.1")]
-        host: IpAddr,
-        /// Use RabbitMQ and Redis (`--amqp-url`, `--redis-url`) instead of the embedded backend.
-        #[arg(long)]
-        external: bool,
-        /// `off` (the default here): the API is open, for one developer on loopback; `keys`: API
-        /// keys as in production (`kiln keys create --keys-file …`).
-        #[arg(long, env = "KILN_AUTH", value_enum, default_value = "off")]
-        auth: AuthMode,
-        #[command(flatten)]
-        backend: BackendArgs,
-        #[command(flatten)]
-        worker: WorkerConfig,
-        #[command(flatten)]
-        models: ModelArgs,
-        #[command(flatten)]
-        webhooks: WebhookConfig,
-    },
-    /// Run only the gateway against RabbitMQ and Redis (as `kiln-gateway`).
-    Gateway {
-        #[command(flatten)]
-        gateway: GatewayConfig,
-        #[command(flatten)]
-        backend: BackendArgs,
-        #[command(flatten)]
-        models: ModelArgs,
-    },
-    /// Run only a worker against RabbitMQ and Redis (as `kiln-worker`).
-    Worker {
-        #[command(flatten)]
-        worker: WorkerConfig,
-        #[command(flatten)]
-        backend: BackendArgs,
-        #[command(flatten)]
-        models: ModelArgs,
-    },
-    /// Inspect and redrive the dead-letter queue of a RabbitMQ + Redis deployment.
-    Dlq {
-        #[command(subcommand)]
-        action: DlqAction,
-        #[command(flatten)]
-        backend: BackendArgs,
-    },
-    /// Fetch the ONNX Runtime library and every model's files into the cache, then exit.
-    Fetch {
-        #[command(flatten)]
-        models: ModelArgs,
-    },
-    /// Submit a job and print the answer. `--wait` polls until it is done.
-    Submit {
-        /// Model name, as in `GET /v1/models`.
-        #[arg(long, default_value = "all-minilm-l6-v2")]
-        model: String,
-        /// The job input as JSON, e.g. '{"text": "hello"}'.
-        input: String,
-        /// Wait for the result, at most this long (`30s`).
-        #[arg(long, value_parser = parse_duration)]
-        wait: Option<Duration>,
-        #[arg(long, env = "KILN_URL", default_value = "http://127.0.0.1:8080")]
-        url: String,
-    },
-    /// Print a job record.
-    Get {
-        id: String,
-        #[arg(long, env = "KILN_URL", default_value = "http://127.0.0.1:8080")]
-        url: String,
-    },
-    /// Wait for a job to finish and print its record.
-    Wait {
-        id: String,
-        #[arg(long, value_parser = parse_duration, default_value = "60s")]
-        timeout: Duration,
-        #[arg(long, env = "KILN_URL", default_value = "http://127.0.0.1:8080")]
-        url: String,
-    },
-    /// Run a file of job inputs (JSON lines) with a progress bar, resumable after Ctrl-C or a
-    /// crash; summarise such a run.
-    #[command(subcommand)]
-    Batch(BatchCommand),
-    /// Create, list and revoke API keys; set tenants' limits.
-    Keys(kiln_cli::keys::KeysArgs),
-    /// Verify or export a gateway's audit log file.
-    Audit {
-        #[command(subcommand)]
-        command: kiln_cli::audit::AuditCommand,
-    },
-}
-
-#[derive(Subcommand, Debug)]
-enum DlqAction {
-    /// Print the dead jobs, oldest first, one JSON object per line: id, model, who dead-lettered it
-    /// (`by`: `kiln`, or `broker` over its delivery limit or rejected), reason, attempts, when;
-    /// then any message that is not a job. A read: the queue is left as it was, in its order.
-    List {
-        /// Most entries to print.
-        #[arg(long, default_value_t = 100)]
-        limit: u32,
-    },
-    /// Queue dead jobs again, with their attempt counts reset.
-    Redrive {
-        /// Redrive this job only.
-        #[arg(long, conflicts_with = "all", required_unless_present = "all")]
-        id: Option<String>,
-        /// Redrive every dead job.
-        #[arg(long)]
-        all: bool,
-    },
-}
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = kiln_cli::app::parse();
     let telemetry = kiln_common::telemetry::init(&cli.telemetry, "kiln");
     let result = match cli.command {
         Command::Batch(batch) => kiln_cli::batch::command(batch).await,
+        Command::Submit(args) => commands::submit(args).await,
+        Command::Run(args) => commands::run(args).await,
+        Command::Get(args) => commands::get(args).await,
+        Command::Wait(args) => commands::wait(args).await,
+        Command::Cancel(args) => commands::cancel(args).await,
+        Command::Jobs(args) => commands::jobs(args).await,
+        Command::Models(args) => commands::models(args).await,
+        Command::Events(args) => commands::events(args).await,
         command => run(command).await.map(|()| ExitCode::SUCCESS),
     };
     telemetry.shutdown();
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("kiln: {e:#}");
-            ExitCode::FAILURE
+            eprintln!("kiln: {}", describe(&e));
+            ExitCode::from(EXIT_ERROR)
         }
     }
+}
+
+/// The error and its causes on one line, each cause once: errors that print their source in
+/// their own message (reqwest's do) would otherwise repeat it.
+fn describe(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&cause);
+        }
+    }
+    text
 }
 
 async fn run(command: Command) -> anyhow::Result<()> {
@@ -196,6 +90,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 "  try: curl -s {} -H 'content-type: application/json' -d '{{\"model\":\"all-minilm-l6-v2\",\"input\":{{\"text\":\"hello\"}}}}'",
                 running.url("/v1/jobs")
             );
+            eprintln!("  or:  kiln run all-minilm-l6-v2 -i text=hello --url {}", running.url(""));
             eprintln!("  webhooks are signed with {} (set KILN_WEBHOOK_SECRET to choose it)", secret.expose());
             if auth == AuthMode::Off {
                 eprintln!("  the API is open, with no keys (fine on loopback; --auth keys turns keys on)");
@@ -258,25 +153,21 @@ async fn run(command: Command) -> anyhow::Result<()> {
             })
             .await?
         }
-        Command::Submit { model, input, wait, url } => {
-            let input: serde_json::Value = serde_json::from_str(&input).context("the input is not valid JSON")?;
-            let client = Client::new(&url)?;
-            let mut job = client.submit(&serde_json::json!({ "model": model, "input": input })).await?;
-            if let (Some(timeout), Some(id)) = (wait, job["id"].as_str().map(str::to_owned)) {
-                job = client.wait(&id, timeout).await?;
+        Command::Completions { shell } => {
+            match std::io::stdout().lock().write_all(&kiln_cli::app::completions(shell)) {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e).context("writing the script"),
+                _ => Ok(()),
             }
-            println!("{}", serde_json::to_string_pretty(&job)?);
-            Ok(())
         }
-        Command::Get { id, url } => {
-            println!("{}", serde_json::to_string_pretty(&Client::new(&url)?.get(&id).await?)?);
-            Ok(())
-        }
-        Command::Wait { id, timeout, url } => {
-            println!("{}", serde_json::to_string_pretty(&Client::new(&url)?.wait(&id, timeout).await?)?);
-            Ok(())
-        }
-        Command::Batch(_) => unreachable!("kiln batch is dispatched in main"),
+        Command::Batch(_)
+        | Command::Submit(_)
+        | Command::Run(_)
+        | Command::Get(_)
+        | Command::Wait(_)
+        | Command::Cancel(_)
+        | Command::Jobs(_)
+        | Command::Models(_)
+        | Command::Events(_) => unreachable!("the commands with an exit status of their own are dispatched in main"),
         Command::Audit { command } => kiln_cli::audit::command(command),
         Command::Keys(args) => kiln_cli::keys::command(args).await,
     }

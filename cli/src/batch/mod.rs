@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use kiln_common::config::parse_duration;
+use kiln_common::config::{Secret, parse_duration};
 pub use runner::run;
 use tokio_util::sync::CancellationToken;
 
@@ -39,6 +39,8 @@ pub struct BatchConfig {
     pub input: PathBuf,
     pub out: PathBuf,
     pub url: String,
+    /// Sent as `Authorization: Bearer …` on every call.
+    pub api_key: Option<Secret>,
     pub model: String,
     /// Lines in flight at once (submitted and not yet finished).
     pub concurrency: usize,
@@ -58,6 +60,7 @@ impl BatchConfig {
             input: input.into(),
             out: out.into(),
             url: url.to_owned(),
+            api_key: None,
             model: model.to_owned(),
             concurrency: 8,
             retry_failed: false,
@@ -291,12 +294,11 @@ pub enum BatchCommand {
         /// Jobs in flight at once.
         #[arg(long, env = "KILN_BATCH_CONCURRENCY", default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..))]
         concurrency: u16,
-        /// Model name, as in `GET /v1/models`.
-        #[arg(long, env = "KILN_BATCH_MODEL", default_value = "terrain-diffusion")]
+        /// Model name, as in `kiln models` (`terrain-diffusion`); no default.
+        #[arg(long, env = "KILN_MODEL")]
         model: String,
-        /// Base URL of the gateway.
-        #[arg(long, env = "KILN_URL", default_value = "http://127.0.0.1:8080")]
-        url: String,
+        #[command(flatten)]
+        api: crate::commands::ApiArgs,
         /// Submit lines that failed in an earlier run again (with a new idempotency key).
         #[arg(long, env = "KILN_BATCH_RETRY_FAILED")]
         retry_failed: bool,
@@ -315,8 +317,9 @@ pub enum BatchCommand {
 /// Runs a `kiln batch` command; SIGINT/SIGTERM interrupt a run cleanly.
 pub async fn command(command: BatchCommand) -> anyhow::Result<ExitCode> {
     match command {
-        BatchCommand::Run { file, out, concurrency, model, url, retry_failed, give_up_after } => {
-            let mut config = BatchConfig::new(file, out, &url, &model);
+        BatchCommand::Run { file, out, concurrency, model, api, retry_failed, give_up_after } => {
+            let mut config = BatchConfig::new(file, out, &api.url, &model);
+            config.api_key = api.api_key;
             config.concurrency = usize::from(concurrency);
             config.retry_failed = retry_failed;
             config.give_up_after = give_up_after;

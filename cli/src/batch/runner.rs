@@ -17,7 +17,7 @@ use super::manifest::{self, Event, FileEntry, Journal};
 use super::plan::{self, Action};
 use super::progress::Progress;
 use super::{BatchConfig, BatchError, Failure, Summary};
-use crate::client::{Client, ClientError};
+use crate::client::{Client, ClientError, is_terminal, safe_file_name};
 
 /// How one line ended in this run.
 #[derive(Debug)]
@@ -67,7 +67,7 @@ pub async fn run(config: BatchConfig, cancel: CancellationToken) -> Result<Summa
         return Err(BatchError::ModelChanged { dir: out, was: was.clone(), now: config.model.clone() });
     }
     remove_partials(&out)?;
-    let client = Client::new(&config.url).map_err(BatchError::Http)?;
+    let client = Client::with_key(&config.url, config.api_key.clone()).map_err(BatchError::Http)?;
     preflight(&client, &config.model).await?;
     let run = Event::Run {
         version: manifest::VERSION,
@@ -392,7 +392,7 @@ impl Ctx {
             Some(files) => {
                 for f in files {
                     let (name, url) = (f["name"].as_str().unwrap_or(""), f["url"].as_str().unwrap_or(""));
-                    if !safe_name(name) || url.is_empty() {
+                    if !safe_file_name(name) || url.is_empty() {
                         return Err(ClientError::Protocol {
                             url: url.to_owned(),
                             detail: format!("output file {f} has no usable name and url"),
@@ -447,15 +447,6 @@ impl Ctx {
         manifest::sync_dir(dir).map_err(io(dir))?;
         Ok(saved)
     }
-}
-
-fn is_terminal(record: &Value) -> bool {
-    matches!(record["status"].as_str(), Some("succeeded" | "failed" | "canceled" | "expired"))
-}
-
-/// A file name the server gave us, used inside the output directory only.
-fn safe_name(name: &str) -> bool {
-    !name.is_empty() && !name.starts_with('.') && !name.contains(['/', '\\', '\0']) && name.len() <= 200
 }
 
 /// Whether `file` is in `dir` with its recorded size and sha256. Blocking.

@@ -5,6 +5,7 @@
 mod batch;
 mod behaviour;
 mod cache;
+mod cli_habits;
 mod delivery;
 mod faults;
 mod hard_faults;
