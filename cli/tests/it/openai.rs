@@ -45,7 +45,10 @@ fn token_counts(env: &Env, texts: &[String]) -> Vec<usize> {
     let path = spec.file(&cache_dir(), "tokenizer").expect("a tokenizer file");
     let mut tokenizer = tokenizers::Tokenizer::from_file(&path).expect("load the tokenizer");
     tokenizer.with_padding(None);
-    texts.iter().map(|t| tokenizer.encode(t.as_str(), true).expect("tokenise").get_ids().len().min(max_length)).collect()
+    texts
+        .iter()
+        .map(|t| tokenizer.encode(t.as_str(), true).expect("tokenise").get_ids().len().min(max_length))
+        .collect()
 }
 
 async fn the_openai_client_embeds_through_the_fleet(kind: Kind) {

@@ -142,7 +142,8 @@ pub async fn embeddings(
     // The long-poll slot is taken first: with none free the answer is 503 before anything runs.
     let waiter = crate::waiting::waiter(&state)?;
     let job = json!({ "model": request.spec.name.as_str(), "input": { "texts": request.texts } });
-    let Enqueued { admitted, completion } = jobs::submit_on_behalf(&state, &who, &job).await.map_err(in_openai_terms)?;
+    let Enqueued { admitted, completion } =
+        jobs::submit_on_behalf(&state, &who, &job).await.map_err(in_openai_terms)?;
     let record = match admitted {
         Admitted::Existing(record) | Admitted::Cached(record) => record,
         Admitted::New(record) => match completion {
@@ -198,7 +199,10 @@ fn answer(state: &AppState, request: &EmbeddingsRequest<'_>, record: JobRecord) 
     for (index, vector) in output.embeddings.into_iter().enumerate() {
         let vector = match request.dimensions {
             Some(n) if n > vector.len() => {
-                return Err(invalid("dimensions", format!("{} has {} dimensions; ask for at most that", request.spec.name, vector.len())));
+                return Err(invalid(
+                    "dimensions",
+                    format!("{} has {} dimensions; ask for at most that", request.spec.name, vector.len()),
+                ));
             }
             Some(n) => shortened(vector, n, normalize),
             None => vector,

@@ -22,12 +22,7 @@ fn state() -> AppState {
 
 fn state_with(config: GatewayConfig) -> AppState {
     let repo = ModelRepository::load(&std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models")).unwrap();
-    AppState::new(
-        config,
-        Backend::embedded(Duration::from_secs(60)),
-        Arc::new(repo),
-        CancellationToken::new(),
-    )
+    AppState::new(config, Backend::embedded(Duration::from_secs(60)), Arc::new(repo), CancellationToken::new())
 }
 
 async fn call(state: &AppState, req: Request<Body>) -> (StatusCode, axum::http::HeaderMap, Value) {

@@ -38,17 +38,77 @@ fn assert_openai_error(what: &str, body: &Value, code: &str, kind: &str, param: 
 async fn bad_requests_are_refused_in_openai_shape() {
     let s = state_with(GatewayConfig { auth: AuthMode::Off, ..GatewayConfig::default() });
     let cases: [(&str, Value, StatusCode, &str, Option<&str>); 11] = [
-        ("token ids", json!({ "model": MODEL, "input": [1, 2, 3] }), StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", Some("input")),
-        ("token id lists", json!({ "model": MODEL, "input": [[1, 2], [3]] }), StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", Some("input")),
+        (
+            "token ids",
+            json!({ "model": MODEL, "input": [1, 2, 3] }),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+            Some("input"),
+        ),
+        (
+            "token id lists",
+            json!({ "model": MODEL, "input": [[1, 2], [3]] }),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+            Some("input"),
+        ),
         ("no input", json!({ "model": MODEL }), StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", Some("input")),
-        ("empty list", json!({ "model": MODEL, "input": [] }), StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", Some("input")),
-        ("a null text", json!({ "model": MODEL, "input": ["a", null] }), StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", Some("input[1]")),
-        ("dimensions", json!({ "model": MODEL, "input": "a", "dimensions": 64 }), StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", Some("dimensions")),
-        ("encoding", json!({ "model": MODEL, "input": "a", "encoding_format": "int8" }), StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", Some("encoding_format")),
-        ("unknown field", json!({ "model": MODEL, "input": "a", "stream": true }), StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", Some("stream")),
-        ("unknown model", json!({ "model": "text-embedding-3-small", "input": "a" }), StatusCode::NOT_FOUND, "model_not_found", Some("model")),
-        ("image model", json!({ "model": "terrain-diffusion", "input": "a" }), StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", Some("model")),
-        ("too many texts", json!({ "model": MODEL, "input": vec!["a"; 257] }), StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", Some("input")),
+        (
+            "empty list",
+            json!({ "model": MODEL, "input": [] }),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+            Some("input"),
+        ),
+        (
+            "a null text",
+            json!({ "model": MODEL, "input": ["a", null] }),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+            Some("input[1]"),
+        ),
+        (
+            "dimensions",
+            json!({ "model": MODEL, "input": "a", "dimensions": 64 }),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+            Some("dimensions"),
+        ),
+        (
+            "encoding",
+            json!({ "model": MODEL, "input": "a", "encoding_format": "int8" }),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+            Some("encoding_format"),
+        ),
+        (
+            "unknown field",
+            json!({ "model": MODEL, "input": "a", "stream": true }),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+            Some("stream"),
+        ),
+        (
+            "unknown model",
+            json!({ "model": "text-embedding-3-small", "input": "a" }),
+            StatusCode::NOT_FOUND,
+            "model_not_found",
+            Some("model"),
+        ),
+        (
+            "image model",
+            json!({ "model": "terrain-diffusion", "input": "a" }),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+            Some("model"),
+        ),
+        (
+            "too many texts",
+            json!({ "model": MODEL, "input": vec!["a"; 257] }),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+            Some("input"),
+        ),
     ];
     for (what, body, status, code, param) in cases {
         let (got, headers, answer) = call(&s, post(&body)).await;
@@ -66,7 +126,8 @@ async fn bad_requests_are_refused_in_openai_shape() {
     let (status, _, answer) = call(&s, malformed).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_openai_error("malformed", &answer, "malformed_json", "invalid_request_error", None);
-    let text = Request::post("/v1/embeddings").header(header::CONTENT_TYPE, "text/plain").body(Body::from("{}")).unwrap();
+    let text =
+        Request::post("/v1/embeddings").header(header::CONTENT_TYPE, "text/plain").body(Body::from("{}")).unwrap();
     let (status, _, answer) = call(&s, text).await;
     assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
     assert_openai_error("text/plain", &answer, "unsupported_media_type", "invalid_request_error", None);
@@ -105,7 +166,8 @@ async fn keyed_gateways_refuse_in_openai_shape_and_need_jobs_submit() {
     let (status, _, answer) = call(&s, read_only).await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{answer}");
     assert_openai_error("read-only key", &answer, "forbidden", "permission_error", None);
-    let models = Request::get("/v1/models").header(header::AUTHORIZATION, format!("Bearer {token}")).body(Body::empty());
+    let models =
+        Request::get("/v1/models").header(header::AUTHORIZATION, format!("Bearer {token}")).body(Body::empty());
     assert_eq!(call(&s, models.unwrap()).await.0, StatusCode::OK);
 
     // Kiln's own routes keep Kiln's error shape.
