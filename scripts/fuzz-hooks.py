@@ -1,7 +1,7 @@
 # Schemathesis hooks for scripts/fuzz-api.sh (loaded through SCHEMATHESIS_HOOKS).
 #
-# The hook `flatmap_body` names a served model in two thirds of the generated `POST /v1/jobs` bodies
-# (and gives half of those an input of its task), so
+# The hook `flatmap_body` names a served model in two thirds of the generated `POST /v1/jobs` and
+# `POST /v1/embeddings` bodies (and gives half of those an input of its task), so
 # that the validation behind the model lookup (input, metadata, deadline_s, webhook, …) and the
 # routes of real jobs (GET, cancel, events, through the links Schemathesis infers) are reached.
 #
@@ -46,13 +46,18 @@ SERVED_MODEL = "all-minilm-l6-v2"
 
 @schemathesis.hook
 def flatmap_body(ctx, body):
-    if ctx.operation is None or ctx.operation.label != "POST /v1/jobs" or not isinstance(body, dict):
+    label = None if ctx.operation is None else ctx.operation.label
+    if label not in ("POST /v1/jobs", "POST /v1/embeddings") or not isinstance(body, dict):
         return st.just(body)
     # Unchanged, with the served model, or with the served model and an input of its task.
+    if label == "POST /v1/embeddings":
+        inputs = st.one_of(st.text(max_size=200), st.lists(st.text(max_size=100), min_size=1, max_size=4))
+    else:
+        inputs = st.text(max_size=200).map(lambda text: {"text": text})
     return st.one_of(
         st.just(body),
         st.just({**body, "model": SERVED_MODEL}),
-        st.text(max_size=200).map(lambda text: {**body, "model": SERVED_MODEL, "input": {"text": text}}),
+        inputs.map(lambda input: {**body, "model": SERVED_MODEL, "input": input}),
     )
 
 

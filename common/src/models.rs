@@ -51,6 +51,11 @@ pub struct EmbeddingSpec {
     pub pooling: Pooling,
     #[serde(default = "yes")]
     pub normalize: bool,
+    /// Whether a prefix of the model's vector is an embedding too (a Matryoshka-trained model):
+    /// only then does `POST /v1/embeddings` accept OpenAI's `dimensions` (the vector is cut to
+    /// that many components and normalised again). Default false: `dimensions` is refused.
+    #[serde(default)]
+    pub matryoshka: bool,
 }
 
 fn default_max_length() -> usize {

@@ -106,7 +106,7 @@ fn required(state: &AppState, method: &Method, route: &str) -> Option<Scope> {
     match route {
         "/healthz" | "/readyz" | "/openapi.json" => None,
         "/metrics" => (state.config.metrics_auth == MetricsAuth::Admin).then_some(Scope::Admin),
-        "/v1/jobs" | "/v1/jobs/{id}/cancel" if method == Method::POST => Some(Scope::JobsSubmit),
+        "/v1/jobs" | "/v1/jobs/{id}/cancel" | "/v1/embeddings" if method == Method::POST => Some(Scope::JobsSubmit),
         _ => Some(Scope::JobsRead),
     }
 }

@@ -36,6 +36,11 @@ pub struct GatewayConfig {
     /// and an event subscription, a few kilobytes.
     #[arg(long, env = "KILN_MAX_WAITERS", default_value_t = 4096)]
     pub max_waiters: usize,
+    /// How long `POST /v1/embeddings` (OpenAI-compatible, answered on the request) waits for its
+    /// job, holding one of the long-poll slots. Past it the answer is 504 with `Retry-After` (code
+    /// `wait_timeout`): the job goes on, and a retry joins it or reads its result from the cache.
+    #[arg(long, env = "KILN_OPENAI_WAIT", default_value = "30s", value_parser = parse_duration)]
+    pub openai_wait: Duration,
     /// Server-sent event streams (`GET /v1/jobs/{id}/events`) open at once; beyond this the
     /// gateway answers 503 with `Retry-After` (code `overloaded`). Each costs a connection, a task
     /// and an event subscription, a few kilobytes.
@@ -168,6 +173,7 @@ impl Default for GatewayConfig {
             shutdown_delay: Duration::ZERO,
             max_wait_s: 60,
             max_waiters: 4096,
+            openai_wait: Duration::from_secs(30),
             max_event_streams: 4096,
             idempotency_ttl: Duration::from_secs(86_400),
             webhooks: WebhookConfig::default(),

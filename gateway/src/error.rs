@@ -11,7 +11,7 @@ use kiln_common::broker::BrokerError;
 use kiln_common::outputs::OutputError;
 use kiln_common::store::StoreError;
 use kiln_common::tenancy::{KeyError, Scope};
-use kiln_proto::{ApiErrorBody, ErrorCode, ErrorDetail, InputError};
+use kiln_proto::{ApiErrorBody, ErrorCode, ErrorDetail, InputError, JobError, JobId};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -66,6 +66,16 @@ pub enum ApiError {
     QuotaExceeded(Limited),
     #[error("the key store is unavailable, retry later")]
     Keys(#[source] KeyError, Duration),
+    /// A request answered synchronously whose job did not finish within the bound; the job goes
+    /// on, and a retry joins it or reads its cached result.
+    #[error(
+        "job {job} did not finish within {}s; it goes on running: retry after Retry-After for its result, or read GET /v1/jobs/{job}",
+        waited.as_secs()
+    )]
+    WaitTimeout { job: JobId, waited: Duration, retry_after: Duration },
+    /// A request answered synchronously whose job ended without a result.
+    #[error("job {job} ended {status}: {}", error.as_ref().map_or("without a result", |e| e.message.as_str()))]
+    JobFailed { job: JobId, status: &'static str, error: Option<JobError>, retry_after: Duration },
     #[error("internal error")]
     Internal(String),
 }
@@ -167,9 +177,69 @@ impl ApiError {
                     (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal, None)
                 }
             },
+            Self::WaitTimeout { retry_after, .. } => {
+                (StatusCode::GATEWAY_TIMEOUT, ErrorCode::WaitTimeout, Some(*retry_after))
+            }
+            Self::JobFailed { error: None, retry_after, .. } => {
+                (StatusCode::BAD_GATEWAY, ErrorCode::InferenceFailed, Some(*retry_after))
+            }
+            Self::JobFailed { error: Some(error), retry_after, .. } => job_failed(error.code, *retry_after),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal, None),
         }
     }
+
+    /// The request field the error is about, when it is about one (OpenAI's `param`).
+    pub fn param(&self) -> Option<&str> {
+        match self {
+            Self::InvalidRequest { field, .. } => Some(field),
+            Self::InvalidInput(e) => Some(&e.field),
+            Self::ModelNotFound(_) => Some("model"),
+            _ => None,
+        }
+    }
+}
+
+/// Status, code and retry hint of a job that ended without a result, by its error's code: the
+/// input's fault (the worker refused it) is the client's, a cancel or expiry is a conflict with
+/// what happened to the job, the rest failed upstream of the gateway and may go through on a retry.
+fn job_failed(code: ErrorCode, retry: Duration) -> (StatusCode, ErrorCode, Option<Duration>) {
+    match code {
+        ErrorCode::InvalidInput
+        | ErrorCode::InvalidRequest
+        | ErrorCode::MalformedJson
+        | ErrorCode::PayloadTooLarge
+        | ErrorCode::UnsupportedMediaType => (StatusCode::UNPROCESSABLE_ENTITY, code, None),
+        ErrorCode::Canceled | ErrorCode::DeadlineExceeded => (StatusCode::CONFLICT, code, None),
+        ErrorCode::InferenceFailed
+        | ErrorCode::WorkerLost
+        | ErrorCode::JobLost
+        | ErrorCode::Internal
+        | ErrorCode::ModelNotFound
+        | ErrorCode::JobNotFound
+        | ErrorCode::OutputNotFound
+        | ErrorCode::NotFound
+        | ErrorCode::MethodNotAllowed
+        | ErrorCode::BrokerUnavailable
+        | ErrorCode::StoreUnavailable
+        | ErrorCode::Overloaded
+        | ErrorCode::IdempotencyKeyReused
+        | ErrorCode::IdempotencyKeyInFlight
+        | ErrorCode::JobFinished
+        | ErrorCode::Unauthorized
+        | ErrorCode::Forbidden
+        | ErrorCode::RateLimited
+        | ErrorCode::QuotaExceeded
+        | ErrorCode::WaitTimeout => (StatusCode::BAD_GATEWAY, code, Some(retry)),
+    }
+}
+
+/// An error answer as it was rendered, left on the response so that a route speaking another
+/// API's dialect (`routes::openai`) can say the same in that API's error shape.
+#[derive(Debug, Clone)]
+pub struct Rendered {
+    pub code: ErrorCode,
+    pub message: String,
+    pub param: Option<String>,
 }
 
 /// axum's rejection of a path parameter, as an error of ours (its own answer is plain text).
@@ -193,7 +263,9 @@ impl IntoResponse for ApiError {
         crate::events::request_failed(&self, status, code);
         let message =
             if status.is_server_error() && retry.is_none() { "internal error".to_owned() } else { self.to_string() };
+        let rendered = Rendered { code, message: message.clone(), param: self.param().map(str::to_owned) };
         let mut resp = (status, Json(ApiErrorBody { error: ErrorDetail { code, message } })).into_response();
+        resp.extensions_mut().insert(rendered);
         if let Some(retry) = retry {
             // Whole seconds, rounded up: a client that waits this long is let in.
             let secs = retry.as_millis().div_ceil(1000).max(1) as u64;

@@ -59,13 +59,17 @@ pub enum ErrorCode {
     /// The tenant has as many jobs in flight, or has used as much compute this hour, as its
     /// quota allows; retry after the `Retry-After` delay (`429`).
     QuotaExceeded,
+    /// A request answered synchronously (`POST /v1/embeddings`) whose job did not finish within
+    /// the gateway's bound; the job goes on, and a retry after `Retry-After` joins it or reads
+    /// its result from the cache (`504`).
+    WaitTimeout,
     /// An unexpected server error; details are in the server log, never in the response.
     Internal,
 }
 
 impl ErrorCode {
     /// Every code, for documentation (the OpenAPI description lists them).
-    pub const ALL: [ErrorCode; 26] = [
+    pub const ALL: [ErrorCode; 27] = [
         Self::MalformedJson,
         Self::InvalidRequest,
         Self::InvalidInput,
@@ -91,6 +95,7 @@ impl ErrorCode {
         Self::Forbidden,
         Self::RateLimited,
         Self::QuotaExceeded,
+        Self::WaitTimeout,
         Self::Internal,
     ];
 
@@ -121,6 +126,7 @@ impl ErrorCode {
             Self::Forbidden => "forbidden",
             Self::RateLimited => "rate_limited",
             Self::QuotaExceeded => "quota_exceeded",
+            Self::WaitTimeout => "wait_timeout",
             Self::Internal => "internal",
         }
     }

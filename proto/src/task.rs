@@ -441,6 +441,10 @@ pub struct ImageOutput {
 pub struct EmbeddingOutput {
     pub embeddings: Vec<Vec<f32>>,
     pub dim: usize,
+    /// Tokens of each text as the model saw them (special tokens included, after truncation),
+    /// in the order of `embeddings`. Empty in outputs of workers from before it was recorded.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tokens: Vec<usize>,
 }
 
 #[cfg(test)]

@@ -68,7 +68,7 @@ pub async fn embed_one(ctx: &Ctx, delivery: Delivery) -> Settled {
             guarded(run, std::slice::from_mut(&mut job), &ctx.backend, &ctx.owner, ctx.lease).await
         }
     };
-    let result = result.map(|vectors| Produced::Output(success(vectors))).map_err(Failure::from);
+    let result = result.map(|embedded| Produced::Output(success(embedded))).map_err(Failure::from);
     let trouble = settle(ctx, job, result).instrument(span).await;
     events::batch_done(&ctx.spec.name, 1, count, started.elapsed());
     trouble
@@ -225,9 +225,10 @@ fn parse(ctx: &Ctx, job: &mut Job) -> Result<(), InputError> {
     Ok(())
 }
 
-fn success(embeddings: Vec<Vec<f32>>) -> String {
-    let dim = embeddings.first().map_or(0, Vec::len);
-    serde_json::to_string(&EmbeddingOutput { embeddings, dim }).expect("embeddings serialise")
+fn success(embedded: crate::embedding::Embedded) -> String {
+    let dim = embedded.vectors.first().map_or(0, Vec::len);
+    let output = EmbeddingOutput { embeddings: embedded.vectors, dim, tokens: embedded.tokens };
+    serde_json::to_string(&output).expect("embeddings serialise")
 }
 
 /// Settles one job: its outcome to the store, then its message (through [`Job`]).

@@ -21,6 +21,14 @@ pub enum PipelineError {
     Inference(String),
 }
 
+/// What embedding some texts gives: a vector for each, and the tokens each was as the model saw
+/// it (special tokens included, after truncation), both in the order of the texts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Embedded {
+    pub vectors: Vec<Vec<f32>>,
+    pub tokens: Vec<usize>,
+}
+
 /// The model's tokenizer, set up to produce one text's ids unpadded.
 pub struct TextEncoder {
     tokenizer: Tokenizer,
@@ -158,7 +166,7 @@ mod tests {
 
     #[test]
     fn mean_pooling_ignores_padding_and_normalises() {
-        let spec = EmbeddingSpec { max_length: 8, pooling: Pooling::Mean, normalize: true };
+        let spec = EmbeddingSpec { max_length: 8, pooling: Pooling::Mean, normalize: true, matryoshka: false };
         // two tokens + one padding token with a huge value that must not count
         let hidden = [3.0, 0.0, 1.0, 4.0, 100.0, 100.0];
         let v = pool(&hidden, &[1, 1, 0], 2, &spec);

@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use tracing::Span;
 
 use crate::diffusion::{DiffusionPipeline, DiffusionRequest, SchedulerKind};
-use crate::embedding::PipelineError;
+use crate::embedding::{Embedded, PipelineError};
 use crate::pool::EmbeddingPool;
 use crate::terrain::TerrainPipeline;
 
@@ -117,8 +117,8 @@ impl InferenceHandle {
     }
 
     /// Embeds `texts` of `tenant` (batched with other requests by the pool, in fair order among
-    /// tenants); vectors in the order given.
-    pub async fn embed(&self, texts: Vec<String>, tenant: Option<&str>) -> Result<Vec<Vec<f32>>, PipelineError> {
+    /// tenants); vectors and token counts in the order given.
+    pub async fn embed(&self, texts: Vec<String>, tenant: Option<&str>) -> Result<Embedded, PipelineError> {
         match &self.inner {
             Inner::Pool(pool) => pool.embed(texts, tenant).await,
             Inner::Thread(_) => Err(wrong_task("embedding")),

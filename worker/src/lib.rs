@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use config::{Auto, WorkerConfig};
-pub use embedding::{PipelineError, pool as pool_embedding};
+pub use embedding::{Embedded, PipelineError, pool as pool_embedding};
 pub use inference::{ImageRun, ImageWork, InferenceHandle, Pipeline, Update};
 pub use runtime::{RuntimeError, Threads};
 

@@ -21,7 +21,7 @@ use std::time::Instant;
 use tokio::sync::oneshot;
 use tracing::Span;
 
-use crate::embedding::{Encoder, PipelineError, TextEncoder};
+use crate::embedding::{Embedded, Encoder, PipelineError, TextEncoder};
 use crate::events;
 use crate::planner::{self, CostTable, Limits, Shape};
 
@@ -143,8 +143,8 @@ impl EmbeddingPool {
     }
 
     /// Embeds `texts` of `tenant` (none: the shared lane's jobs, one tenant together), each
-    /// batched with whatever else is waiting; vectors in the order given.
-    pub async fn embed(&self, texts: Vec<String>, tenant: Option<&str>) -> Result<Vec<Vec<f32>>, PipelineError> {
+    /// batched with whatever else is waiting; vectors (and token counts) in the order given.
+    pub async fn embed(&self, texts: Vec<String>, tenant: Option<&str>) -> Result<Embedded, PipelineError> {
         let chars: usize = texts.iter().map(String::len).sum();
         let ids = if chars > INLINE_TOKENIZE_CHARS {
             let text = self.text.clone();
@@ -154,6 +154,7 @@ impl EmbeddingPool {
         } else {
             tokenize(&self.text, &texts)?
         };
+        let tokens: Vec<usize> = ids.iter().map(Vec::len).collect();
         let span = Span::current();
         let mut replies = Vec::with_capacity(ids.len());
         {
@@ -171,7 +172,7 @@ impl EmbeddingPool {
         for rx in replies {
             out.push(rx.await.map_err(|_| PipelineError::Inference("inference threads stopped".into()))??);
         }
-        Ok(out)
+        Ok(Embedded { vectors: out, tokens })
     }
 }
 
@@ -549,6 +550,7 @@ mod tests {
         let (spec, dylib, cache) = minilm();
         let layout = crate::Layout { max_batch: Some(16), ..crate::Layout::default() };
         let (spec2, dylib2, cache2) = (spec.clone(), dylib.clone(), cache.clone());
+        let (spec_tokens, cache_tokens) = (spec.clone(), cache.clone());
         let infer = tokio::task::spawn_blocking(move || crate::load_model_with(&spec2, &dylib2, &cache2, layout))
             .await
             .expect("load task")
@@ -559,10 +561,13 @@ mod tests {
         .await
         .expect("load task")
         .expect("load a single session");
+        let emb = spec_tokens.embedding.clone().expect("embedding section");
+        let tokenizer = TextEncoder::new(&spec_tokens.file(&cache_tokens, "tokenizer").expect("tokenizer"), &emb)
+            .expect("tokenizer");
         for (mix, texts) in mixes(36) {
             let mut expected = Vec::new();
             for t in &texts {
-                expected.push(alone.embed(vec![t.clone()], None).await.expect("batch 1").remove(0));
+                expected.push(alone.embed(vec![t.clone()], None).await.expect("batch 1").vectors.remove(0));
             }
             // Requests of one to three texts, all at once, in a scrambled order.
             let n = texts.len();
@@ -575,11 +580,15 @@ mod tests {
             }))
             .await;
             for (request, answer) in requests.iter().zip(answers) {
-                let vectors = answer.expect("embedded");
-                assert_eq!(vectors.len(), request.len());
-                for (&i, v) in request.iter().zip(&vectors) {
+                let embedded = answer.expect("embedded");
+                assert_eq!(embedded.vectors.len(), request.len());
+                assert_eq!(embedded.tokens.len(), request.len());
+                for ((&i, v), &tokens) in request.iter().zip(&embedded.vectors).zip(&embedded.tokens) {
                     let d = max_diff(v, &expected[i]);
                     assert!(d < 1e-4, "{mix}: text {i} came back {d} away from its batch-1 vector");
+                    // Each text's count is its own, whatever it was batched with.
+                    let want = tokenizer.encode(&texts[i]).expect("tokenise").len();
+                    assert_eq!(tokens, want, "{mix}: text {i} reported {tokens} tokens, the tokenizer gives {want}");
                 }
             }
         }

@@ -156,7 +156,9 @@ fn collect(
 /// Fails fast on a wrong URL or model name instead of failing every line.
 async fn preflight(client: &Client, model: &str) -> Result<(), BatchError> {
     let models = client.models().await.map_err(BatchError::Unreachable)?;
-    let served: Vec<String> = models["models"]
+    // OpenAI's list shape (`data`); `models` is what gateways before it answered.
+    let list = if models["data"].is_array() { &models["data"] } else { &models["models"] };
+    let served: Vec<String> = list
         .as_array()
         .map(|list| list.iter().filter_map(|m| m["name"].as_str().map(str::to_owned)).collect())
         .unwrap_or_default();

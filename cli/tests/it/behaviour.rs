@@ -260,7 +260,7 @@ async fn health_readiness_and_models(kind: Kind) {
     assert_eq!(ready.status, 200, "{}", ready.body);
     assert_eq!(ready.body["checks"], json!({ "broker": "ok", "store": "ok" }));
     let models = gw.get("/v1/models").await;
-    let m = &models.body["models"][0];
+    let m = &models.body["data"][0];
     assert_eq!(
         (m["name"].as_str(), m["task"].as_str(), m["max_batch"].as_u64()),
         (Some(MODEL), Some("embedding"), Some(64))
@@ -269,7 +269,7 @@ async fn health_readiness_and_models(kind: Kind) {
     assert_eq!(m["workers"], json!([]), "no worker runs yet: {m}");
     let worker = env.worker();
     let listed = wait_until("the worker is listed under its model", Duration::from_secs(60), || async {
-        let m = gw.get("/v1/models").await.body["models"][0].clone();
+        let m = gw.get("/v1/models").await.body["data"][0].clone();
         if m["workers"].as_array().is_some_and(|w| w.len() == 1) { Ok(m) } else { Err(m["workers"].clone()) }
     })
     .await;

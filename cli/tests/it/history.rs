@@ -900,7 +900,7 @@ pub async fn references(texts: &[String]) -> HashMap<String, Vec<f32>> {
     let chunks: Vec<Vec<String>> = texts.chunks(16).map(<[String]>::to_vec).collect();
     let vectors: Vec<(Vec<String>, Vec<Vec<f32>>)> =
         futures::stream::iter(chunks.into_iter().map(|chunk| async move {
-            let v = model.embed(chunk.clone(), None).await.expect("reference embeddings");
+            let v = model.embed(chunk.clone(), None).await.expect("reference embeddings").vectors;
             (chunk, v)
         }))
         .buffer_unordered(4)

@@ -196,7 +196,7 @@ async fn bad_image_inputs_name_their_field(kind: Kind) {
     }
     // The models listing publishes the schema the errors come from.
     let models = gw.get("/v1/models").await;
-    let terrain = models.body["models"].as_array().and_then(|m| m.iter().find(|m| m["name"] == TERRAIN)).cloned();
+    let terrain = models.body["data"].as_array().and_then(|m| m.iter().find(|m| m["name"] == TERRAIN)).cloned();
     let terrain = terrain.unwrap_or_else(|| panic!("{TERRAIN} listed: {}", models.body));
     assert_eq!(terrain["task"], "image-generation");
     assert_eq!(terrain["input_schema"]["properties"]["difficulty"]["maximum"], 100);

@@ -13,6 +13,7 @@ mod harness;
 mod history;
 mod images;
 mod observability;
+mod openai;
 mod reliability;
 mod security;
 mod suite;

@@ -15,11 +15,12 @@ use kiln_common::cache;
 use kiln_common::store::{Claim, Coalesced, Creation, Transition};
 use kiln_common::webhooks;
 use kiln_proto::{
-    EmbeddingInput, Envelope, ImageGenerationInput, JobId, JobRecord, JobStatus, Task, TextToImageInput, WebhookState,
-    json_type, now_millis,
+    EmbeddingInput, Envelope, ImageGenerationInput, JobEvent, JobId, JobRecord, JobStatus, Task, TextToImageInput,
+    WebhookState, json_type, now_millis,
 };
 use serde_json::Value;
 use sha2::{Digest, Sha256};
+use tokio::sync::broadcast;
 
 use tracing::Instrument;
 
@@ -116,15 +117,7 @@ pub async fn submit(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let limit = state.config.max_body_bytes;
-    let body = body.map_err(|rejection| match rejection.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge { limit },
-        _ => ApiError::MalformedJson(rejection.body_text()),
-    })?;
-    if body.len() > limit {
-        return Err(ApiError::PayloadTooLarge { limit });
-    }
-    check_content_type(&headers)?;
+    let body = checked_body(&state, &headers, body)?;
     let mut submission = validate(&state, &body, who.tenant.as_deref())?;
     if let Some(after) = cancel_after(&headers)? {
         submission.deadline = Some(submission.deadline.map_or(after, |d| d.min(after)));
@@ -133,17 +126,77 @@ pub async fn submit(
     // A tenant's idempotency keys are its own: another tenant's same key names another job.
     let key = idempotency_key(&headers)?.map(|k| tenant_scoped(who.tenant.as_deref(), k));
     check_compute(&state, &who).await?;
+    let Enqueued { admitted, completion } = enqueue(&state, &who, submission, key, wait.is_some()).await?;
+    let record = match admitted {
+        Admitted::Existing(record) => return respond(&state, &who, record, wait, true).await,
+        Admitted::Cached(record) => return Ok(job_response(record)),
+        Admitted::New(record) => record,
+    };
+    match (wait, completion) {
+        (Some(wait), Some(mut rx)) => {
+            let done = crate::waiting::completion(&state, record.id, &mut rx, wait).await;
+            let record = match done {
+                Some(record) => record,
+                None => {
+                    let retry = state.config.retry_after;
+                    state.backend.store.get(record.id).await.map_err(|e| ApiError::Store(e, retry))?.unwrap_or(record)
+                }
+            };
+            Ok(with_wait_applied(job_response(record), wait))
+        }
+        _ => Ok(job_response(record)),
+    }
+}
 
+/// A request body within the size limit, of a JSON content type (or none said).
+pub(crate) fn checked_body(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Bytes, ApiError> {
+    let limit = state.config.max_body_bytes;
+    let body = body.map_err(|rejection| match rejection.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge { limit },
+        _ => ApiError::MalformedJson(rejection.body_text()),
+    })?;
+    if body.len() > limit {
+        return Err(ApiError::PayloadTooLarge { limit });
+    }
+    check_content_type(headers)?;
+    Ok(body)
+}
+
+/// A submission on behalf of another API's route (`routes::openai`): `body` is what it would
+/// have sent to `POST /v1/jobs`, checked the same way (model, input, the tenant's compute quota)
+/// and accepted the same way (cache, coalescing, slots, publish with confirm). Subscribed to the
+/// job's completion, for the caller to wait on.
+pub(crate) async fn submit_on_behalf(state: &AppState, who: &Principal, body: &Value) -> Result<Enqueued, ApiError> {
+    let bytes = serde_json::to_vec(body).map_err(|e| ApiError::Internal(format!("encoding a submission: {e}")))?;
+    let submission = validate(state, &bytes, who.tenant.as_deref())?;
+    check_compute(state, who).await?;
+    enqueue(state, who, submission, None, true).await
+}
+
+/// An accepted submission, and (when asked for) the subscription to its job's completion, made
+/// before the job existed so that the completion cannot slip by.
+pub(crate) struct Enqueued {
+    pub admitted: Admitted,
+    pub completion: Option<broadcast::Receiver<JobEvent>>,
+}
+
+/// Takes an admission permit and a jobs-in-flight slot, then accepts the submission.
+async fn enqueue(
+    state: &AppState,
+    who: &Principal,
+    submission: Submission,
+    key: Option<String>,
+    subscribe: bool,
+) -> Result<Enqueued, ApiError> {
     let permit =
         state.admission.clone().try_acquire_owned().map_err(|_| ApiError::Overloaded(state.config.retry_after))?;
-    let retry = state.config.retry_after;
-    let store = &state.backend.store;
     let id = JobId::random();
-    // Subscribed before the job exists, so its completion cannot slip by before the wait starts.
-    let mut completion_rx = match wait {
-        Some(_) => Some(store.subscribe(id).await),
-        None => None,
-    };
+    let completion = if subscribe { Some(state.backend.store.subscribe(id).await) } else { None };
+    let (state, who) = (state.clone(), who.clone());
     // Accepting runs to its end even when the client hangs up halfway: a claimed idempotency key
     // is always committed or released, and a recorded job is always published or withdrawn.
     let admitted = tokio::spawn(
@@ -158,34 +211,17 @@ pub async fn submit(
             {
                 events::slot_not_released(id, &e);
             }
-            admitted.map(|a| (a, state, who))
+            admitted
         }
         .instrument(tracing::Span::current()),
     )
     .await
-    .map_err(|e| ApiError::Internal(format!("accepting the job: {e}")))?;
-    let (admitted, state, who) = admitted?;
-    let record = match admitted {
-        Admitted::Existing(record) => return respond(&state, &who, record, wait, true).await,
-        Admitted::Cached(record) => return Ok(job_response(record)),
-        Admitted::New(record) => record,
-    };
-    let store = &state.backend.store;
-    match (wait, completion_rx.as_mut()) {
-        (Some(wait), Some(rx)) => {
-            let done = crate::waiting::completion(&state, id, rx, wait).await;
-            let record = match done {
-                Some(record) => record,
-                None => store.get(id).await.map_err(|e| ApiError::Store(e, retry))?.unwrap_or(record),
-            };
-            Ok(with_wait_applied(job_response(record), wait))
-        }
-        _ => Ok(job_response(record)),
-    }
+    .map_err(|e| ApiError::Internal(format!("accepting the job: {e}")))??;
+    Ok(Enqueued { admitted, completion })
 }
 
 /// What accepting a submission came to.
-enum Admitted {
+pub(crate) enum Admitted {
     /// The idempotency key already named this job.
     Existing(JobRecord),
     /// Answered from the result cache.

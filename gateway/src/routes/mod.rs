@@ -2,6 +2,7 @@
 
 mod events;
 pub(crate) mod jobs;
+mod openai;
 mod openapi;
 mod outputs;
 mod system;
@@ -31,7 +32,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/jobs/{id}/events", get(events::stream))
         .route("/v1/jobs/{id}/outputs/{name}", get(outputs::get))
         .route("/openapi.json", get(openapi::spec))
-        .route("/v1/models", get(system::models))
+        .route("/v1/models", get(openai::models))
+        .route("/v1/embeddings", post(openai::embeddings))
         .route("/healthz", get(system::healthz))
         .route("/readyz", get(system::readyz))
         .route("/metrics", get(system::metrics))
@@ -39,6 +41,8 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit.saturating_add(1)))
         .route_layer(middleware::from_fn_with_state(state.clone(), crate::auth::guard))
+        // Outside the guard, so that its refusals on the OpenAI routes are said in OpenAI's shape.
+        .route_layer(middleware::from_fn(openai::error_shape))
         .route_layer(middleware::from_fn(measure))
         .layer(middleware::from_fn_with_state(state.clone(), crate::auth::audit))
         .layer(middleware::from_fn(span))

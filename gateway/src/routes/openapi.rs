@@ -9,12 +9,23 @@ pub async fn spec() -> Json<Value> {
     Json(document())
 }
 
+/// The OpenAI-compatible paths, whose errors are in OpenAI's shape (`OpenAIError`).
+const OPENAI_PATHS: [&str; 2] = ["/v1/embeddings", "/v1/models"];
+
 fn error_response(description: &str) -> Value {
-    json!({ "description": description, "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Error" } } } })
+    error_of("Error", description)
 }
 
 fn retry_error(description: &str) -> Value {
-    let mut r = error_response(description);
+    with_retry(error_response(description))
+}
+
+/// An error answer whose body is the schema `schema` of the components.
+fn error_of(schema: &str, description: &str) -> Value {
+    json!({ "description": description, "content": { "application/json": { "schema": { "$ref": format!("#/components/schemas/{schema}") } } } })
+}
+
+fn with_retry(mut r: Value) -> Value {
     r["headers"] = json!({ "Retry-After": { "$ref": "#/components/headers/Retry-After" } });
     r
 }
@@ -25,6 +36,7 @@ fn job_id() -> Value {
 
 pub fn document() -> Value {
     let mut doc = routes();
+    openai(&mut doc);
     secured(&mut doc);
     doc
 }
@@ -36,20 +48,27 @@ fn secured(doc: &mut Value) {
         "type": "http", "scheme": "bearer",
         "description": "An API key, `kiln_<id>_<secret>` (`kiln keys create`). Not needed when the gateway runs with KILN_AUTH=off."
     } });
-    let mut limited = retry_error(
-        "rate_limited (the tenant's request rate), quota_exceeded (jobs in flight, compute-seconds per hour)",
-    );
-    limited["headers"]["RateLimit-Policy"] =
-        json!({ "schema": { "type": "string" }, "description": "e.g. \"requests\";q=100;w=2" });
-    limited["headers"]["RateLimit"] =
-        json!({ "schema": { "type": "string" }, "description": "e.g. \"requests\";r=0;t=1" });
-    let challenge = json!({ "WWW-Authenticate": { "schema": { "type": "string" } } });
-    let mut unauthorized = error_response("unauthorized: no key, or one malformed, unknown, revoked or expired");
-    unauthorized["headers"] = challenge.clone();
-    let mut forbidden = error_response("forbidden: the key lacks this route's scope (jobs:submit, jobs:read, admin)");
-    forbidden["headers"] = challenge;
+    let refusals = |schema: &str| {
+        let mut limited = with_retry(error_of(
+            schema,
+            "rate_limited (the tenant's request rate), quota_exceeded (jobs in flight, compute-seconds per hour)",
+        ));
+        limited["headers"]["RateLimit-Policy"] =
+            json!({ "schema": { "type": "string" }, "description": "e.g. \"requests\";q=100;w=2" });
+        limited["headers"]["RateLimit"] =
+            json!({ "schema": { "type": "string" }, "description": "e.g. \"requests\";r=0;t=1" });
+        let challenge = json!({ "WWW-Authenticate": { "schema": { "type": "string" } } });
+        let mut unauthorized = error_of(schema, "unauthorized: no key, or one malformed, unknown, revoked or expired");
+        unauthorized["headers"] = challenge.clone();
+        let mut forbidden =
+            error_of(schema, "forbidden: the key lacks this route's scope (jobs:submit, jobs:read, admin)");
+        forbidden["headers"] = challenge;
+        (unauthorized, forbidden, limited)
+    };
     let Some(paths) = doc["paths"].as_object_mut() else { return };
-    for (_, item) in paths.iter_mut().filter(|(p, _)| p.starts_with("/v1/")) {
+    for (path, item) in paths.iter_mut().filter(|(p, _)| p.starts_with("/v1/")) {
+        let schema = if OPENAI_PATHS.contains(&path.as_str()) { "OpenAIError" } else { "Error" };
+        let (unauthorized, forbidden, limited) = refusals(schema);
         let Some(ops) = item.as_object_mut() else { continue };
         for op in ops.values_mut().filter(|op| op.get("responses").is_some()) {
             op["security"] = json!([{ "bearer": [] }]);
@@ -58,6 +77,72 @@ fn secured(doc: &mut Value) {
             op["responses"]["429"] = limited.clone();
         }
     }
+}
+
+/// The OpenAI-compatible routes (`routes::openai`): `POST /v1/embeddings`, and `GET /v1/models`
+/// in OpenAI's list shape.
+fn openai(doc: &mut Value) {
+    let codes: Vec<&str> = ErrorCode::ALL.iter().map(|c| c.as_str()).collect();
+    let err = |description: &str| error_of("OpenAIError", description);
+    doc["paths"]["/v1/embeddings"] = json!({ "post": {
+        "summary": "Embed texts (OpenAI-compatible)",
+        "description": "OpenAI's embeddings API, served as an embedding job of the model (result cache, coalescing, the tenant's quotas) and answered on the request. The job is waited for up to KILN_OPENAI_WAIT (default 30 s); past it the answer is 504 wait_timeout with Retry-After while the job goes on, and a retry joins it or reads its result from the cache. usage counts the tokens the model saw (special tokens included, after truncation). Errors are in OpenAI's shape, with Kiln's stable code in error.code.",
+        "requestBody": { "required": true, "content": { "application/json": { "schema": { "$ref": "#/components/schemas/EmbeddingsRequest" } } } },
+        "responses": {
+            "200": { "description": "The vectors, in the order of the input",
+                     "headers": { "Kiln-Job-Id": { "schema": { "type": "string", "format": "uuid" }, "description": "The job that made them (GET /v1/jobs/{id})" } },
+                     "content": { "application/json": { "schema": { "$ref": "#/components/schemas/EmbeddingsResponse" } } } },
+            "400": err("malformed_json"),
+            "404": err("model_not_found (param: model)"),
+            "409": err("canceled, deadline_exceeded: the job was canceled (POST /v1/jobs/{id}/cancel) before it finished"),
+            "413": err("payload_too_large"),
+            "415": err("unsupported_media_type"),
+            "422": err("invalid_request (param names the field: input, model, encoding_format, dimensions, user; token-id input and dimensions on a model that does not support it are refused here), invalid_input (the worker refused the input)"),
+            "502": with_retry(err("inference_failed, worker_lost, job_lost: the job failed; a retry runs it again")),
+            "503": with_retry(err("broker_unavailable, store_unavailable, overloaded (submissions or long-poll slots, KILN_MAX_WAITERS)")),
+            "504": with_retry(err("wait_timeout: the job did not finish within KILN_OPENAI_WAIT; it goes on, retry after Retry-After")),
+        }
+    } });
+    doc["paths"]["/v1/models"] = json!({ "get": {
+        "summary": "Served models (OpenAI's list shape, with Kiln's details in each entry)",
+        "responses": { "200": { "description": "Every served model",
+                                "content": { "application/json": { "schema": { "$ref": "#/components/schemas/ModelList" } } } } }
+    } });
+    let schemas = &mut doc["components"]["schemas"];
+    schemas["OpenAIError"] = json!({ "type": "object", "required": ["error"], "properties": { "error": { "type": "object",
+        "required": ["message", "type", "param", "code"], "properties": {
+            "message": { "type": "string" },
+            "type": { "enum": ["invalid_request_error", "authentication_error", "permission_error", "rate_limit_error", "insufficient_quota", "server_error"] },
+            "param": { "type": ["string", "null"], "description": "The request field at fault, when one is" },
+            "code": { "type": "string", "enum": codes, "description": "Kiln's stable error code" } } } } });
+    schemas["EmbeddingsRequest"] = json!({ "type": "object", "required": ["input", "model"], "additionalProperties": false, "properties": {
+        "input": { "oneOf": [ { "type": "string" }, { "type": "array", "minItems": 1, "items": { "type": "string" } } ],
+                   "description": "A text or a list of texts (at most the model's limits.max_texts, each at most limits.max_text_chars). Token ids are refused with 422." },
+        "model": { "type": "string", "description": "An embedding model of GET /v1/models" },
+        "encoding_format": { "enum": ["float", "base64"], "description": "float (the default): JSON numbers; base64: the little-endian f32 bytes of each vector, base64-encoded" },
+        "dimensions": { "type": "integer", "minimum": 1, "description": "Only for models whose [embedding] sets matryoshka = true (none served by default): the vector is cut to this length and normalised again. Elsewhere 422, param dimensions." },
+        "user": { "type": "string", "description": "Accepted and ignored" }
+    } });
+    schemas["EmbeddingsResponse"] = json!({ "type": "object", "required": ["object", "data", "model", "usage"], "properties": {
+        "object": { "const": "list" },
+        "data": { "type": "array", "items": { "type": "object", "required": ["object", "index", "embedding"], "properties": {
+            "object": { "const": "embedding" }, "index": { "type": "integer" },
+            "embedding": { "oneOf": [ { "type": "array", "items": { "type": "number" } }, { "type": "string", "contentEncoding": "base64" } ] } } } },
+        "model": { "type": "string" },
+        "usage": { "type": "object", "required": ["prompt_tokens", "total_tokens"], "properties": {
+            "prompt_tokens": { "type": "integer" }, "total_tokens": { "type": "integer" } } }
+    } });
+    schemas["ModelList"] = json!({ "type": "object", "required": ["object", "data"], "properties": {
+        "object": { "const": "list" },
+        "data": { "type": "array", "items": { "type": "object", "required": ["id", "object", "created", "owned_by"], "properties": {
+            "id": { "type": "string" }, "object": { "const": "model" },
+            "created": { "type": "integer", "description": "Always 0: Kiln does not know when a model was made" },
+            "owned_by": { "const": "kiln" },
+            "name": { "type": "string", "description": "Kiln's name of the model (= id)" }, "version": { "type": "string" },
+            "task": { "enum": ["embedding", "image-generation", "text-to-image"] }, "max_batch": { "type": "integer" },
+            "input_schema": { "description": "JSON Schema of the task's input of POST /v1/jobs" },
+            "workers": { "type": "array", "items": { "type": "string" }, "description": "Workers that consumed the model's queue in the last 20 s" } } } }
+    } });
 }
 
 fn routes() -> Value {

@@ -1,10 +1,9 @@
-//! Liveness, readiness (dependency checks, false while draining) and the model list.
+//! Liveness, readiness (dependency checks, false while draining) and metrics.
 
 use axum::Json;
 use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use kiln_proto::ModelInfo;
 use serde_json::json;
 
 use crate::state::AppState;
@@ -51,21 +50,6 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
         resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
         resp
     }
-}
-
-/// A worker that has not announced itself for this long is no longer listed (they announce every 5 s).
-const WORKER_SEEN_WITHIN_MS: i64 = 20_000;
-
-pub async fn models(State(state): State<AppState>) -> Json<serde_json::Value> {
-    let since = kiln_proto::now_millis() - WORKER_SEEN_WITHIN_MS;
-    let mut models: Vec<ModelInfo> = Vec::new();
-    for spec in state.models.iter() {
-        let mut info = spec.info();
-        // The list is informative: with the store down, models are still listed.
-        info.workers = state.backend.store.workers(&spec.name, since).await.unwrap_or_default();
-        models.push(info);
-    }
-    Json(json!({ "models": models }))
 }
 
 /// Prometheus text exposition of this process's metrics.

@@ -14,14 +14,15 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
+mod openai;
+
 fn state() -> AppState {
+    state_with(GatewayConfig { auth: kiln_gateway::AuthMode::Off, ..GatewayConfig::default() })
+}
+
+fn state_with(config: GatewayConfig) -> AppState {
     let repo = ModelRepository::load(&std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models")).unwrap();
-    AppState::new(
-        GatewayConfig { auth: kiln_gateway::AuthMode::Off, ..GatewayConfig::default() },
-        Backend::embedded(Duration::from_secs(60)),
-        Arc::new(repo),
-        CancellationToken::new(),
-    )
+    AppState::new(config, Backend::embedded(Duration::from_secs(60)), Arc::new(repo), CancellationToken::new())
 }
 
 async fn call(state: &AppState, req: Request<Body>) -> (StatusCode, axum::http::HeaderMap, Value) {
@@ -96,6 +97,7 @@ async fn openapi_describes_every_route_header_and_error_code() {
         ("/v1/jobs/{id}/events", "get"),
         ("/v1/jobs/{id}/outputs/{name}", "get"),
         ("/v1/models", "get"),
+        ("/v1/embeddings", "post"),
         ("/healthz", "get"),
         ("/readyz", "get"),
         ("/openapi.json", "get"),
