@@ -11,6 +11,7 @@ mod hard_faults;
 mod harness;
 mod history;
 mod images;
+mod listing;
 mod observability;
 mod reliability;
 mod security;
