@@ -49,8 +49,8 @@ fn aliased(doc: &mut Value) {
     paths.extend(aliases);
 }
 
-/// Every `/v1` operation (and its `/jobs` alias) needs a key (`KILN_AUTH=keys`, the default of `kiln gateway`) and can
-/// be refused for it or over a limit.
+/// Every `/v1` operation (and its `/jobs` alias) needs a key (`KILN_AUTH=keys`, the default of
+/// `kiln gateway`) and can be refused for it or over a limit.
 fn secured(doc: &mut Value) {
     doc["components"]["securitySchemes"] = json!({ "bearer": {
         "type": "http", "scheme": "bearer",
