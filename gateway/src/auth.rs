@@ -47,6 +47,20 @@ impl Principal {
         self.admin || self.tenant.as_deref() == tenant
     }
 
+    /// Whose jobs this caller's listing shows, given the `tenant` it asked for: `None` for every
+    /// tenant's. An admin (everyone, on an open gateway) lists every tenant's or the one asked
+    /// for; anyone else lists their own tenant's, and asking for another's is forbidden.
+    pub fn lists(&self, tenant: Option<String>) -> Result<Option<String>, ApiError> {
+        if self.admin {
+            return Ok(tenant);
+        }
+        match (&self.tenant, tenant) {
+            (Some(own), None) => Ok(Some(own.clone())),
+            (Some(own), Some(asked)) if *own == asked => Ok(Some(asked)),
+            (Some(_) | None, _) => Err(ApiError::Forbidden(Scope::Admin)),
+        }
+    }
+
     /// Whether a job of `tenant` is this caller's own (an admin sees others' jobs, not their
     /// webhook URLs).
     pub fn owns(&self, tenant: Option<&str>) -> bool {
@@ -106,7 +120,10 @@ fn required(state: &AppState, method: &Method, route: &str) -> Option<Scope> {
     match route {
         "/healthz" | "/readyz" | "/openapi.json" => None,
         "/metrics" => (state.config.metrics_auth == MetricsAuth::Admin).then_some(Scope::Admin),
-        "/v1/jobs" | "/v1/jobs/{id}/cancel" | "/v1/embeddings" if method == Method::POST => Some(Scope::JobsSubmit),
+        // The unversioned aliases need what their `/v1` routes need.
+        "/v1/jobs" | "/v1/jobs/{id}/cancel" | "/jobs" | "/jobs/{id}/cancel" | "/v1/embeddings" if method == Method::POST => {
+            Some(Scope::JobsSubmit)
+        }
         _ => Some(Scope::JobsRead),
     }
 }
@@ -251,9 +268,9 @@ pub async fn audit(State(state): State<AppState>, req: Request, next: Next) -> R
     resp
 }
 
-/// The job id in `/v1/jobs/{id}…`.
+/// The job id in `/v1/jobs/{id}…` (or its alias `/jobs/{id}…`).
 fn job_in_path(path: &str) -> Option<String> {
-    let rest = path.strip_prefix("/v1/jobs/")?;
+    let rest = path.strip_prefix("/v1/jobs/").or_else(|| path.strip_prefix("/jobs/"))?;
     let id = rest.split('/').next()?;
     id.parse::<kiln_proto::JobId>().ok().map(|_| id.to_owned())
 }

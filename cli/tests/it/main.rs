@@ -12,6 +12,7 @@ mod hard_faults;
 mod harness;
 mod history;
 mod images;
+mod listing;
 mod observability;
 mod openai;
 mod reliability;

@@ -1,8 +1,10 @@
 //! The in-process job store of `kiln dev`: the same transitions, run fencing, leases, expiry,
-//! sweeping, event logs, idempotency claims and ordered webhook outbox as the Redis store (see
-//! [`super`] for what they guarantee), on maps guarded by one mutex. Its clock is the process's.
+//! sweeping, event logs, idempotency claims, ordered webhook outbox and job listing as the Redis
+//! store (see [`super`] for what they guarantee), on maps guarded by one mutex. Its clock is the
+//! process's.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ops::Bound;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -12,8 +14,8 @@ use serde_json::json;
 use tokio::sync::broadcast;
 
 use super::{
-    Claim, Coalesced, Creation, Lapsed, Outcome, Run, Slot, Start, Store, StoreError, Stray, Transition,
-    WebhookAttempt, WebhookDelivery, canceled_error, deadline_error, lost_error,
+    Claim, Coalesced, Creation, Lapsed, ListCursor, ListPage, ListQuery, MAX_EXAMINED, Outcome, Run, Slot, Start,
+    Store, StoreError, Stray, Transition, WebhookAttempt, WebhookDelivery, canceled_error, deadline_error, lost_error,
 };
 
 /// How long the store keeps things, and when it looks at a quiet job.
@@ -55,6 +57,11 @@ struct Inner {
     lanes: HashMap<ModelName, BTreeSet<String>>,
     /// Tenant → its jobs in flight (slots of `reserve_slot`), with when each slot was taken.
     live: HashMap<String, HashMap<JobId, UnixMillis>>,
+    /// The job listing: (created_at, id) of every record, and of each tenant's.
+    listing: BTreeSet<(UnixMillis, JobId)>,
+    tenant_listing: HashMap<String, BTreeSet<(UnixMillis, JobId)>>,
+    /// Records listed so far: each entry's `listed` is its number (the horizon of a listing).
+    listed: u64,
 }
 
 /// How long a slot taken for a job that has no record yet is kept (accepting takes far less).
@@ -102,6 +109,8 @@ struct Entry {
     /// Its webhook events so far, and the pending ones in order: seq → delivery id.
     hook_seq: u64,
     hooks: BTreeMap<u64, String>,
+    /// Its number in the job listing.
+    listed: u64,
 }
 
 impl Entry {
@@ -121,6 +130,7 @@ impl Entry {
             due: None,
             hook_seq: 0,
             hooks: BTreeMap::new(),
+            listed: 0,
         }
     }
 }
@@ -154,6 +164,16 @@ impl Inner {
 
     fn drop_entry(&mut self, id: JobId) {
         if let Some(e) = self.records.remove(&id) {
+            let at = (e.record.created_at, id);
+            self.listing.remove(&at);
+            if let Some(t) = &e.record.tenant
+                && let Some(set) = self.tenant_listing.get_mut(t)
+            {
+                set.remove(&at);
+                if set.is_empty() {
+                    self.tenant_listing.remove(t);
+                }
+            }
             if let Some(l) = e.lease {
                 self.leases.remove(&(l.until, id));
             }
@@ -161,6 +181,18 @@ impl Inner {
                 self.active.remove(&(d, id));
             }
         }
+    }
+
+    /// Records a new entry, in the job listing too.
+    fn add(&mut self, mut entry: Entry) {
+        self.listed += 1;
+        entry.listed = self.listed;
+        let at = (entry.record.created_at, entry.record.id);
+        self.listing.insert(at);
+        if let Some(t) = &entry.record.tenant {
+            self.tenant_listing.entry(t.clone()).or_default().insert(at);
+        }
+        self.records.insert(entry.record.id, entry);
     }
 
     fn clear_lease(&mut self, id: JobId) {
@@ -387,7 +419,7 @@ impl Store for EmbeddedStore {
         }
         let mut entry = Entry::new(record.clone(), now_millis() + millis(s.retention));
         entry.envelope = how.envelope.map(str::to_owned);
-        inner.records.insert(record.id, entry);
+        inner.add(entry);
         if record.status.is_terminal() {
             inner.ended(record.id, &s);
             inner.emit(record.id, EventKind::Completed, json!({"status": record.status}));
@@ -446,7 +478,7 @@ impl Store for EmbeddedStore {
                 Coalesced::Leader
             }
         };
-        inner.records.insert(record.id, entry);
+        inner.add(entry);
         inner.touch(record.id, &s, self.idle());
         inner.emit(record.id, EventKind::Status, json!({"status": "queued"}));
         inner.note_write();
@@ -473,6 +505,51 @@ impl Store for EmbeddedStore {
             r.derive_metrics();
             r
         }))
+    }
+
+    async fn list(&self, q: &ListQuery) -> Result<ListPage, StoreError> {
+        let mut inner = self.lock();
+        let now = now_millis();
+        let horizon = q.cursor.map_or(inner.listed, |c| c.horizon);
+        let upper = q.cursor.map_or(Bound::Unbounded, |c| Bound::Excluded((c.created_at, c.id)));
+        let set = match &q.tenant {
+            None => Some(&inner.listing),
+            Some(t) => inner.tenant_listing.get(t),
+        };
+        // One more than is examined, to know whether anything is left after them.
+        let entries: Vec<(UnixMillis, JobId)> = set
+            .into_iter()
+            .flat_map(|set| set.range((Bound::Unbounded, upper)).rev())
+            .take_while(|(at, _)| q.created_after.is_none_or(|after| *at > after))
+            .take(MAX_EXAMINED + 1)
+            .copied()
+            .collect();
+        let (limit, mut records, mut gone, mut examined) = (q.page_size(), Vec::new(), Vec::new(), 0);
+        for (_, id) in entries.iter().take(MAX_EXAMINED) {
+            examined += 1;
+            match inner.records.get(id) {
+                Some(e) if e.expires > now => {
+                    if e.listed <= horizon && q.matches(&e.record) {
+                        let mut r = e.record.clone();
+                        r.derive_metrics();
+                        records.push(r);
+                    }
+                }
+                _ => gone.push(*id),
+            }
+            if records.len() == limit {
+                break;
+            }
+        }
+        for id in gone {
+            inner.drop_entry(id);
+        }
+        let next = (examined < entries.len()).then(|| entries[examined - 1]).map(|(created_at, id)| ListCursor {
+            created_at,
+            id,
+            horizon,
+        });
+        Ok(ListPage { records, next })
     }
 
     async fn start(&self, id: JobId, worker: &str) -> Result<Start, StoreError> {

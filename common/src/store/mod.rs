@@ -15,9 +15,14 @@
 //! - Every non-terminal job has a time by which something must have happened to it; past it,
 //!   [`Store::sweep`] finds it, and [`Store::stray`] queues it again from its envelope (through the
 //!   reaper) or, when it cannot be rebuilt, ends it `failed` with code `job_lost`.
+//! - Every record created joins the job listing ([`Store::list`]) atomically with its creation,
+//!   and leaves it when the record goes (expired, or withdrawn).
 
 pub mod embedded;
+mod listing;
 pub mod redis;
+
+pub use listing::{BadCursor, ListCursor, ListPage, ListQuery, MAX_EXAMINED, MAX_LIMIT};
 
 use async_trait::async_trait;
 use std::time::Duration;
@@ -153,6 +158,11 @@ pub trait Store: Send + Sync + 'static {
     async fn confirm(&self, id: JobId, key: Option<&str>) -> Result<(), StoreError>;
 
     async fn get(&self, id: JobId) -> Result<Option<JobRecord>, StoreError>;
+
+    /// A page of the job listing, newest first (see [`ListCursor`] for what a cursor promises):
+    /// the records that match, at most [`ListQuery::page_size`] of them, from at most
+    /// [`MAX_EXAMINED`] entries looked at, and where the next page starts.
+    async fn list(&self, query: &ListQuery) -> Result<ListPage, StoreError>;
 
     /// `queued | running → running` for a run on `worker`: sets `started_at`, increments
     /// `attempts` and returns it as the run's token. A job that never started and is past its

@@ -1,10 +1,13 @@
 //! Job store semantics on both backends: create once, the running transition, fenced terminal
 //! writes, run tokens, withdrawal and expiry, leases and the reaper, the sweeper, coalescing onto
-//! confirmed leaders only, tenants' lanes, idempotency claims, the ordered webhook outbox, and what a job costs.
+//! confirmed leaders only, tenants' lanes, idempotency claims, the ordered webhook outbox, the job
+//! listing, and what a job costs.
 
 use std::time::Duration;
 
-use kiln_common::store::{Claim, Coalesced, Creation, Outcome, Start, Stray, Transition, WebhookAttempt};
+use kiln_common::store::{
+    Claim, Coalesced, Creation, ListQuery, MAX_EXAMINED, Outcome, Start, Store, Stray, Transition, WebhookAttempt,
+};
 use kiln_common::testing::{Kind, backend, backend_args, backend_with, wait_until};
 use kiln_proto::{ErrorCode, JobError, JobId, JobRecord, JobStatus, ModelName, WebhookState, now_millis};
 
@@ -27,6 +30,10 @@ kiln_common::both_backends!(
     a_live_completed_event_carries_the_finished_record,
     a_burst_of_concurrent_calls_on_a_busy_machine_all_complete,
     a_tenants_lane_is_noted_with_its_first_job_to_publish,
+    the_listing_pages_newest_first_and_later_jobs_stay_out,
+    the_listing_filters_by_tenant_status_model_and_time,
+    a_listing_page_examines_a_bounded_number_of_entries,
+    withdrawn_and_expired_records_leave_the_listing,
 );
 
 fn record() -> JobRecord {
@@ -561,8 +568,9 @@ async fn a_finished_job_costs_the_store_a_bounded_number_of_bytes() {
         "store cost: {keys} keys, {bytes} bytes, {per_job} bytes per finished job (output {} bytes)",
         output.len()
     );
-    // The output itself, plus at most 1.5 KB for the record's fields and its event log.
-    assert!(per_job < output.len() as u64 + 1536, "{per_job} bytes per job");
+    // The output itself, plus at most 1.5 KB for the record's fields and its event log, and a
+    // quarter of one for its entry in the job listing (~130 bytes measured).
+    assert!(per_job < output.len() as u64 + 1536 + 256, "{per_job} bytes per job");
 
     // A thousand cache hits on one output share one copy of it.
     let before = bytes;
@@ -598,4 +606,179 @@ async fn a_tenants_lane_is_noted_with_its_first_job_to_publish(kind: Kind) {
     assert_eq!(lanes, vec!["leads".to_owned(), "queued".to_owned()]);
     assert_eq!(b.store.lanes(&m, 2).await.unwrap(), None, "a caller who knows both gets nothing new");
     assert_eq!(b.store.lanes(&ModelName::new("other").unwrap(), 0).await.unwrap(), None);
+}
+
+fn all(limit: usize) -> ListQuery {
+    ListQuery { tenant: None, status: None, model: None, created_after: None, cursor: None, limit }
+}
+
+/// Every page of `q`, in order: the ids of each, and how many pages there were.
+async fn pages(store: &dyn Store, mut q: ListQuery) -> Vec<Vec<JobId>> {
+    let mut out = Vec::new();
+    loop {
+        let page = store.list(&q).await.unwrap();
+        out.push(page.records.iter().map(|r| r.id).collect());
+        match page.next {
+            Some(next) => q.cursor = Some(next),
+            None => return out,
+        }
+        assert!(out.len() < 10_000, "the listing never ends");
+    }
+}
+
+fn made_at(created_at: i64) -> JobRecord {
+    JobRecord { created_at, ..record() }
+}
+
+async fn the_listing_pages_newest_first_and_later_jobs_stay_out(kind: Kind) {
+    let b = backend(kind, Duration::from_secs(60));
+    let base = now_millis();
+    // 25 jobs, two of them in the same millisecond (ordered by id between them).
+    let mut made: Vec<JobRecord> = (0..25).map(|i| made_at(base + i.min(23))).collect();
+    for r in &made {
+        b.store.insert(r, &ENVELOPE).await.unwrap();
+    }
+    made.sort_by_key(|r| std::cmp::Reverse((r.created_at, r.id)));
+    let newest_first: Vec<JobId> = made.iter().map(|r| r.id).collect();
+
+    let first = b.store.list(&all(10)).await.unwrap();
+    assert_eq!(first.records.iter().map(|r| r.id).collect::<Vec<_>>(), newest_first[..10]);
+    assert_eq!(first.records[0], b.store.get(made[0].id).await.unwrap().unwrap(), "a listed record is the record");
+    // Jobs made after the listing began, older and newer than where it stands, stay out of it.
+    let (late_old, late_new) = (made_at(base - 1_000), made_at(base + 1_000));
+    b.store.insert(&late_old, &ENVELOPE).await.unwrap();
+    b.store.create_coalesced(&late_new, "late", &ENVELOPE, false).await.unwrap();
+    let mut q = all(10);
+    q.cursor = first.next;
+    let rest = pages(b.store.as_ref(), q).await;
+    assert_eq!(rest.iter().map(Vec::len).collect::<Vec<_>>(), vec![10, 5], "two more pages");
+    let listed: Vec<JobId> = first.records.iter().map(|r| r.id).chain(rest.into_iter().flatten()).collect();
+    assert_eq!(listed, newest_first, "every job once, newest first, nothing made later");
+    // A listing begun now has them.
+    let again: Vec<JobId> = pages(b.store.as_ref(), all(100)).await.concat();
+    assert_eq!(again.len(), 27);
+    assert_eq!((again[0], again[26]), (late_new.id, late_old.id));
+}
+
+async fn the_listing_filters_by_tenant_status_model_and_time(kind: Kind) {
+    let b = backend(kind, Duration::from_secs(60));
+    let base = now_millis();
+    let other = ModelName::new("other").unwrap();
+    let mut made = Vec::new();
+    for i in 0..12_i64 {
+        let mut r = made_at(base + i);
+        r.tenant = match i % 3 {
+            0 => Some("a".into()),
+            1 => Some("b".into()),
+            _ => None,
+        };
+        if i % 4 == 0 {
+            r.model = other.clone();
+        }
+        b.store.insert(&r, &ENVELOPE).await.unwrap();
+        if i % 2 == 0 {
+            b.store.start(r.id, "w").await.unwrap();
+            b.store.finish(r.id, 1, &succeeded("1")).await.unwrap();
+        }
+        made.push(b.store.get(r.id).await.unwrap().unwrap());
+    }
+    made.reverse();
+    let expect = |f: &dyn Fn(&JobRecord) -> bool| made.iter().filter(|r| f(r)).map(|r| r.id).collect::<Vec<_>>();
+    let run = |q: ListQuery| {
+        let store = b.store.clone();
+        async move { pages(store.as_ref(), q).await.concat() }
+    };
+    let a = run(ListQuery { tenant: Some("a".into()), ..all(3) }).await;
+    assert_eq!(a, expect(&|r| r.tenant.as_deref() == Some("a")), "tenant a's, in pages of 3");
+    assert_eq!(run(ListQuery { tenant: Some("nobody".into()), ..all(3) }).await, vec![]);
+    let done = run(ListQuery { status: Some(JobStatus::Succeeded), ..all(4) }).await;
+    assert_eq!(done, expect(&|r| r.status == JobStatus::Succeeded));
+    let queued_b = run(ListQuery { tenant: Some("b".into()), status: Some(JobStatus::Queued), ..all(2) }).await;
+    assert_eq!(queued_b, expect(&|r| r.tenant.as_deref() == Some("b") && r.status == JobStatus::Queued));
+    let of_other = run(ListQuery { model: Some(other.clone()), ..all(2) }).await;
+    assert_eq!(of_other, expect(&|r| r.model == other));
+    let recent = run(ListQuery { created_after: Some(base + 8), ..all(2) }).await;
+    assert_eq!(recent, expect(&|r| r.created_at > base + 8), "strictly after");
+    assert_eq!(recent.len(), 3);
+    assert_eq!(run(ListQuery { created_after: Some(i64::MAX), ..all(2) }).await, vec![]);
+    assert_eq!(run(ListQuery { created_after: Some(-5), ..all(20) }).await.len(), 12);
+    let listed = b.store.list(&all(100)).await.unwrap().records;
+    assert_eq!(listed, made, "records as get reads them, derived metrics and all");
+}
+
+async fn a_listing_page_examines_a_bounded_number_of_entries(kind: Kind) {
+    let b = backend(kind, Duration::from_secs(60));
+    let base = now_millis();
+    let rare = ModelName::new("rare").unwrap();
+    let needle = JobRecord { model: rare.clone(), ..made_at(base) };
+    b.store.insert(&needle, &ENVELOPE).await.unwrap();
+    let hay: Vec<JobRecord> = (1..=MAX_EXAMINED as i64 + 10).map(|i| made_at(base + i)).collect();
+    futures::future::join_all(hay.iter().map(|r| b.store.insert(r, &ENVELOPE)))
+        .await
+        .into_iter()
+        .for_each(|r| r.unwrap());
+    let q = ListQuery { model: Some(rare), ..all(10) };
+    let first = b.store.list(&q).await.unwrap();
+    assert!(first.records.is_empty(), "the first page stops after {MAX_EXAMINED} entries");
+    let found = pages(b.store.as_ref(), ListQuery { cursor: first.next, ..q }).await;
+    assert_eq!(found.concat(), vec![needle.id], "and the next one finds it");
+}
+
+async fn withdrawn_and_expired_records_leave_the_listing(kind: Kind) {
+    let b = backend(kind, Duration::from_millis(600));
+    let base = now_millis();
+    let (kept, withdrawn, short) = (made_at(base), made_at(base + 1), made_at(base + 2));
+    for r in [&kept, &withdrawn] {
+        b.store.insert(r, &ENVELOPE).await.unwrap();
+    }
+    b.store.discard(withdrawn.id).await.unwrap();
+    assert_eq!(pages(b.store.as_ref(), all(10)).await.concat(), vec![kept.id]);
+    b.store.insert(&short, &ENVELOPE).await.unwrap();
+    // Past the retention every record has expired: the listing is empty (and says so at once).
+    wait_until("every record expires", Duration::from_secs(10), || async {
+        let page = b.store.list(&all(10)).await.unwrap();
+        if page.records.is_empty() && page.next.is_none() { Ok(()) } else { Err(page.records.len()) }
+    })
+    .await;
+}
+
+/// The Redis listings drop the entries of records that expired, as new records join them (each
+/// join walks two entries on), not only when a listing reads past them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_redis_listing_forgets_expired_records_as_new_ones_join() {
+    const JOBS: usize = 20;
+    let mut args = backend_args(Duration::from_millis(400));
+    args.result_retention = Some(Duration::from_secs(60));
+    let b = backend_with(Kind::External, &args);
+    let client = redis::Client::open(args.redis_url.expose()).unwrap();
+    let conn = client.get_multiplexed_async_connection().await.unwrap();
+    let (all, tenant) = (format!("{}jobs", args.key_prefix), format!("{}tenant:t:jobs", args.key_prefix));
+    let entries = |key: String| {
+        let mut conn = conn.clone();
+        async move { redis::cmd("ZCARD").arg(key).query_async::<usize>(&mut conn).await.unwrap() }
+    };
+    let old: Vec<JobRecord> = (0..JOBS).map(|_| JobRecord { tenant: Some("t".into()), ..record() }).collect();
+    for r in &old {
+        b.store.insert(r, &ENVELOPE).await.unwrap();
+    }
+    assert_eq!((entries(all.clone()).await, entries(tenant.clone()).await), (JOBS, JOBS));
+    // Queued and never touched, they expire after the live retention.
+    wait_until("the first records expire", Duration::from_secs(10), || async {
+        let left: usize = redis::cmd("EXISTS")
+            .arg(old.iter().map(|r| format!("{}job:{}", args.key_prefix, r.id)).collect::<Vec<_>>())
+            .query_async(&mut conn.clone())
+            .await
+            .unwrap();
+        if left == 0 { Ok(()) } else { Err(left) }
+    })
+    .await;
+    // As many new finished ones (kept a minute) as there were: the old entries are gone with them.
+    for _ in 0..JOBS {
+        let r = JobRecord { tenant: Some("t".into()), ..record() };
+        b.store.insert(&r, &ENVELOPE).await.unwrap();
+        b.store.start(r.id, "w").await.unwrap();
+        b.store.finish(r.id, 1, &succeeded("1")).await.unwrap();
+    }
+    let (left_all, left_tenant) = (entries(all).await, entries(tenant).await);
+    assert_eq!((left_all, left_tenant), (JOBS, JOBS), "only the new records are listed");
 }

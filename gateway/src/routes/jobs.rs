@@ -489,12 +489,16 @@ pub async fn current(state: &AppState, id: JobId) -> Result<Option<JobRecord>, A
     let retry = state.config.retry_after;
     let store = &state.backend.store;
     let Some(record) = store.get(id).await.map_err(|e| ApiError::Store(e, retry))? else { return Ok(None) };
-    let now = now_millis();
-    if record.status == JobStatus::Queued && record.attempts == 0 && record.deadline_at.is_some_and(|d| d < now) {
+    if overdue(&record, now_millis()) {
         store.expire_if_due(id).await.map_err(|e| ApiError::Store(e, retry))?;
         return store.get(id).await.map_err(|e| ApiError::Store(e, retry));
     }
     Ok(Some(record))
+}
+
+/// A queued job whose deadline passed before it ever started: it is expired, once stored so.
+pub fn overdue(record: &JobRecord, now: kiln_proto::UnixMillis) -> bool {
+    record.status == JobStatus::Queued && record.attempts == 0 && record.deadline_at.is_some_and(|d| d < now)
 }
 
 pub async fn cancel(

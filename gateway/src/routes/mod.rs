@@ -2,6 +2,7 @@
 
 mod events;
 pub(crate) mod jobs;
+mod listing;
 mod openai;
 mod openapi;
 mod outputs;
@@ -25,12 +26,18 @@ pub fn router(state: AppState) -> Router {
     // The body limit is enforced in the handler so the 413 carries our error body; the extractor
     // limit sits a little above it as a backstop.
     let limit = state.config.max_body_bytes;
-    Router::new()
-        .route("/v1/jobs", post(jobs::submit))
-        .route("/v1/jobs/{id}", get(jobs::get))
-        .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
-        .route("/v1/jobs/{id}/events", get(events::stream))
-        .route("/v1/jobs/{id}/outputs/{name}", get(outputs::get))
+    // The job routes, and their unversioned aliases for clients that call `/jobs` (the same
+    // handlers and scopes; records' `Location` stays `/v1/jobs/{id}`).
+    let mut routes = Router::new();
+    for jobs in ["/v1/jobs", "/jobs"] {
+        routes = routes
+            .route(jobs, post(jobs::submit).get(listing::list))
+            .route(&format!("{jobs}/{{id}}"), get(jobs::get))
+            .route(&format!("{jobs}/{{id}}/cancel"), post(jobs::cancel))
+            .route(&format!("{jobs}/{{id}}/events"), get(events::stream))
+            .route(&format!("{jobs}/{{id}}/outputs/{{name}}"), get(outputs::get));
+    }
+    routes
         .route("/openapi.json", get(openapi::spec))
         .route("/v1/models", get(openai::models))
         .route("/v1/embeddings", post(openai::embeddings))

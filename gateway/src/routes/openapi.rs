@@ -1,5 +1,6 @@
 //! `GET /openapi.json`: the OpenAPI 3.1 description of the HTTP API — every endpoint, header and
-//! error code. Kept by hand next to the routes; a test checks it names every route and code.
+//! error code, and the unversioned aliases of the job routes. Kept by hand next to the routes; a
+//! test checks it names every route and code.
 
 use axum::Json;
 use kiln_proto::ErrorCode;
@@ -37,12 +38,31 @@ fn job_id() -> Value {
 pub fn document() -> Value {
     let mut doc = routes();
     openai(&mut doc);
+    aliased(&mut doc);
     secured(&mut doc);
     doc
 }
 
-/// Every `/v1` operation needs a key (`KILN_AUTH=keys`, the default of `kiln gateway`) and can
-/// be refused for it or over a limit.
+/// `/jobs…` answers as `/v1/jobs…` does (the same handlers and scopes).
+fn aliased(doc: &mut Value) {
+    let Some(paths) = doc["paths"].as_object_mut() else { return };
+    let aliases: Vec<(String, Value)> = paths
+        .iter()
+        .filter_map(|(path, item)| {
+            let alias = path.strip_prefix("/v1").filter(|p| p.starts_with("/jobs"))?;
+            let mut item = item.clone();
+            for op in item.as_object_mut()?.values_mut() {
+                let summary = op["summary"].as_str().unwrap_or_default();
+                op["summary"] = json!(format!("{summary} (alias of {path})"));
+            }
+            Some((alias.to_owned(), item))
+        })
+        .collect();
+    paths.extend(aliases);
+}
+
+/// Every `/v1` operation (and its `/jobs` alias) needs a key (`KILN_AUTH=keys`, the default of
+/// `kiln gateway`) and can be refused for it or over a limit.
 fn secured(doc: &mut Value) {
     doc["components"]["securitySchemes"] = json!({ "bearer": {
         "type": "http", "scheme": "bearer",
@@ -61,12 +81,12 @@ fn secured(doc: &mut Value) {
         let mut unauthorized = error_of(schema, "unauthorized: no key, or one malformed, unknown, revoked or expired");
         unauthorized["headers"] = challenge.clone();
         let mut forbidden =
-            error_of(schema, "forbidden: the key lacks this route's scope (jobs:submit, jobs:read, admin)");
+            error_of(schema, "forbidden: the key lacks this route's scope (jobs:submit, jobs:read, admin; admin to list another tenant's jobs)");
         forbidden["headers"] = challenge;
         (unauthorized, forbidden, limited)
     };
     let Some(paths) = doc["paths"].as_object_mut() else { return };
-    for (path, item) in paths.iter_mut().filter(|(p, _)| p.starts_with("/v1/")) {
+    for (path, item) in paths.iter_mut().filter(|(p, _)| p.starts_with("/v1/") || p.starts_with("/jobs")) {
         let schema = if OPENAI_PATHS.contains(&path.as_str()) { "OpenAIError" } else { "Error" };
         let (unauthorized, forbidden, limited) = refusals(schema);
         let Some(ops) = item.as_object_mut() else { continue };
@@ -192,6 +212,23 @@ fn routes() -> Value {
                     "requestBody": { "content": { "application/json": { "schema": { "$ref": "#/components/schemas/WebhookPayload" } } } },
                     "responses": { "2XX": { "description": "Delivered; anything else is retried with backoff, honouring Retry-After" } }
                 } } } }
+            }, "get": {
+                "summary": "List jobs, newest first",
+                "description": "The caller's jobs (a tenant's key: its tenant's; an admin key: every tenant's, or tenant's), newest first by created_at, a page at a time: pass next_cursor back as cursor until it is null. Jobs created after the first page never show up in later pages; none is listed twice. Each record is what GET /v1/jobs/{id} answers. A page looks at a bounded number of jobs, so a selective filter can answer a short (even empty) page with a next_cursor. An empty parameter is the same as none.",
+                "parameters": [
+                    { "name": "status", "in": "query", "schema": { "enum": ["queued", "running", "succeeded", "failed", "canceled", "expired"] } },
+                    { "name": "model", "in": "query", "schema": { "type": "string" } },
+                    { "name": "created_after", "in": "query", "schema": { "type": "string", "example": "2026-12-01T10:00:00Z" },
+                      "description": "Jobs created strictly after this time: RFC 3339, or unix milliseconds." },
+                    { "name": "limit", "in": "query", "schema": { "type": "integer", "minimum": 1, "maximum": 100, "default": 20 } },
+                    { "name": "cursor", "in": "query", "schema": { "type": "string" }, "description": "next_cursor of the previous page, as it was given." },
+                    { "name": "tenant", "in": "query", "schema": { "type": "string" }, "description": "Admin keys: list only this tenant's jobs." }
+                ],
+                "responses": {
+                    "200": { "description": "A page of jobs", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/JobList" } } } },
+                    "422": error_response("invalid_request: the message names the parameter (status, model, created_after, limit, cursor, tenant; query for one given twice or not UTF-8)"),
+                    "503": retry_error("store_unavailable")
+                }
             } },
             "/v1/jobs/{id}": { "get": {
                 "summary": "A job's record",
@@ -264,6 +301,9 @@ fn routes() -> Value {
                     "webhook": { "type": "object", "properties": { "url": { "type": "string" }, "events": { "type": "array" }, "attempts": { "type": "integer" },
                                  "last_status": { "type": ["integer", "null"] }, "delivered_at": { "type": ["string", "null"] }, "gave_up_at": { "type": ["string", "null"] } } }
                 } },
+                "JobList": { "type": "object", "required": ["data", "next_cursor"], "properties": {
+                    "data": { "type": "array", "items": { "$ref": "#/components/schemas/Job" } },
+                    "next_cursor": { "type": ["string", "null"], "description": "Where the next page starts; null after the last." } } },
                 "Readiness": { "type": "object", "required": ["status", "draining", "checks"], "properties": {
                     "status": { "enum": ["ready", "not_ready"] }, "draining": { "type": "boolean" },
                     "checks": { "type": "object", "description": "broker and store: ok, or a stable word saying why not (the error itself is in the log)",

@@ -92,10 +92,17 @@ async fn openapi_describes_every_route_header_and_error_code() {
     assert_eq!(doc["openapi"], "3.1.0");
     for (path, method) in [
         ("/v1/jobs", "post"),
+        ("/v1/jobs", "get"),
         ("/v1/jobs/{id}", "get"),
         ("/v1/jobs/{id}/cancel", "post"),
         ("/v1/jobs/{id}/events", "get"),
         ("/v1/jobs/{id}/outputs/{name}", "get"),
+        ("/jobs", "post"),
+        ("/jobs", "get"),
+        ("/jobs/{id}", "get"),
+        ("/jobs/{id}/cancel", "post"),
+        ("/jobs/{id}/events", "get"),
+        ("/jobs/{id}/outputs/{name}", "get"),
         ("/v1/models", "get"),
         ("/v1/embeddings", "post"),
         ("/healthz", "get"),

@@ -33,6 +33,7 @@ pub(super) struct Scripts {
     pub webhook_attempted: redis::Script,
     pub worker_seen: redis::Script,
     pub reserve_slot: redis::Script,
+    pub list: redis::Script,
 }
 
 /// Most followers one job carries; an identical job past that runs on its own.
@@ -129,6 +130,45 @@ local function ended_for(jk, jid)
   redis.call('PEXPIRE', jk .. ':log', kept)
 end
 local function ended() ended_for(KEYS[1], id) end
+-- The job listings: sorted sets, all of one score, of "<created_at, 13 digits>:<id>", so their
+-- lexicographic order is (created_at, id): `jobs` of every job, `tenant:<t>:jobs` of a tenant's.
+local function listings()
+  local tenant = redis.call('HGET', KEYS[1], 'tenant')
+  if tenant then return { prefix .. 'jobs', prefix .. 'tenant:' .. tenant .. ':jobs' } end
+  return { prefix .. 'jobs' }
+end
+local function listed_as()
+  local created = redis.call('HGET', KEYS[1], 'created_at')
+  if not created then return nil end
+  return string.rep('0', 13 - #created) .. created .. ':' .. id
+end
+-- A new record joins its listings, numbered in `listed` (a listing shows none numbered past its
+-- horizon). Each listing drops up to two entries whose record is gone, walking round it from where
+-- it stopped last (kept in the `jobs:trim` hash): it holds about twice the records kept at most,
+-- and a listing nobody adds to expires after both retentions.
+local function enlist()
+  local member = listed_as()
+  redis.call('HSET', KEYS[1], 'listed', redis.call('INCR', prefix .. 'jobs:seq'))
+  local trim, keep = prefix .. 'jobs:trim', tonumber(retention) + tonumber(kept)
+  for _, ix in ipairs(listings()) do
+    redis.call('ZADD', ix, 0, member)
+    redis.call('PEXPIRE', ix, keep)
+    local walk = redis.call('ZRANGEBYLEX', ix, redis.call('HGET', trim, ix) or '-', '+', 'LIMIT', 0, 2)
+    for _, m in ipairs(walk) do
+      if redis.call('EXISTS', prefix .. 'job:' .. string.sub(m, string.find(m, ':', 1, true) + 1)) == 0 then
+        redis.call('ZREM', ix, m)
+      end
+    end
+    if #walk < 2 then redis.call('HDEL', trim, ix) else redis.call('HSET', trim, ix, '(' .. walk[#walk]) end
+  end
+  redis.call('PEXPIRE', trim, keep)
+end
+-- A withdrawn record leaves its listings.
+local function delist()
+  local member = listed_as()
+  if not member then return end
+  for _, ix in ipairs(listings()) do redis.call('ZREM', ix, member) end
+end
 -- Hands a live job to the reaper, which queues its envelope again.
 local function requeue_for(jk, jid, at)
   redis.call('HSET', jk, 'status', 'queued', 'lease_owner', 'requeue')
@@ -215,6 +255,7 @@ impl Scripts {
                 r#"
     if s then return {'exists'} end
     redis.call('HSET', KEYS[1], unpack(ARGV, 11))
+    enlist()
     if ARGV[7] == 'completed' then
       local out = redis.call('HGET', KEYS[1], 'output')
       if out then
@@ -252,6 +293,7 @@ impl Scripts {
       if confirmed and redis.call('SCARD', lk .. ':followers') < {MAX_FOLLOWERS} then
         redis.call('HSET', KEYS[1], unpack(ARGV, 9))
         redis.call('HSET', KEYS[1], 'follows', leader, 'envelope', ARGV[7], 'confirmed', '1')
+        enlist()
         touch(idle)
         redis.call('SADD', lk .. ':followers', id)
         redis.call('PEXPIRE', lk .. ':followers', retention)
@@ -263,6 +305,7 @@ impl Scripts {
     redis.call('SET', KEYS[6], id, 'PX', retention)
     redis.call('HSET', KEYS[1], unpack(ARGV, 9))
     redis.call('HSET', KEYS[1], 'inflight', KEYS[6], 'envelope', ARGV[7])
+    enlist()
     lane()
     touch(idle)
     emit('status', '{{"status":"queued"}}')
@@ -361,7 +404,10 @@ impl Scripts {
             // KEYS[6]: withdrawn marker.
             discard: prelude_script(
                 r"
-    if s then settle_followers(nil) end
+    if s then
+      settle_followers(nil)
+      delist()
+    end
     redis.call('DEL', KEYS[1], KEYS[3])
     redis.call('ZREM', KEYS[5], id)
     redis.call('ZREM', KEYS[2], id)
@@ -538,6 +584,50 @@ impl Scripts {
     redis.call('PEXPIRE', KEYS[1], ARGV[3])
     return {{1, n + 1}}"
             )),
+            // KEYS: the listing, the listing's count. ARGV: [1] the upper bound (exclusive) or '+',
+            // [2] the lower bound or '-', [3] most records, [4] most entries examined, [5] the
+            // horizon or '' (the first page's: the count now), [6] status or '', [7] model or '',
+            // [8] job key prefix, [9] output key prefix, [10..] the record fields to read. Replies
+            // { {horizon, where the next page starts or ''}, {id, field, value, ...}, ...}; drops
+            // entries whose record is gone.
+            list: redis::Script::new(
+                r"
+    local count = redis.call('GET', KEYS[2]) or '0'
+    local horizon = tonumber(ARGV[5] ~= '' and ARGV[5] or count)
+    local limit, cap = tonumber(ARGV[3]), tonumber(ARGV[4])
+    local entries = redis.call('ZREVRANGEBYLEX', KEYS[1], ARGV[1], ARGV[2], 'LIMIT', 0, cap + 1)
+    local out, found, examined = { {} }, 0, 0
+    for i = 1, math.min(#entries, cap) do
+      examined = i
+      local m = entries[i]
+      local jid = string.sub(m, string.find(m, ':', 1, true) + 1)
+      local jk = ARGV[8] .. jid
+      local h = redis.call('HMGET', jk, 'status', 'model', 'listed')
+      if not h[1] then
+        redis.call('ZREM', KEYS[1], m)
+      elseif tonumber(h[3] or '0') <= horizon and (ARGV[6] == '' or h[1] == ARGV[6])
+          and (ARGV[7] == '' or h[2] == ARGV[7]) then
+        local values = redis.call('HMGET', jk, unpack(ARGV, 10))
+        local record = { jid }
+        for j = 10, #ARGV do
+          if values[j - 9] then
+            table.insert(record, ARGV[j])
+            table.insert(record, values[j - 9])
+          end
+        end
+        local ref = redis.call('HGET', jk, 'output_ref')
+        if ref then
+          table.insert(record, 'output')
+          table.insert(record, redis.call('GET', ARGV[9] .. ref) or 'null')
+        end
+        table.insert(out, record)
+        found = found + 1
+        if found == limit then break end
+      end
+    end
+    out[1] = { ARGV[5] ~= '' and ARGV[5] or count, examined < #entries and entries[examined] or '' }
+    return out",
+            ),
             // KEYS: due, delivery, job. ARGV: delivery id, status, ok, at, retry at, body.
             webhook_attempted: redis::Script::new(
                 r"
