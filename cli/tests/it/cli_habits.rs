@@ -340,7 +340,6 @@ async fn every_call_carries_the_api_key() {
 /// (`{"data": [records], "next_cursor"}`), built on its own branch for issue 14: remove the
 /// `ignore` once that route is merged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the GET /v1/jobs listing route (issue 14, gateway side)"]
 async fn jobs_lists_with_filters_and_follows_every_page() {
     let env = Env::new(Kind::Embedded);
     let gw = env.gateway().await;
