@@ -572,8 +572,9 @@ async fn run(ctx: Arc<Dispatcher>, d: WebhookDelivery, _slot: OwnedSemaphorePerm
             .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok());
         match record.webhook.as_ref().and_then(|w| w.prediction.as_ref()) {
             // A prediction's webhook sends the prediction itself, as Replicate's do.
-            Some(view) => serde_json::to_string(&kiln_proto::Prediction::of(&record, view, None))
-                .expect("predictions serialise"),
+            Some(view) => {
+                serde_json::to_string(&kiln_proto::Prediction::of(&record, view, None)).expect("predictions serialise")
+            }
             // `seq` orders a job's events for receivers that process them out of band.
             None => json!({ "type": d.event, "seq": d.seq, "timestamp": timestamp, "data": record }).to_string(),
         }

@@ -13,7 +13,9 @@ pub use job::{
     AttemptRecord, DeadLetter, ENVELOPE_VERSION, Envelope, EnvelopeWebhook, EventKind, JobError, JobEvent, JobMetrics,
     JobRecord, JobStatus, ModelInfo, WebhookState,
 };
-pub use prediction::{OWNER as PREDICTION_OWNER, Prediction, PredictionMetrics, PredictionStatus, PredictionUrls, PredictionView};
+pub use prediction::{
+    OWNER as PREDICTION_OWNER, Prediction, PredictionMetrics, PredictionStatus, PredictionUrls, PredictionView,
+};
 pub use task::{
     Colormap, EmbeddingInput, EmbeddingOutput, ImageGenerationInput, ImageOutput, InputError, InputLimits, MAX_SEED,
     OutputFile, Scheduler, Task, TextToImageInput, json_type, stored_output_name,

@@ -55,7 +55,8 @@ pub async fn guarded<T>(
     tokio::pin!(take_over);
     let mut heartbeat: Option<tokio::time::Interval> = None;
     // Finish-by times of the jobs, latest first, so the next one due is at the end.
-    let mut cancels: Vec<(i64, JobId)> = jobs.iter().filter_map(|j| j.envelope.cancel_at.map(|at| (at, j.id))).collect();
+    let mut cancels: Vec<(i64, JobId)> =
+        jobs.iter().filter_map(|j| j.envelope.cancel_at.map(|at| (at, j.id))).collect();
     cancels.sort_unstable_by(|a, b| b.cmp(a));
     loop {
         let next_cancel = cancels.last().map(|(at, _)| until(*at));

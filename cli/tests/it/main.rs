@@ -14,6 +14,7 @@ mod history;
 mod images;
 mod observability;
 mod openai;
+mod predictions;
 mod reliability;
 mod security;
 mod suite;

@@ -413,10 +413,15 @@ mod tests {
     #[test]
     fn webhook_filters_map_onto_job_events() {
         let events = |f: Value| kiln_events(Some(f)).map(|v| Value::Array(v).to_string());
-        assert_eq!(kiln_events(None).map(|v| Value::Array(v).to_string()).unwrap(), r#"["start","progress","completed"]"#);
+        assert_eq!(
+            kiln_events(None).map(|v| Value::Array(v).to_string()).unwrap(),
+            r#"["start","progress","completed"]"#
+        );
         assert_eq!(events(json!(["completed"])).unwrap(), r#"["completed"]"#);
         assert_eq!(events(json!(["logs", "output"])).unwrap(), r#"["progress"]"#);
-        assert!(matches!(events(json!(["done"])), Err(ApiError::InvalidRequest { field, .. }) if field == "webhook_events_filter[0]"));
+        assert!(
+            matches!(events(json!(["done"])), Err(ApiError::InvalidRequest { field, .. }) if field == "webhook_events_filter[0]")
+        );
         assert!(events(json!("start")).is_err());
     }
 
