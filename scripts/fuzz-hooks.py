@@ -6,7 +6,9 @@
 # routes of real jobs (GET, cancel, events, through the links Schemathesis infers) are reached.
 #
 # The check `kiln_error_shape`: every 4xx or 5xx answer of the gateway is JSON
-# (`Content-Type: application/json`) shaped `{"error": {"code": <stable code>, "message": <string>}}`.
+# (`Content-Type: application/json`) shaped `{"error": {"code": <stable code>, "message": <string>}}`;
+# on the predictions API also with the problem details Replicate's clients read (`title`, `status`
+# equal to the answer's, `detail` equal to the message) and nothing else.
 # The stable codes are read from `ErrorCode::as_str` in proto/src/error.rs, the one table of them,
 # so a code added there is accepted here without an edit.
 
@@ -46,6 +48,12 @@ SERVED_MODEL = "all-minilm-l6-v2"
 
 @schemathesis.hook
 def flatmap_body(ctx, body):
+    if ctx.operation is not None and ctx.operation.label == "POST /v1/predictions" and isinstance(body, dict):
+        return st.one_of(
+            st.just(body),
+            st.text(max_size=200).map(
+                lambda text: {**body, "version": f"kiln/{SERVED_MODEL}", "input": {"text": text}}),
+        )
     label = None if ctx.operation is None else ctx.operation.label
     if label not in ("POST /v1/jobs", "POST /v1/embeddings") or not isinstance(body, dict):
         return st.just(body)
@@ -59,6 +67,11 @@ def flatmap_body(ctx, body):
         st.just({**body, "model": SERVED_MODEL}),
         inputs.map(lambda input: {**body, "model": SERVED_MODEL, "input": input}),
     )
+
+
+def _is_prediction_path(path):
+    return path == "/v1/predictions" or path.startswith("/v1/predictions/") or (
+        path.startswith("/v1/models/") and path.endswith("/predictions"))
 
 
 @schemathesis.check
@@ -79,8 +92,14 @@ def kiln_error_shape(ctx, response, case):
     except ValueError as e:
         raise AssertionError(f"{where} with a body that is not JSON ({e}): {response.content[:200]!r}") from None
     error = body.get("error") if isinstance(body, dict) else None
-    if not isinstance(error, dict) or set(body) != {"error"}:
-        raise AssertionError(f'{where} with a body not shaped {{"error": {{…}}}}: {body!r:.300}')
+    shape = {"error"}
+    if _is_prediction_path(case.operation.path):
+        shape = {"error", "title", "status", "detail"}
+    if not isinstance(error, dict) or set(body) != shape:
+        raise AssertionError(f'{where} with a body not shaped {sorted(shape)}: {body!r:.300}')
+    if "status" in shape and (body["status"] != response.status_code or body["detail"] != error.get("message")
+                              or not isinstance(body["title"], str)):
+        raise AssertionError(f"{where} with problem details that do not match it: {body!r:.300}")
     code, message = error.get("code"), error.get("message")
     if code not in STABLE_CODES:
         raise AssertionError(f"{where} with error code {code!r}, not one of ErrorCode::as_str")

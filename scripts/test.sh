@@ -33,6 +33,9 @@ export ORT_DYLIB_PATH
 step "clients the tests drive Kiln with (openai, numpy; pinned in scripts/clients/requirements.txt)"
 scripts/clients/install.sh >/dev/null
 
+step "Python clients of the integration tests (replicate, standardwebhooks)"
+scripts/client-venv.sh >/dev/null
+
 step "cargo test"
 summary="${CARGO_TARGET_DIR:-target}/tmp/fault-suite.txt"
 rm -f "$summary"

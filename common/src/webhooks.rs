@@ -5,7 +5,7 @@
 //! the dispatcher that delivers what the store's transitions queued: bounded in all and per target
 //! host, one delivery per job at a time (so a job's events arrive in order), retrying with backoff
 //! and jitter for hours, honouring `Retry-After`, never following redirects, and recording the
-//! outcome on the job.
+//! outcome on the job. A job of the predictions API gets the prediction itself as each body.
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -570,8 +570,14 @@ async fn run(ctx: Arc<Dispatcher>, d: WebhookDelivery, _slot: OwnedSemaphorePerm
         let timestamp = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(d.at) * 1_000_000)
             .ok()
             .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok());
-        // `seq` orders a job's events for receivers that process them out of band.
-        json!({ "type": d.event, "seq": d.seq, "timestamp": timestamp, "data": record }).to_string()
+        match record.webhook.as_ref().and_then(|w| w.prediction.as_ref()) {
+            // A prediction's webhook sends the prediction itself, as Replicate's do.
+            Some(view) => {
+                serde_json::to_string(&kiln_proto::Prediction::of(&record, view, None)).expect("predictions serialise")
+            }
+            // `seq` orders a job's events for receivers that process them out of band.
+            None => json!({ "type": d.event, "seq": d.seq, "timestamp": timestamp, "data": record }).to_string(),
+        }
     });
     let span = tracing::info_span!("webhook.deliver", delivery = %d.id, job_id = %d.job, event = %d.event, attempt = d.attempts + 1);
     crate::telemetry::set_parent(&span, record.traceparent.as_deref());

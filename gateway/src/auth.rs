@@ -121,7 +121,16 @@ fn required(state: &AppState, method: &Method, route: &str) -> Option<Scope> {
         "/healthz" | "/readyz" | "/openapi.json" => None,
         "/metrics" => (state.config.metrics_auth == MetricsAuth::Admin).then_some(Scope::Admin),
         // The unversioned aliases need what their `/v1` routes need.
-        "/v1/jobs" | "/v1/jobs/{id}/cancel" | "/jobs" | "/jobs/{id}/cancel" | "/v1/embeddings" if method == Method::POST => {
+        "/v1/jobs"
+        | "/v1/jobs/{id}/cancel"
+        | "/jobs"
+        | "/jobs/{id}/cancel"
+        | "/v1/embeddings"
+        | "/v1/predictions"
+        | "/v1/predictions/{id}/cancel"
+        | "/v1/models/{owner}/{name}/predictions"
+            if method == Method::POST =>
+        {
             Some(Scope::JobsSubmit)
         }
         _ => Some(Scope::JobsRead),
@@ -268,9 +277,11 @@ pub async fn audit(State(state): State<AppState>, req: Request, next: Next) -> R
     resp
 }
 
-/// The job id in `/v1/jobs/{id}…` (or its alias `/jobs/{id}…`).
+/// The job id in `/v1/jobs/{id}…`, its alias `/jobs/{id}…`, or `/v1/predictions/{id}…` (a
+/// prediction is a job), or in such an absolute URL.
 fn job_in_path(path: &str) -> Option<String> {
-    let rest = path.strip_prefix("/v1/jobs/").or_else(|| path.strip_prefix("/jobs/"))?;
+    let at = |p: &str| path.find(p).map(|i| &path[i + p.len()..]);
+    let rest = at("/v1/jobs/").or_else(|| at("/v1/predictions/")).or_else(|| path.strip_prefix("/jobs/"))?;
     let id = rest.split('/').next()?;
     id.parse::<kiln_proto::JobId>().ok().map(|_| id.to_owned())
 }

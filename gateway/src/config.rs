@@ -73,6 +73,26 @@ pub struct GatewayConfig {
     pub audit_redis_url: Option<Secret>,
     #[command(flatten)]
     pub tls: TlsConfig,
+    /// The gateway's public base URL (`https://kiln.example.com`), for the absolute URLs of the
+    /// predictions API (a prediction's `urls` and its output files). Unset: each answer derives
+    /// it from its request — `X-Forwarded-Proto` (else `https` when the gateway serves TLS, else
+    /// `http`) and the `Host` header; webhook bodies use the base of the request that created the
+    /// prediction. Set it behind a proxy that rewrites `Host`.
+    #[arg(long, env = "KILN_PUBLIC_URL", value_parser = parse_public_url)]
+    pub public_url: Option<String>,
+}
+
+/// An http(s) URL with no path, query or fragment beyond `/`, kept without the trailing slash.
+fn parse_public_url(s: &str) -> Result<String, String> {
+    let s = s.trim().trim_end_matches('/');
+    let rest = s
+        .strip_prefix("https://")
+        .or_else(|| s.strip_prefix("http://"))
+        .ok_or_else(|| format!("{s:?} is not an http:// or https:// URL"))?;
+    if rest.is_empty() || rest.contains(['/', '?', '#', ' ', '@']) {
+        return Err(format!("{s:?} must be scheme://host[:port], without a path, query or credentials"));
+    }
+    Ok(s.to_owned())
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -184,6 +204,7 @@ impl Default for GatewayConfig {
             audit: AuditConfig::default(),
             audit_redis_url: None,
             tls: TlsConfig::default(),
+            public_url: None,
         }
     }
 }
@@ -205,6 +226,16 @@ mod tests {
     fn defaults_agree_with_the_flags() {
         let parsed = Cli::try_parse_from(["kiln-gateway"]).expect("no flags needed").gateway;
         assert_eq!(format!("{parsed:?}"), format!("{:?}", GatewayConfig::default()));
+    }
+
+    #[test]
+    fn a_public_url_is_a_bare_origin() {
+        let parse = |v: &str| Cli::try_parse_from(["kiln-gateway", "--public-url", v]).map(|c| c.gateway.public_url);
+        assert_eq!(parse("https://kiln.example.com/").unwrap().as_deref(), Some("https://kiln.example.com"));
+        assert_eq!(parse("http://127.0.0.1:8080").unwrap().as_deref(), Some("http://127.0.0.1:8080"));
+        for bad in ["kiln.example.com", "ftp://x", "https://", "https://x/api", "https://u@x"] {
+            assert!(parse(bad).is_err(), "{bad} accepted");
+        }
     }
 
     #[test]

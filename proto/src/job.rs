@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{ErrorCode, JobId, ModelName, Task, UnixMillis};
+use crate::{ErrorCode, JobId, ModelName, PredictionView, Task, UnixMillis};
 
 /// `queued → running → succeeded | failed | canceled`, `queued → canceled | expired`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -88,6 +88,10 @@ pub struct JobRecord {
     /// When a job not started by then ends `expired`.
     #[serde(default, with = "rfc3339_millis::option", skip_serializing_if = "Option::is_none")]
     pub deadline_at: Option<UnixMillis>,
+    /// When a job not finished by then is canceled, running or not (a finish-by time: the
+    /// predictions API's `Cancel-After`). Enforced by the worker that runs it and by reads of it.
+    #[serde(default, with = "rfc3339_millis::option", skip_serializing_if = "Option::is_none")]
+    pub cancel_at: Option<UnixMillis>,
     /// Where and how its events are delivered, when a webhook was given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub webhook: Option<WebhookState>,
@@ -115,6 +119,10 @@ pub struct WebhookState {
     pub delivered_at: Option<UnixMillis>,
     #[serde(with = "rfc3339_millis::option")]
     pub gave_up_at: Option<UnixMillis>,
+    /// When set, each delivery's body is the job as a prediction (the predictions API's
+    /// webhooks) instead of a Kiln event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prediction: Option<PredictionView>,
 }
 
 /// The kinds of job events, as SSE event names.
@@ -178,6 +186,7 @@ impl JobRecord {
             metrics: JobMetrics::default(),
             metadata,
             deadline_at: None,
+            cancel_at: None,
             webhook: None,
             traceparent: None,
             tenant: None,
@@ -207,6 +216,9 @@ pub struct Envelope {
     /// A job not started by then ends `expired` instead of running.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline: Option<UnixMillis>,
+    /// A job not finished by then is canceled, running or not (see [`JobRecord::cancel_at`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cancel_at: Option<UnixMillis>,
     /// The failed attempts so far, oldest first; carried along with retries and into the
     /// dead-letter queue.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -232,6 +244,8 @@ pub struct Envelope {
 pub struct EnvelopeWebhook {
     pub url: String,
     pub events: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prediction: Option<PredictionView>,
 }
 
 impl Envelope {
@@ -249,6 +263,7 @@ impl Envelope {
             input,
             created_at,
             deadline,
+            cancel_at: None,
             history: Vec::new(),
             cache_key: None,
             metadata: None,
@@ -262,9 +277,11 @@ impl Envelope {
     pub fn record(&self) -> JobRecord {
         let mut record = JobRecord::queued(self.id, self.model.clone(), self.created_at, self.metadata.clone());
         record.deadline_at = self.deadline;
+        record.cancel_at = self.cancel_at;
         record.webhook = self.webhook.as_ref().map(|w| WebhookState {
             url: w.url.clone(),
             events: w.events.clone(),
+            prediction: w.prediction.clone(),
             ..Default::default()
         });
         record.traceparent = self.traceparent.clone();
@@ -304,7 +321,7 @@ pub struct ModelInfo {
     pub workers: Vec<String>,
 }
 
-mod rfc3339_millis {
+pub(crate) mod rfc3339_millis {
     use serde::{Deserialize, Deserializer, Serializer};
     use time::format_description::well_known::Rfc3339;
 

@@ -4,6 +4,7 @@
 mod error;
 mod id;
 mod job;
+mod prediction;
 mod task;
 
 pub use error::{ApiErrorBody, ErrorCode, ErrorDetail};
@@ -11,6 +12,9 @@ pub use id::{JobId, ModelName, ModelNameError};
 pub use job::{
     AttemptRecord, DeadLetter, ENVELOPE_VERSION, Envelope, EnvelopeWebhook, EventKind, JobError, JobEvent, JobMetrics,
     JobRecord, JobStatus, ModelInfo, WebhookState,
+};
+pub use prediction::{
+    OWNER as PREDICTION_OWNER, Prediction, PredictionMetrics, PredictionStatus, PredictionUrls, PredictionView,
 };
 pub use task::{
     Colormap, EmbeddingInput, EmbeddingOutput, ImageGenerationInput, ImageOutput, InputError, InputLimits, MAX_SEED,

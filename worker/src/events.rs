@@ -198,3 +198,10 @@ pub fn queue_wait(spec: &ModelSpec, created_at: kiln_proto::UnixMillis) {
 pub fn in_flight(spec: &ModelSpec, delta: f64) {
     metrics::gauge!("kiln_worker_in_flight_jobs", "model" => spec.name.to_string()).increment(delta);
 }
+
+/// A running job's `Cancel-After` passed: `outcome` is what the cancel found (`canceled`, or the
+/// state that was there first), or why it could not be written.
+pub fn cancel_after_reached(id: JobId, outcome: &str) {
+    metrics::counter!("kiln_worker_cancel_after_total", "outcome" => if outcome == "canceled" { "canceled" } else { "other" }).increment(1);
+    tracing::info!(target: "kiln::worker", job_id = %id, outcome, "the job's Cancel-After passed while it ran; canceling it");
+}

@@ -10,14 +10,20 @@
 //! publishing a job). A run that outlasts `lease_after` takes a lease, so `KILN_SWEEP_AFTER` must
 //! stay above `KILN_LEASE_AFTER`, or long runs without a lease yet are queued a second time. Both are safe with any number of workers: the store
 //! hands each job to one caller.
+//!
+//! A run is also where a job's `Cancel-After` (its finish-by time, [`Envelope::cancel_at`]) is
+//! enforced: [`guarded`] cancels a job still running when that time comes, and the run stops as
+//! it does for any cancel. The time travels with the job's message and its record, so it holds
+//! whichever gateway accepted the job and whether or not that gateway still runs; a job that has
+//! not started by then expires at its start-by deadline, which the gateway sets no later.
 
 use std::future::Future;
 use std::time::Duration;
 
 use kiln_common::Backend;
 use kiln_common::broker::Lane;
-use kiln_common::store::Stray;
-use kiln_proto::Envelope;
+use kiln_common::store::{Stray, Transition};
+use kiln_proto::{Envelope, JobId, now_millis};
 use tokio_util::sync::CancellationToken;
 
 use crate::events;
@@ -48,9 +54,25 @@ pub async fn guarded<T>(
     let take_over = tokio::time::sleep(policy.after);
     tokio::pin!(take_over);
     let mut heartbeat: Option<tokio::time::Interval> = None;
+    // Finish-by times of the jobs, latest first, so the next one due is at the end.
+    let mut cancels: Vec<(i64, JobId)> =
+        jobs.iter().filter_map(|j| j.envelope.cancel_at.map(|at| (at, j.id))).collect();
+    cancels.sort_unstable_by(|a, b| b.cmp(a));
     loop {
+        let next_cancel = cancels.last().map(|(at, _)| until(*at));
         tokio::select! {
             out = &mut work => return out,
+            _ = tokio::time::sleep_until(next_cancel.unwrap_or_else(tokio::time::Instant::now)), if next_cancel.is_some() => {
+                let mut again = Vec::new();
+                while let Some((_, id)) = cancels.pop_if(|(at, _)| *at <= now_millis()) {
+                    if !cancel_overdue(backend, id).await {
+                        again.push((now_millis() + 1000, id));
+                    }
+                }
+                // A store that could not be reached is asked again in a second.
+                cancels.extend(again);
+                cancels.sort_unstable_by(|a, b| b.cmp(a));
+            }
             _ = &mut take_over, if heartbeat.is_none() => {
                 for job in jobs.iter_mut() {
                     job.take_lease(&*backend.store, owner, policy.ttl).await;
@@ -66,6 +88,23 @@ pub async fn guarded<T>(
             }
         }
     }
+}
+
+/// The instant of wall-clock time `at`.
+fn until(at: i64) -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_millis(at.saturating_sub(now_millis()).max(0) as u64)
+}
+
+/// Cancels a job whose `Cancel-After` passed while it ran; its run then stops as for any cancel
+/// (at its next progress write, or its result is dropped). False when the store could not say.
+async fn cancel_overdue(backend: &Backend, id: JobId) -> bool {
+    let (outcome, decided) = match backend.store.cancel(id).await {
+        Ok(Transition::Applied) => ("canceled".to_owned(), true),
+        Ok(other) => (format!("{other:?}"), true),
+        Err(e) => (format!("store error: {e}"), false),
+    };
+    events::cancel_after_reached(id, &outcome);
+    decided
 }
 
 /// Queues again the jobs the store hands out (lapsed leases, orphans, strays), and sweeps for

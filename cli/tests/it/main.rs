@@ -15,6 +15,7 @@ mod images;
 mod listing;
 mod observability;
 mod openai;
+mod predictions;
 mod reliability;
 mod security;
 mod suite;

@@ -32,7 +32,7 @@ use crate::state::AppState;
 /// Largest `metadata` object accepted, serialised.
 const MAX_METADATA_BYTES: usize = 4096;
 /// Longest `deadline_s` accepted: a week.
-const MAX_DEADLINE_S: f64 = 7.0 * 86_400.0;
+pub(crate) const MAX_DEADLINE_S: f64 = 7.0 * 86_400.0;
 /// Longest accepted `Idempotency-Key`.
 const MAX_IDEMPOTENCY_KEY: usize = 255;
 /// How long a claimed `Idempotency-Key` stays pending before its job exists: a gateway that dies
@@ -53,6 +53,8 @@ struct Submission {
     input: Value,
     metadata: Option<Value>,
     deadline: Option<Duration>,
+    /// Cancel it if not finished within this (see [`Extra::finish_within`]).
+    finish_within: Option<Duration>,
     webhook: Option<WebhookState>,
     /// Hash of the canonical request, for idempotency.
     fingerprint: String,
@@ -118,23 +120,68 @@ pub async fn submit(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = checked_body(&state, &headers, body)?;
-    let mut submission = validate(&state, &body, who.tenant.as_deref())?;
-    if let Some(after) = cancel_after(&headers)? {
-        submission.deadline = Some(submission.deadline.map_or(after, |d| d.min(after)));
-    }
+    let extra = Extra { start_within: cancel_after(&headers)?, ..Extra::default() };
     let wait = prefer_wait(&headers, state.config.max_wait_s);
+    let done = submit_with(&state, &who, &headers, &body, wait, extra).await?;
+    let resp = job_response(done.record);
+    Ok(match done.waited {
+        Some(w) => with_wait_applied(resp, w),
+        None => resp,
+    })
+}
+
+/// What a submission adds to its request body: what the jobs API takes from headers, and what
+/// the predictions API asks of the job it maps a prediction onto.
+#[derive(Debug, Default)]
+pub(crate) struct Extra {
+    /// Caps the start-by deadline (the jobs API's `Cancel-After: <seconds>`).
+    pub start_within: Option<Duration>,
+    /// A finish-by time (the predictions API's `Cancel-After`): the job is canceled if it has not
+    /// finished by then, running or not. It caps the start-by deadline too, so a job still
+    /// queued then expires without running.
+    pub finish_within: Option<Duration>,
+    /// Its webhook's deliveries send the job as this prediction.
+    pub prediction: Option<kiln_proto::PredictionView>,
+}
+
+/// An accepted submission: its job, and the wait applied (`Prefer: wait`) when it waited.
+pub(crate) struct Submitted {
+    pub record: JobRecord,
+    pub waited: Option<Duration>,
+}
+
+/// Validates and accepts a job request `body` (the `POST /v1/jobs` body, with `headers`'
+/// `Idempotency-Key`), then waits for the job up to `wait`.
+pub(crate) async fn submit_with(
+    state: &AppState,
+    who: &Principal,
+    headers: &HeaderMap,
+    body: &[u8],
+    wait: Option<Duration>,
+    extra: Extra,
+) -> Result<Submitted, ApiError> {
+    let mut submission = validate(state, body, who.tenant.as_deref())?;
+    for within in [extra.start_within, extra.finish_within].into_iter().flatten() {
+        submission.deadline = Some(submission.deadline.map_or(within, |d| d.min(within)));
+    }
+    submission.finish_within = extra.finish_within;
+    if let Some(w) = submission.webhook.as_mut() {
+        w.prediction = extra.prediction;
+    }
     // A tenant's idempotency keys are its own: another tenant's same key names another job.
-    let key = idempotency_key(&headers)?.map(|k| tenant_scoped(who.tenant.as_deref(), k));
-    check_compute(&state, &who).await?;
-    let Enqueued { admitted, completion } = enqueue(&state, &who, submission, key, wait.is_some()).await?;
+    let key = idempotency_key(headers)?.map(|k| tenant_scoped(who.tenant.as_deref(), k));
+    check_compute(state, who).await?;
+    let Enqueued { admitted, completion } = enqueue(state, who, submission, key, wait.is_some()).await?;
     let record = match admitted {
-        Admitted::Existing(record) => return respond(&state, &who, record, wait, true).await,
-        Admitted::Cached(record) => return Ok(job_response(record)),
+        Admitted::Existing(record) => {
+            return Ok(Submitted { record: settle(state, who, record, wait, true).await?, waited: wait });
+        }
+        Admitted::Cached(record) => return Ok(Submitted { record, waited: None }),
         Admitted::New(record) => record,
     };
     match (wait, completion) {
         (Some(wait), Some(mut rx)) => {
-            let done = crate::waiting::completion(&state, record.id, &mut rx, wait).await;
+            let done = crate::waiting::completion(state, record.id, &mut rx, wait).await;
             let record = match done {
                 Some(record) => record,
                 None => {
@@ -142,9 +189,9 @@ pub async fn submit(
                     state.backend.store.get(record.id).await.map_err(|e| ApiError::Store(e, retry))?.unwrap_or(record)
                 }
             };
-            Ok(with_wait_applied(job_response(record), wait))
+            Ok(Submitted { record, waited: Some(wait) })
         }
-        _ => Ok(job_response(record)),
+        _ => Ok(Submitted { record, waited: None }),
     }
 }
 
@@ -301,16 +348,20 @@ async fn accept(state: &AppState, id: JobId, s: Submission, key: Option<&str>) -
     let store = &state.backend.store;
     let created_at = now_millis();
     let deadline = s.deadline.map(|d| created_at + d.as_millis() as i64);
+    let cancel_at = s.finish_within.map(|d| created_at + d.as_millis() as i64);
     let mut record = JobRecord::queued(id, s.spec_name.clone(), created_at, s.metadata.clone());
     record.deadline_at = deadline;
+    record.cancel_at = cancel_at;
     record.webhook = s.webhook.clone();
     record.traceparent = kiln_common::telemetry::current_traceparent();
     record.tenant = s.tenant.clone();
     let mut envelope = Envelope::new(id, s.spec_name.clone(), s.input, created_at, deadline);
     envelope.cache_key = s.cache_key.clone();
+    envelope.cancel_at = cancel_at;
     // What a rebuilt record needs, should the store lose this one.
     envelope.metadata = s.metadata;
-    envelope.webhook = s.webhook.map(|w| kiln_proto::EnvelopeWebhook { url: w.url, events: w.events });
+    envelope.webhook =
+        s.webhook.map(|w| kiln_proto::EnvelopeWebhook { url: w.url, events: w.events, prediction: w.prediction });
     envelope.traceparent = record.traceparent.clone();
     envelope.tenant = s.tenant;
     let text = serde_json::to_string(&envelope).map_err(|e| ApiError::Internal(format!("encoding envelope: {e}")))?;
@@ -432,6 +483,23 @@ async fn respond(
     wait: Option<Duration>,
     as_submit: bool,
 ) -> Result<Response, ApiError> {
+    let record = settle(state, who, record, wait, as_submit).await?;
+    let resp = if as_submit { job_response(record) } else { Json(record).into_response() };
+    Ok(match wait {
+        Some(w) if as_submit => with_wait_applied(resp, w),
+        _ => resp,
+    })
+}
+
+/// `record` as `who` may see it, once it finished or `wait` passed (when asked to wait). A
+/// long-poll (`as_submit` false) that finds every slot taken is refused; a submit is not.
+pub(crate) async fn settle(
+    state: &AppState,
+    who: &Principal,
+    record: JobRecord,
+    wait: Option<Duration>,
+    as_submit: bool,
+) -> Result<JobRecord, ApiError> {
     let id = record.id;
     let record = match wait {
         Some(wait) if !record.status.is_terminal() => {
@@ -456,12 +524,7 @@ async fn respond(
         }
         _ => record,
     };
-    let record = shown(who, record).ok_or_else(|| ApiError::JobNotFound(id.to_string()))?;
-    let resp = if as_submit { job_response(record) } else { Json(record).into_response() };
-    Ok(match wait {
-        Some(w) if as_submit => with_wait_applied(resp, w),
-        _ => resp,
-    })
+    shown(who, record).ok_or_else(|| ApiError::JobNotFound(id.to_string()))
 }
 
 /// The record of job `id` as `who` may see it: none for another tenant's job (which then answers
@@ -539,7 +602,7 @@ fn with_wait_applied(mut resp: Response, wait: Duration) -> Response {
 }
 
 /// `Prefer: wait=N` (RFC 7240), capped.
-fn prefer_wait(headers: &HeaderMap, max_s: u64) -> Option<Duration> {
+pub(crate) fn prefer_wait(headers: &HeaderMap, max_s: u64) -> Option<Duration> {
     headers
         .get_all("prefer")
         .iter()
@@ -582,7 +645,7 @@ fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
-fn invalid(field: &str, message: impl Into<String>) -> ApiError {
+pub(crate) fn invalid(field: &str, message: impl Into<String>) -> ApiError {
     ApiError::InvalidRequest { field: field.to_owned(), message: message.into() }
 }
 
@@ -657,6 +720,7 @@ fn validate(state: &AppState, body: &[u8], tenant: Option<&str>) -> Result<Submi
         input,
         metadata,
         deadline,
+        finish_within: None,
         webhook,
         fingerprint,
         cache_key,

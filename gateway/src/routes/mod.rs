@@ -6,6 +6,7 @@ mod listing;
 mod openai;
 mod openapi;
 mod outputs;
+mod predictions;
 mod system;
 
 pub use jobs::current;
@@ -38,6 +39,10 @@ pub fn router(state: AppState) -> Router {
             .route(&format!("{jobs}/{{id}}/outputs/{{name}}"), get(outputs::get));
     }
     routes
+        .route("/v1/predictions", post(predictions::create))
+        .route("/v1/predictions/{id}", get(predictions::get))
+        .route("/v1/predictions/{id}/cancel", post(predictions::cancel))
+        .route("/v1/models/{owner}/{name}/predictions", post(predictions::create_for_model))
         .route("/openapi.json", get(openapi::spec))
         .route("/v1/models", get(openai::models))
         .route("/v1/embeddings", post(openai::embeddings))
@@ -51,6 +56,7 @@ pub fn router(state: AppState) -> Router {
         // Outside the guard, so that its refusals on the OpenAI routes are said in OpenAI's shape.
         .route_layer(middleware::from_fn(openai::error_shape))
         .route_layer(middleware::from_fn(measure))
+        .layer(middleware::from_fn(predictions::problems))
         .layer(middleware::from_fn_with_state(state.clone(), crate::auth::audit))
         .layer(middleware::from_fn(span))
         .with_state(state)

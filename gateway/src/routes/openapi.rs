@@ -38,10 +38,132 @@ fn job_id() -> Value {
 pub fn document() -> Value {
     let mut doc = routes();
     openai(&mut doc);
+    predictions(&mut doc);
     aliased(&mut doc);
     secured(&mut doc);
     doc
 }
+
+fn problem(description: &str) -> Value {
+    json!({ "description": description, "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Problem" } } } })
+}
+
+fn retry_problem(description: &str) -> Value {
+    let mut r = problem(description);
+    r["headers"] = json!({ "Retry-After": { "$ref": "#/components/headers/Retry-After" } });
+    r
+}
+
+/// The Replicate-compatible predictions API (routes/predictions.rs): predictions are Kiln jobs.
+fn predictions(doc: &mut Value) {
+    let prediction = json!({ "application/json": { "schema": { "$ref": "#/components/schemas/Prediction" } } });
+    let id = json!({ "name": "id", "in": "path", "required": true, "schema": { "type": "string" }, "description": "The prediction's id, which is its job's." });
+    let host = "invalid_request: the Host header is missing or malformed (and KILN_PUBLIC_URL is unset)";
+    let create = |summary: &str, extra: Vec<Value>, body: &str| {
+        let mut parameters = vec![
+            json!({ "name": "Prefer", "in": "header", "schema": { "type": "string", "example": "wait" },
+                    "description": "wait (60 s) or wait=N (seconds), capped by KILN_MAX_WAIT: hold the request until the prediction finishes. A wait that runs out answers status starting, as Replicate does." }),
+            json!({ "name": "Cancel-After", "in": "header", "schema": { "type": "string", "example": "1h30m" },
+                    "description": "A duration from creation (30s, 5m, 1h30m, 250ms; or seconds): the prediction is canceled if not finished by then, queued or running. Bad values: 422 naming Cancel-After." }),
+            json!({ "name": "Idempotency-Key", "in": "header", "schema": { "type": "string", "maxLength": 255 }, "description": "As for POST /v1/jobs." }),
+        ];
+        parameters.extend(extra);
+        json!({ "post": {
+            "summary": summary,
+            "parameters": parameters,
+            "requestBody": { "required": true, "content": { "application/json": { "schema": { "$ref": body } } } },
+            "responses": {
+                "201": { "description": "Created (a job, durably queued); finished already when the wait sufficed",
+                         "content": prediction.clone(),
+                         "headers": { "Location": { "schema": { "type": "string" }, "description": "urls.get" }, "Preference-Applied": { "schema": { "type": "string" } } } },
+                "400": problem("malformed_json"),
+                "404": problem("model_not_found: not a served model (kiln/<model>[:<served version>]); not_found for a path parameter that is not UTF-8"),
+                "409": problem("idempotency_key_reused, idempotency_key_in_flight"),
+                "413": problem("payload_too_large"),
+                "415": problem("unsupported_media_type"),
+                "422": problem("invalid_request, invalid_input: the message names the field or header"),
+                "503": retry_problem("broker_unavailable, store_unavailable, overloaded"),
+            },
+            "callbacks": { "webhook": { "{$request.body#/webhook}": { "post": {
+                "summary": "The prediction (Standard Webhooks: webhook-id, webhook-timestamp, webhook-signature)",
+                "requestBody": { "content": prediction.clone() },
+                "responses": { "2XX": { "description": "Delivered; anything else is retried with backoff" } }
+            } } } }
+        } })
+    };
+    let owner = json!({ "name": "owner", "in": "path", "required": true, "schema": { "type": "string" }, "description": "kiln" });
+    let name = json!({ "name": "name", "in": "path", "required": true, "schema": { "type": "string" }, "description": "A served model (GET /v1/models)" });
+    let Some(paths) = doc["paths"].as_object_mut() else { return };
+    paths.insert(
+        "/v1/predictions".into(),
+        create(
+            "Create a prediction (Replicate-compatible): a Kiln job",
+            vec![],
+            "#/components/schemas/PredictionRequest",
+        ),
+    );
+    paths.insert(
+        "/v1/models/{owner}/{name}/predictions".into(),
+        create(
+            "Create a prediction of the model in the path",
+            vec![owner, name],
+            "#/components/schemas/ModelPredictionRequest",
+        ),
+    );
+    paths.insert("/v1/predictions/{id}".into(), json!({ "get": {
+        "summary": "A prediction",
+        "parameters": [ id.clone() ],
+        "responses": { "200": { "description": "The prediction", "content": prediction.clone() },
+                       "404": problem("job_not_found (another tenant's too); not_found for a path parameter that is not UTF-8"),
+                       "422": problem(host), "503": retry_problem("store_unavailable") }
+    } }));
+    paths.insert("/v1/predictions/{id}/cancel".into(), json!({ "post": {
+        "summary": "Cancel a prediction: a queued one never runs, a running one stops within one step; a finished one is answered as it is",
+        "parameters": [ id ],
+        "responses": { "200": { "description": "The prediction", "content": prediction },
+                       "404": problem("job_not_found (another tenant's too); not_found for a path parameter that is not UTF-8"),
+                       "422": problem(host), "503": retry_problem("store_unavailable") }
+    } }));
+    let schemas = &mut doc["components"]["schemas"];
+    let webhook = json!({
+        "webhook": { "type": "string", "format": "uri", "description": "Receives the prediction, signed (Standard Webhooks); internal addresses are refused." },
+        "webhook_completed": { "type": "string", "format": "uri", "description": "A webhook for the completed event only." },
+        "webhook_events_filter": { "type": "array", "items": { "enum": ["start", "output", "logs", "completed"] }, "description": "Default: all; completed is always sent." },
+        "stream": { "type": "boolean", "description": "Accepted; urls.stream is always given (Kiln's job events)." },
+    });
+    let mut request = json!({ "type": "object", "required": ["version", "input"], "additionalProperties": false, "properties": {
+        "version": { "type": "string", "example": "kiln/all-minilm-l6-v2", "description": "kiln/<model> or <model>, optionally :<version> (the served one)" },
+        "input": { "description": "The model's task input; see GET /v1/models" },
+    } });
+    let mut for_model = json!({ "type": "object", "required": ["input"], "additionalProperties": false, "properties": {
+        "input": { "description": "The model's task input; see GET /v1/models" },
+    } });
+    for (k, v) in webhook.as_object().into_iter().flatten() {
+        request["properties"][k] = v.clone();
+        for_model["properties"][k] = v.clone();
+    }
+    schemas["PredictionRequest"] = request;
+    schemas["ModelPredictionRequest"] = for_model;
+    let time = json!({ "type": ["string", "null"], "format": "date-time" });
+    schemas["Prediction"] = json!({ "type": "object", "required": ["id", "model", "version", "status", "urls"], "properties": {
+        "id": { "type": "string" }, "model": { "type": "string", "description": "kiln/<model>" }, "version": { "type": "string" },
+        "status": { "enum": ["starting", "processing", "succeeded", "failed", "canceled"],
+                    "description": "queued: starting; running: processing; expired (not started by its deadline or Cancel-After): canceled" },
+        "input": { "description": "Echoed on the create answer; null later" },
+        "output": { "description": "Generated files as a list of absolute URLs; other outputs as the job's" },
+        "logs": { "type": "string" }, "error": { "type": ["string", "null"] },
+        "metrics": { "type": "object", "properties": { "predict_time": { "type": ["number", "null"] }, "total_time": { "type": ["number", "null"] } } },
+        "created_at": { "type": "string", "format": "date-time" }, "started_at": time.clone(), "completed_at": time,
+        "urls": { "type": "object", "description": "Absolute, under KILN_PUBLIC_URL or the request's origin",
+                  "properties": { "get": { "type": "string" }, "cancel": { "type": "string" }, "stream": { "type": "string" } } },
+        "source": { "type": "string" }, "data_removed": { "type": "boolean" }
+    } });
+    schemas["Problem"] = json!({ "allOf": [ { "$ref": "#/components/schemas/Error" }, {
+        "type": "object", "required": ["title", "status", "detail"],
+        "description": "Problem details (RFC 9457) as Replicate's clients read them, next to Kiln's error object",
+        "properties": { "title": { "type": "string" }, "status": { "type": "integer" }, "detail": { "type": "string" } } } ] });
+}
+
 
 /// `/jobs…` answers as `/v1/jobs…` does (the same handlers and scopes).
 fn aliased(doc: &mut Value) {

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
 mod openai;
+mod predictions;
 
 fn state() -> AppState {
     state_with(GatewayConfig { auth: kiln_gateway::AuthMode::Off, ..GatewayConfig::default() })

@@ -269,6 +269,9 @@ fn record_fields(inv: &mut redis::ScriptInvocation<'_>, r: &JobRecord) {
         if let Some(d) = r.deadline_at {
             inv.arg("deadline").arg(d);
         }
+        if let Some(c) = r.cancel_at {
+            inv.arg("cancel_at").arg(c);
+        }
         if let Some(tp) = &r.traceparent {
             inv.arg("traceparent").arg(tp);
         }
@@ -277,6 +280,9 @@ fn record_fields(inv: &mut redis::ScriptInvocation<'_>, r: &JobRecord) {
         }
         if let Some(w) = &r.webhook {
             inv.arg("webhook_url").arg(&w.url).arg("webhook_events").arg(w.events.join(","));
+            if let Some(p) = &w.prediction {
+                inv.arg("webhook_prediction").arg(serde_json::to_string(p).expect("prediction views serialise"));
+            }
         }
         if let Some(out) = &r.output {
             inv.arg("output").arg(out.to_string());
@@ -697,6 +703,10 @@ pub(super) fn decode(id: JobId, f: &HashMap<String, String>) -> Result<JobRecord
             last_status: f.get("wh_last_status").and_then(|s| s.parse().ok()),
             delivered_at: millis("wh_delivered_at")?,
             gave_up_at: millis("wh_gave_up_at")?,
+            prediction: f
+                .get("webhook_prediction")
+                .map(|p| serde_json::from_str(p).map_err(|e| format!("webhook_prediction: {e}")))
+                .transpose()?,
         }),
     };
     let mut record = JobRecord {
@@ -717,6 +727,7 @@ pub(super) fn decode(id: JobId, f: &HashMap<String, String>) -> Result<JobRecord
         metrics: Default::default(),
         metadata: json("metadata")?,
         deadline_at: millis("deadline")?,
+        cancel_at: millis("cancel_at")?,
         webhook,
         traceparent: f.get("traceparent").cloned(),
         tenant: f.get("tenant").cloned(),
