@@ -164,7 +164,6 @@ fn predictions(doc: &mut Value) {
         "properties": { "title": { "type": "string" }, "status": { "type": "integer" }, "detail": { "type": "string" } } } ] });
 }
 
-
 /// `/jobs…` answers as `/v1/jobs…` does (the same handlers and scopes).
 fn aliased(doc: &mut Value) {
     let Some(paths) = doc["paths"].as_object_mut() else { return };
@@ -202,8 +201,10 @@ fn secured(doc: &mut Value) {
         let challenge = json!({ "WWW-Authenticate": { "schema": { "type": "string" } } });
         let mut unauthorized = error_of(schema, "unauthorized: no key, or one malformed, unknown, revoked or expired");
         unauthorized["headers"] = challenge.clone();
-        let mut forbidden =
-            error_of(schema, "forbidden: the key lacks this route's scope (jobs:submit, jobs:read, admin; admin to list another tenant's jobs)");
+        let mut forbidden = error_of(
+            schema,
+            "forbidden: the key lacks this route's scope (jobs:submit, jobs:read, admin; admin to list another tenant's jobs)",
+        );
         forbidden["headers"] = challenge;
         (unauthorized, forbidden, limited)
     };
