@@ -7,6 +7,7 @@ exits non-zero (with the reason on stderr) when the client did not see what Kiln
     python replicate_client.py create-wait BASE TOKEN MODEL
     python replicate_client.py cancel BASE TOKEN MODEL     # a running prediction ends canceled
     python replicate_client.py error BASE TOKEN            # a refusal as ReplicateError
+    python replicate_client.py list BASE TOKEN PAGE        # every prediction, PAGE to a page
     python replicate_client.py verify SECRET DELIVERY.json # a Kiln webhook, then a tampered one
 """
 
@@ -96,6 +97,20 @@ def error(base, token):
     fail("a prediction of an unknown model was created")
 
 
+def list_all(base, token, page):
+    c = client(base, token)
+    # The client's cursor is the URL of a page: the first one asks for small pages, and each
+    # page's `next` carries the size on.
+    pages, ids = [c.predictions.list(cursor=f"{base}/v1/predictions?limit={page}")], []
+    while pages[-1].next:
+        pages.append(c.predictions.list(cursor=pages[-1].next))
+    for p in pages:
+        if p.previous is not None:
+            fail(f"a page with previous {p.previous!r}")
+        ids.extend({"id": r.id, "status": r.status, "model": r.model} for r in p.results)
+    print(json.dumps({"pages": len(pages), "predictions": ids}))
+
+
 def verify(secret, path):
     with open(path, encoding="utf-8") as f:
         delivery = json.load(f)
@@ -112,7 +127,7 @@ def verify(secret, path):
     fail("a tampered body verified")
 
 
-COMMANDS = {"run": run, "create-wait": create_wait, "cancel": cancel, "error": error, "verify": verify}
+COMMANDS = {"run": run, "create-wait": create_wait, "cancel": cancel, "error": error, "list": list_all, "verify": verify}
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:

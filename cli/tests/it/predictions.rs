@@ -137,6 +137,15 @@ async fn the_replicate_client_runs_waits_cancels_and_reads_errors(kind: Kind) {
     }
     let (status, own) = call(&gw, "GET", &format!("/v1/predictions/{id}"), Some(&a), &[], None).await;
     assert_eq!((status, own["status"].as_str()), (200, Some("canceled")), "{own}");
+    // The list, through the client, two to a page: tenant a's four predictions, newest first;
+    // none of them for tenant b.
+    let listed = client(&["list", &url, &a, "2"]).await;
+    let ids: Vec<&str> = listed["predictions"].as_array().unwrap().iter().map(|p| p["id"].as_str().unwrap()).collect();
+    assert!(listed["pages"].as_u64() >= Some(2) && ids.len() == 4, "{listed}");
+    assert_eq!(ids[0], id, "the cancel came last: {listed}");
+    assert_eq!(listed["predictions"][0]["status"], "canceled", "{listed}");
+    let other = client(&["list", &url, &b, "2"]).await;
+    assert_eq!(other["predictions"].as_array().map(Vec::len), Some(0), "{other}");
     // Without a key: a refusal the client reads.
     let (status, body) = call(&gw, "POST", "/v1/predictions", None, &[], Some(&json!({}))).await;
     assert_eq!((status, body["status"].as_u64()), (401, Some(401)), "{body}");

@@ -151,7 +151,24 @@ async fn scenario_broker_restarted_during_submission() {
     rabbit.stop().await;
     let at_stop = accepted.load(Ordering::Relaxed);
     rabbit.restart().await;
-    let results = submitter.await.unwrap();
+    let mut results = submitter.await.unwrap();
+    // The gateway takes jobs again once RabbitMQ is back. On a loaded machine the outage can
+    // outlast the schedule above, so submissions go on after it until one is accepted.
+    let after = Arc::new(std::sync::Mutex::new(Vec::new()));
+    wait_until("a submission is accepted after the restart", DONE_TIMEOUT, || {
+        let (gw, after) = (gw.clone(), after.clone());
+        async move {
+            let started = Instant::now();
+            let n = after.lock().unwrap().len();
+            let r = gw.submit(&json!({ "model": MODEL, "input": { "text": format!("after the restart {n}") } })).await;
+            let accepted = r.status == 202;
+            let status = r.status;
+            after.lock().unwrap().push((r.status, started.elapsed(), r.headers.contains_key("retry-after"), r.body));
+            if accepted { Ok(()) } else { Err(status) }
+        }
+    })
+    .await;
+    results.extend(std::mem::take(&mut *after.lock().unwrap()));
 
     let mut tally = Tally { submitted: results.len(), ..Default::default() };
     let mut refused = 0;

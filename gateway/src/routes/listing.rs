@@ -1,6 +1,7 @@
 //! `GET /v1/jobs`: the caller's jobs, newest first, a page at a time (`limit`, `cursor`), filtered
 //! by `status`, `model` and `created_after`. Each record is what `GET /v1/jobs/{id}` answers for
-//! it; a tenant's key lists its tenant's jobs, an admin's every tenant's (or `tenant`'s).
+//! it; a tenant's key lists its tenant's jobs, an admin's every tenant's (or `tenant`'s). The
+//! predictions list (`routes::predictions::list`) is the same pages in Replicate's shape.
 
 use axum::Json;
 use axum::extract::rejection::QueryRejection;
@@ -32,8 +33,8 @@ pub struct ListParams {
 
 #[derive(Debug, Serialize)]
 pub struct Page {
-    data: Vec<JobRecord>,
-    next_cursor: Option<String>,
+    pub data: Vec<JobRecord>,
+    pub next_cursor: Option<String>,
 }
 
 pub async fn list(
@@ -42,6 +43,11 @@ pub async fn list(
     params: Result<Query<ListParams>, QueryRejection>,
 ) -> Result<Json<Page>, ApiError> {
     let Query(p) = params?;
+    page(&state, &who, p).await.map(Json)
+}
+
+/// One page of the jobs `who` may list, as `p` asks.
+pub async fn page(state: &AppState, who: &Principal, p: ListParams) -> Result<Page, ApiError> {
     let given = |v: Option<String>| v.filter(|v| !v.is_empty());
     let requested = given(p.tenant).map(|t| check_tenant(&t).map(|()| t)).transpose()?;
     let query = ListQuery {
@@ -60,12 +66,12 @@ pub async fn list(
     let mut data = Vec::with_capacity(page.records.len());
     for record in page.records {
         // As `GET /v1/jobs/{id}` would answer: a queued job past its deadline is expired now.
-        let record = if overdue(&record, now) { current(&state, record.id).await? } else { Some(record) };
-        if let Some(r) = record.filter(|r| query.matches(r)).and_then(|r| shown(&who, r)) {
+        let record = if overdue(&record, now) { current(state, record.id).await? } else { Some(record) };
+        if let Some(r) = record.filter(|r| query.matches(r)).and_then(|r| shown(who, r)) {
             data.push(r);
         }
     }
-    Ok(Json(Page { data, next_cursor: page.next.map(|c| c.to_string()) }))
+    Ok(Page { data, next_cursor: page.next.map(|c| c.to_string()) })
 }
 
 fn invalid(field: &str, message: impl Into<String>) -> ApiError {

@@ -39,7 +39,7 @@ pub fn router(state: AppState) -> Router {
             .route(&format!("{jobs}/{{id}}/outputs/{{name}}"), get(outputs::get));
     }
     routes
-        .route("/v1/predictions", post(predictions::create))
+        .route("/v1/predictions", post(predictions::create).get(predictions::list))
         .route("/v1/predictions/{id}", get(predictions::get))
         .route("/v1/predictions/{id}/cancel", post(predictions::cancel))
         .route("/v1/models/{owner}/{name}/predictions", post(predictions::create_for_model))

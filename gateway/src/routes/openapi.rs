@@ -110,6 +110,20 @@ fn predictions(doc: &mut Value) {
             "#/components/schemas/ModelPredictionRequest",
         ),
     );
+    let list_parameters = paths["/v1/jobs"]["get"]["parameters"].clone();
+    paths["/v1/predictions"]["get"] = json!({
+        "summary": "List predictions, newest first (Replicate-compatible)",
+        "description": "The caller's predictions (every job is one), as GET /v1/jobs lists them and with its parameters, in Replicate's page shape: results, and next, the absolute URL of the next page (null on the last); previous is always null.",
+        "parameters": list_parameters,
+        "responses": {
+            "200": { "description": "A page of predictions", "content": { "application/json": { "schema": { "type": "object", "required": ["previous", "next", "results"], "properties": {
+                "previous": { "type": "null" },
+                "next": { "type": ["string", "null"], "format": "uri" },
+                "results": { "type": "array", "items": { "$ref": "#/components/schemas/Prediction" } } } } } } },
+            "422": problem("invalid_request: the message names the parameter (status, model, created_after, limit, cursor, tenant; Host when KILN_PUBLIC_URL is unset)"),
+            "503": retry_problem("store_unavailable")
+        }
+    });
     paths.insert("/v1/predictions/{id}".into(), json!({ "get": {
         "summary": "A prediction",
         "parameters": [ id.clone() ],

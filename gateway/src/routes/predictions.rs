@@ -16,10 +16,10 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::body::{Body, Bytes};
-use axum::extract::rejection::{BytesRejection, PathRejection};
-use axum::extract::{Extension, FromRequestParts, Path, Request, State};
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
+use axum::extract::{Extension, FromRequestParts, Path, Query, Request, State};
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use kiln_common::store::Transition;
@@ -27,6 +27,7 @@ use kiln_proto::{JobId, JobRecord, PREDICTION_OWNER, Prediction, PredictionStatu
 use serde_json::{Map, Value, json};
 
 use super::jobs::{self, Extra, invalid};
+use super::listing::{self, ListParams};
 use crate::auth::Principal;
 use crate::error::ApiError;
 use crate::events;
@@ -276,6 +277,29 @@ async fn start(
         resp.headers_mut().insert("preference-applied", v);
     }
     Ok(resp)
+}
+
+/// `GET /v1/predictions`: the caller's predictions (every job is one), newest first, in
+/// Replicate's page shape: `results`, `next` the absolute URL of the next page (the same query
+/// with the next `cursor`), `previous` always null (pages go forwards). Takes the parameters of
+/// `GET /v1/jobs` (`limit` default 20, `status` in Kiln's names, `model`, `created_after`).
+pub async fn list(
+    State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Base(base): Base,
+    uri: Uri,
+    params: Result<Query<ListParams>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(p) = params?;
+    let page = listing::page(&state, &who, p).await?;
+    let results: Vec<Prediction> = page.data.iter().map(|r| shown(&state, r, base.clone())).collect();
+    let next = page.next_cursor.map(|cursor| {
+        // The cursor is base64url: nothing in it needs escaping.
+        let kept = uri.query().unwrap_or("").split('&').filter(|kv| !kv.is_empty() && !kv.starts_with("cursor="));
+        let query: Vec<String> = kept.map(str::to_owned).chain([format!("cursor={cursor}")]).collect();
+        format!("{base}/v1/predictions?{}", query.join("&"))
+    });
+    Ok(Json(json!({ "previous": null, "next": next, "results": results })).into_response())
 }
 
 /// `GET /v1/predictions/{id}`.
