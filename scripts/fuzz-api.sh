@@ -85,7 +85,7 @@ rc=0
 SCHEMATHESIS_HOOKS="$ROOT/scripts/fuzz-hooks.py" timeout --signal=INT --kill-after=10 "$MAX_TIME" \
   "$VENV/bin/schemathesis" run "$BASE/openapi.json" \
   --header "Authorization: Bearer $TOKEN" \
-  --checks not_a_server_error,kiln_error_shape \
+  --checks not_a_server_error,status_code_conformance,kiln_error_shape \
   --seed "$SEED" --max-examples "$EXAMPLES" \
   --request-timeout 15 --generation-database none --no-color \
   "$@" || rc=$?
