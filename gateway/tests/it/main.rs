@@ -160,6 +160,12 @@ async fn openapi_describes_every_route_header_and_error_code() {
         }
     }
     assert_eq!(described, 22, "the document's operations changed: update the list above");
+    // And every route of the router is described (read from the route table's source).
+    let routed = routed();
+    assert!(routed.len() >= 20, "read only {routed:?} from routes/mod.rs");
+    for (path, method) in &routed {
+        assert!(doc["paths"][path][method].is_object(), "{method} {path} is routed but not described");
+    }
     // The codes of both error shapes are the one table's.
     let schemas = &doc["components"]["schemas"];
     assert_eq!(schemas["Error"]["properties"]["error"]["$ref"], "#/components/schemas/ErrorDetail");
@@ -174,6 +180,36 @@ async fn openapi_describes_every_route_header_and_error_code() {
             code.as_str()
         );
     }
+}
+
+/// The `(path, method)` pairs the router registers, read from its table in routes/mod.rs
+/// (`.route(path, get(..).post(..))`; `{jobs}` stands for `/v1/jobs` and its `/jobs` alias).
+fn routed() -> Vec<(String, String)> {
+    let source = include_str!("../../src/routes/mod.rs");
+    let mut routes = Vec::new();
+    for call in source.split(".route(").skip(1) {
+        let line = call.lines().next().unwrap_or_default();
+        let Some((path, methods)) = line.split_once(", ") else { continue };
+        let path = match path {
+            "jobs" => "{jobs}".to_owned(),
+            p => p
+                .trim_start_matches("&format!(")
+                .trim_end_matches(')')
+                .trim_matches('"')
+                .replace("{{", "{")
+                .replace("}}", "}"),
+        };
+        let paths = match path.strip_prefix("{jobs}") {
+            Some(rest) => vec![format!("/v1/jobs{rest}"), format!("/jobs{rest}")],
+            None => vec![path],
+        };
+        for method in ["get", "post", "put", "delete", "patch"] {
+            if methods.starts_with(&format!("{method}(")) || methods.contains(&format!(".{method}(")) {
+                routes.extend(paths.iter().map(|p| (p.clone(), method.to_owned())));
+            }
+        }
+    }
+    routes
 }
 
 /// Asserts an error answer is JSON `{"error": {"code": code, "message": …}}`.
