@@ -7,6 +7,8 @@ use serde::{Deserialize, Serialize};
 
 /// A job id: a random UUID v4 (122 random bits), so ids cannot be guessed or enumerated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "openapi", schema(value_type = uuid::Uuid))]
 #[serde(transparent)]
 pub struct JobId(uuid::Uuid);
 
@@ -32,6 +34,8 @@ impl FromStr for JobId {
 /// A model name: 1–64 characters of `a-z`, `0-9`, `.`, `_`, `-`, starting with a letter or digit.
 /// The same string names the model's folder, its queue and its routing key, so it is kept strict.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "openapi", schema(value_type = String, pattern = "^[a-z0-9][a-z0-9._-]{0,63}$"))]
 #[serde(transparent)]
 pub struct ModelName(String);
 

@@ -7,6 +7,7 @@ use crate::{ErrorCode, JobId, ModelName, PredictionView, Task, UnixMillis};
 
 /// `queued → running → succeeded | failed | canceled`, `queued → canceled | expired`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum JobStatus {
     Queued,
@@ -52,12 +53,14 @@ impl JobStatus {
 
 /// Why a job failed, as the client sees it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct JobError {
     pub code: ErrorCode,
     pub message: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct JobMetrics {
     /// Time from acceptance to the start of the (last) run.
     pub queue_ms: Option<i64>,
@@ -67,30 +70,40 @@ pub struct JobMetrics {
 
 /// The job record of `GET /v1/jobs/{id}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = Job))]
 pub struct JobRecord {
     pub id: JobId,
     pub model: ModelName,
     pub status: JobStatus,
     #[serde(with = "rfc3339_millis")]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = DateTime))]
     pub created_at: UnixMillis,
     #[serde(with = "rfc3339_millis::option")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, format = DateTime))]
     pub started_at: Option<UnixMillis>,
     #[serde(with = "rfc3339_millis::option")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, format = DateTime))]
     pub completed_at: Option<UnixMillis>,
     pub attempts: u32,
+    /// The running job's last progress report, as its task reports it.
     pub progress: Option<serde_json::Value>,
+    /// The task's output, once succeeded (generated images: `images[]` with `url`, `size`, `sha256`).
     pub output: Option<serde_json::Value>,
     pub error: Option<JobError>,
     pub cached: bool,
     pub metrics: JobMetrics,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
     pub metadata: Option<serde_json::Value>,
     /// When a job not started by then ends `expired`.
     #[serde(default, with = "rfc3339_millis::option", skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, format = DateTime))]
     pub deadline_at: Option<UnixMillis>,
     /// When a job not finished by then is canceled, running or not (a finish-by time: the
     /// predictions API's `Cancel-After`). Enforced by the worker that runs it and by reads of it.
     #[serde(default, with = "rfc3339_millis::option", skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, format = DateTime))]
     pub cancel_at: Option<UnixMillis>,
     /// Where and how its events are delivered, when a webhook was given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -107,6 +120,7 @@ pub struct JobRecord {
 
 /// A job's webhook and the state of its deliveries.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct WebhookState {
     pub url: String,
     /// Which events are sent: `start`, `progress`, `completed` (always sent).
@@ -116,8 +130,10 @@ pub struct WebhookState {
     /// HTTP status of the last attempt (none when it got no answer).
     pub last_status: Option<u16>,
     #[serde(with = "rfc3339_millis::option")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, format = DateTime))]
     pub delivered_at: Option<UnixMillis>,
     #[serde(with = "rfc3339_millis::option")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, format = DateTime))]
     pub gave_up_at: Option<UnixMillis>,
     /// When set, each delivery's body is the job as a prediction (the predictions API's
     /// webhooks) instead of a Kiln event.
@@ -310,11 +326,13 @@ pub struct DeadLetter {
 
 /// A served model, as listed by `GET /v1/models`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ModelInfo {
     pub name: ModelName,
     pub version: String,
     pub task: Task,
     pub max_batch: usize,
+    /// JSON Schema of the task's input of `POST /v1/jobs`.
     pub input_schema: serde_json::Value,
     /// Workers that consumed this model's queue in the last seconds.
     #[serde(default)]

@@ -14,6 +14,7 @@ pub const OWNER: &str = "kiln";
 /// What showing a job as a prediction needs beyond its record: the absolute base of its URLs and
 /// its model's version. Kept with a job whose webhook sends predictions.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PredictionView {
     /// `scheme://host[:port]`, no trailing slash.
     pub base_url: String,
@@ -22,6 +23,7 @@ pub struct PredictionView {
 
 /// Replicate's prediction statuses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum PredictionStatus {
     Starting,
@@ -64,6 +66,7 @@ impl PredictionStatus {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PredictionMetrics {
     /// Seconds the (last) run took, once it finished.
     pub predict_time: Option<f64>,
@@ -71,7 +74,9 @@ pub struct PredictionMetrics {
     pub total_time: Option<f64>,
 }
 
+/// Absolute, under `KILN_PUBLIC_URL` or the request's origin.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PredictionUrls {
     pub get: String,
     pub cancel: String,
@@ -81,11 +86,14 @@ pub struct PredictionUrls {
 
 /// A job shown as a Replicate prediction.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Prediction {
     pub id: String,
     /// `kiln/<model>`.
     pub model: String,
     pub version: String,
+    /// queued: starting; running: processing; expired (not started by its deadline or
+    /// `Cancel-After`): canceled.
     pub status: PredictionStatus,
     /// The canonical input (defaults filled in): on the answer to a create; none later, as the
     /// job record does not keep it.
@@ -95,8 +103,11 @@ pub struct Prediction {
     pub logs: String,
     pub error: Option<String>,
     pub metrics: PredictionMetrics,
+    #[cfg_attr(feature = "openapi", schema(format = DateTime))]
     pub created_at: String,
+    #[cfg_attr(feature = "openapi", schema(format = DateTime))]
     pub started_at: Option<String>,
+    #[cfg_attr(feature = "openapi", schema(format = DateTime))]
     pub completed_at: Option<String>,
     pub urls: PredictionUrls,
     pub source: String,

@@ -29,6 +29,24 @@ const RESYNC: Duration = Duration::from_secs(5);
 
 type Tx = mpsc::Sender<Result<Event, Infallible>>;
 
+/// Server-sent events of a job
+///
+/// Events status, progress and completed, each with an id; the stream ends after completed (or
+/// once the job is over and nothing is left to send). Without Last-Event-ID it starts with the
+/// current state.
+#[utoipa::path(get, path = "/v1/jobs/{id}/events", operation_id = "job_events", tag = "jobs",
+    params(
+        ("id" = kiln_proto::JobId, Path, description = "The job's id."),
+        ("Last-Event-ID" = Option<String>, Header, description = "Resume after this event."),
+    ),
+    responses(
+        (status = 200, description = "text/event-stream", content_type = "text/event-stream", body = String,
+         example = "id: 1700000000000-0\nevent: status\ndata: {\"status\":\"running\",\"attempt\":1}\n\n"),
+        (status = 204, description = "A resume (Last-Event-ID) of a finished job whose completed event the client has: nothing left to send; an EventSource stops reconnecting"),
+        (status = 404, description = "job_not_found; not_found for a path parameter that is not UTF-8", body = kiln_proto::ApiErrorBody),
+        (status = 503, description = "store_unavailable, or overloaded: the gateway's event streams are all open (KILN_MAX_EVENT_STREAMS)", body = kiln_proto::ApiErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait before retrying."))),
+    ),
+)]
 pub async fn stream(
     State(state): State<AppState>,
     Extension(who): Extension<Principal>,

@@ -113,6 +113,30 @@ async fn take_slot(state: &AppState, who: &Principal, id: JobId) -> Result<Optio
     Ok(Some(tenant.clone()))
 }
 
+/// Submit a job
+#[utoipa::path(post, path = "/v1/jobs", operation_id = "submit_job", tag = "jobs",
+    params(
+        ("Idempotency-Key" = Option<String>, Header, max_length = 255,
+         description = "The same key with the same body returns the same job (for KILN_IDEMPOTENCY_TTL); with another body, 409 idempotency_key_reused."),
+        ("Prefer" = Option<String>, Header, example = "wait=10",
+         description = "wait=N (seconds, capped by KILN_MAX_WAIT): answer 200 with the finished job if it completes in time."),
+        ("Cancel-After" = Option<f64>, Header, description = "Seconds; a job not started by then ends expired (like deadline_s)."),
+    ),
+    request_body(content = super::openapi::JobRequest, content_type = "application/json"),
+    responses(
+        (status = 200, description = "Finished within Prefer: wait, or an idempotent repeat of a finished job", body = kiln_proto::JobRecord,
+         headers(("Location" = String, description = "/v1/jobs/{id}"), ("Preference-Applied" = String))),
+        (status = 202, description = "Accepted: durably queued", body = kiln_proto::JobRecord,
+         headers(("Location" = String, description = "/v1/jobs/{id}"))),
+        (status = 400, description = "malformed_json", body = kiln_proto::ApiErrorBody),
+        (status = 404, description = "model_not_found", body = kiln_proto::ApiErrorBody),
+        (status = 409, description = "idempotency_key_reused, idempotency_key_in_flight", body = kiln_proto::ApiErrorBody),
+        (status = 413, description = "payload_too_large", body = kiln_proto::ApiErrorBody),
+        (status = 415, description = "unsupported_media_type", body = kiln_proto::ApiErrorBody),
+        (status = 422, description = "invalid_request, invalid_input: the message names the field", body = kiln_proto::ApiErrorBody),
+        (status = 503, description = "broker_unavailable, store_unavailable, overloaded", body = kiln_proto::ApiErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait before retrying."))),
+    ),
+)]
 pub async fn submit(
     State(state): State<AppState>,
     Extension(who): Extension<Principal>,
@@ -462,6 +486,19 @@ pub struct GetParams {
     wait: Option<u64>,
 }
 
+/// A job's record
+#[utoipa::path(get, path = "/v1/jobs/{id}", operation_id = "get_job", tag = "jobs",
+    params(
+        ("id" = kiln_proto::JobId, Path, description = "The job's id."),
+        ("wait" = Option<u64>, Query, description = "Long-poll: return as soon as the job finishes, or after this many seconds."),
+    ),
+    responses(
+        (status = 200, description = "The record", body = kiln_proto::JobRecord),
+        (status = 404, description = "job_not_found; not_found for a path parameter that is not UTF-8", body = kiln_proto::ApiErrorBody),
+        (status = 422, description = "invalid_request: a malformed query parameter (wait not a whole number of seconds, or given twice)", body = kiln_proto::ApiErrorBody),
+        (status = 503, description = "store_unavailable, or overloaded: the gateway's long-polls are all taken (KILN_MAX_WAITERS)", body = kiln_proto::ApiErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait before retrying."))),
+    ),
+)]
 pub async fn get(
     State(state): State<AppState>,
     Extension(who): Extension<Principal>,
@@ -564,6 +601,18 @@ pub fn overdue(record: &JobRecord, now: kiln_proto::UnixMillis) -> bool {
     record.status == JobStatus::Queued && record.attempts == 0 && record.deadline_at.is_some_and(|d| d < now)
 }
 
+/// Cancel a queued or running job
+#[utoipa::path(post, path = "/v1/jobs/{id}/cancel", operation_id = "cancel_job", tag = "jobs",
+    params(
+        ("id" = kiln_proto::JobId, Path, description = "The job's id."),
+    ),
+    responses(
+        (status = 200, description = "Canceled", body = kiln_proto::JobRecord),
+        (status = 404, description = "job_not_found; not_found for a path parameter that is not UTF-8", body = kiln_proto::ApiErrorBody),
+        (status = 409, description = "job_finished: the job is already terminal", body = kiln_proto::ApiErrorBody),
+        (status = 503, description = "store_unavailable", body = kiln_proto::ApiErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait before retrying."))),
+    ),
+)]
 pub async fn cancel(
     State(state): State<AppState>,
     Extension(who): Extension<Principal>,

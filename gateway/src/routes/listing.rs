@@ -21,13 +21,21 @@ const DEFAULT_LIMIT: usize = 20;
 
 /// The query string as given; each parameter is checked below, so a bad one is named. An empty
 /// value is the same as none (`?status=&limit=10`).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ListParams {
+    #[param(value_type = Option<kiln_proto::JobStatus>)]
     status: Option<String>,
+    #[param(value_type = Option<String>)]
     model: Option<String>,
+    /// Jobs created strictly after this time: RFC 3339, or unix milliseconds.
+    #[param(example = "2026-12-01T10:00:00Z")]
     created_after: Option<String>,
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 100, default = 20)]
     limit: Option<String>,
+    /// next_cursor of the previous page, as it was given.
     cursor: Option<String>,
+    /// Admin keys: list only this tenant's jobs.
     tenant: Option<String>,
 }
 
@@ -37,6 +45,22 @@ pub struct Page {
     pub next_cursor: Option<String>,
 }
 
+/// List jobs, newest first
+///
+/// The caller's jobs (a tenant's key: its tenant's; an admin key: every tenant's, or tenant's),
+/// newest first by created_at, a page at a time: pass next_cursor back as cursor until it is null.
+/// Jobs created after the first page never show up in later pages; none is listed twice. Each
+/// record is what GET /v1/jobs/{id} answers. A page looks at a bounded number of jobs, so a
+/// selective filter can answer a short (even empty) page with a next_cursor. An empty parameter is
+/// the same as none.
+#[utoipa::path(get, path = "/v1/jobs", operation_id = "list_jobs", tag = "jobs",
+    params(ListParams),
+    responses(
+        (status = 200, description = "A page of jobs", body = super::openapi::JobList),
+        (status = 422, description = "invalid_request: the message names the parameter (status, model, created_after, limit, cursor, tenant; query for one given twice or not UTF-8)", body = kiln_proto::ApiErrorBody),
+        (status = 503, description = "store_unavailable", body = kiln_proto::ApiErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait before retrying."))),
+    ),
+)]
 pub async fn list(
     State(state): State<AppState>,
     Extension(who): Extension<Principal>,

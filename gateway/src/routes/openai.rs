@@ -131,6 +131,30 @@ fn texts(input: Option<&Value>) -> Result<Vec<String>, ApiError> {
 }
 
 /// `POST /v1/embeddings`.
+/// Embed texts (OpenAI-compatible)
+///
+/// OpenAI's embeddings API, served as an embedding job of the model (result cache, coalescing, the
+/// tenant's quotas) and answered on the request. The job is waited for up to KILN_OPENAI_WAIT
+/// (default 30 s); past it the answer is 504 wait_timeout with Retry-After while the job goes on,
+/// and a retry joins it or reads its result from the cache. usage counts the tokens the model saw
+/// (special tokens included, after truncation). Errors are in OpenAI's shape, with Kiln's stable
+/// code in error.code.
+#[utoipa::path(post, path = "/v1/embeddings", operation_id = "create_embeddings", tag = "openai",
+    request_body(content = super::openapi::EmbeddingsRequest, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The vectors, in the order of the input", body = super::openapi::EmbeddingsResponse,
+         headers(("Kiln-Job-Id" = kiln_proto::JobId, description = "The job that made them (GET /v1/jobs/{id})"))),
+        (status = 400, description = "malformed_json", body = super::openapi::OpenAIError),
+        (status = 404, description = "model_not_found (param: model)", body = super::openapi::OpenAIError),
+        (status = 409, description = "canceled, deadline_exceeded: the job was canceled (POST /v1/jobs/{id}/cancel) before it finished", body = super::openapi::OpenAIError),
+        (status = 413, description = "payload_too_large", body = super::openapi::OpenAIError),
+        (status = 415, description = "unsupported_media_type", body = super::openapi::OpenAIError),
+        (status = 422, description = "invalid_request (param names the field: input, model, encoding_format, dimensions, user; token-id input and dimensions on a model that does not support it are refused here), invalid_input (the worker refused the input)", body = super::openapi::OpenAIError),
+        (status = 502, description = "inference_failed, worker_lost, job_lost: the job failed; a retry runs it again", body = super::openapi::OpenAIError, headers(("Retry-After" = u64, description = "Seconds to wait before retrying."))),
+        (status = 503, description = "broker_unavailable, store_unavailable, overloaded (submissions or long-poll slots, KILN_MAX_WAITERS)", body = super::openapi::OpenAIError, headers(("Retry-After" = u64, description = "Seconds to wait before retrying."))),
+        (status = 504, description = "wait_timeout: the job did not finish within KILN_OPENAI_WAIT; it goes on, retry after Retry-After", body = super::openapi::OpenAIError, headers(("Retry-After" = u64, description = "Seconds to wait before retrying."))),
+    ),
+)]
 pub async fn embeddings(
     State(state): State<AppState>,
     Extension(who): Extension<Principal>,
@@ -246,6 +270,10 @@ fn base64_f32(vector: &[f32]) -> String {
 
 /// `GET /v1/models`: OpenAI's list shape, each entry carrying Kiln's description of the model
 /// as well (`name`, `version`, `task`, `max_batch`, `input_schema`, `workers`).
+#[utoipa::path(get, path = "/v1/models", operation_id = "list_models", tag = "openai",
+    summary = "Served models (OpenAI's list shape, with Kiln's details in each entry)",
+    responses((status = 200, description = "Every served model: task, version, max_batch, input JSON Schema, and the workers serving each", body = super::openapi::ModelList)),
+)]
 pub async fn models(State(state): State<AppState>) -> Json<Value> {
     let since = kiln_proto::now_millis() - WORKER_SEEN_WITHIN_MS;
     let mut data = Vec::new();

@@ -1,194 +1,170 @@
-//! `GET /openapi.json`: the OpenAPI 3.1 description of the HTTP API — every endpoint, header and
-//! error code, and the unversioned aliases of the job routes. Kept by hand next to the routes; a
-//! test checks it names every route and code.
+//! `GET /openapi.json`: the OpenAPI 3.1 description of the HTTP API, generated from the code with
+//! utoipa. Each handler's `#[utoipa::path]` says its method, path, parameters and headers, body and
+//! every status it answers; the wire types derive their schemas (kiln-proto's `openapi` feature).
+//! This file owns what is shared: the list of operations ([`ApiDoc`]), the schemas of the bodies
+//! the handlers parse by hand (no serde type to derive them from), and the [`Shared`] step: the
+//! bearer scheme with 401/403/429 on every keyed operation, the webhook callbacks, and the
+//! `/jobs…` aliases of the `/v1/jobs…` operations. A test checks that the document names every
+//! route of the router and every error code.
 
 use axum::Json;
-use kiln_proto::ErrorCode;
+use kiln_proto::{ErrorCode, Task};
 use serde_json::{Value, json};
+use utoipa::openapi::extensions::Extensions;
+use utoipa::openapi::header::HeaderBuilder;
+use utoipa::openapi::path::{Operation, PathItem};
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
+use utoipa::openapi::{ContentBuilder, ObjectBuilder, Ref, RefOr, ResponseBuilder, Type};
+use utoipa::{Modify, OpenApi};
+
+pub use bodies::*;
+
+use super::{events, jobs, listing, openai, outputs, predictions, system};
 
 pub async fn spec() -> Json<Value> {
     Json(document())
 }
 
-/// The OpenAI-compatible paths, whose errors are in OpenAI's shape (`OpenAIError`).
-const OPENAI_PATHS: [&str; 2] = ["/v1/embeddings", "/v1/models"];
-
-fn error_response(description: &str) -> Value {
-    error_of("Error", description)
-}
-
-fn retry_error(description: &str) -> Value {
-    with_retry(error_response(description))
-}
-
-/// An error answer whose body is the schema `schema` of the components.
-fn error_of(schema: &str, description: &str) -> Value {
-    json!({ "description": description, "content": { "application/json": { "schema": { "$ref": format!("#/components/schemas/{schema}") } } } })
-}
-
-fn with_retry(mut r: Value) -> Value {
-    r["headers"] = json!({ "Retry-After": { "$ref": "#/components/headers/Retry-After" } });
-    r
-}
-
-fn job_id() -> Value {
-    json!({ "name": "id", "in": "path", "required": true, "schema": { "type": "string", "format": "uuid" } })
-}
-
+/// The document, as `/openapi.json` answers it.
 pub fn document() -> Value {
-    let mut doc = routes();
-    openai(&mut doc);
-    predictions(&mut doc);
-    aliased(&mut doc);
-    secured(&mut doc);
+    let mut doc = serde_json::to_value(ApiDoc::openapi()).unwrap_or_else(|_| json!({}));
+    linked(&mut doc);
     doc
 }
 
-fn problem(description: &str) -> Value {
-    json!({ "description": description, "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Problem" } } } })
-}
-
-fn retry_problem(description: &str) -> Value {
-    let mut r = problem(description);
-    r["headers"] = json!({ "Retry-After": { "$ref": "#/components/headers/Retry-After" } });
-    r
-}
-
-/// The Replicate-compatible predictions API (routes/predictions.rs): predictions are Kiln jobs.
-fn predictions(doc: &mut Value) {
-    let prediction = json!({ "application/json": { "schema": { "$ref": "#/components/schemas/Prediction" } } });
-    let id = json!({ "name": "id", "in": "path", "required": true, "schema": { "type": "string" }, "description": "The prediction's id, which is its job's." });
-    let host = "invalid_request: the Host header is missing or malformed (and KILN_PUBLIC_URL is unset)";
-    let create = |summary: &str, extra: Vec<Value>, body: &str| {
-        let mut parameters = vec![
-            json!({ "name": "Prefer", "in": "header", "schema": { "type": "string", "example": "wait" },
-                    "description": "wait (60 s) or wait=N (seconds), capped by KILN_MAX_WAIT: hold the request until the prediction finishes. A wait that runs out answers status starting, as Replicate does." }),
-            json!({ "name": "Cancel-After", "in": "header", "schema": { "type": "string", "example": "1h30m" },
-                    "description": "A duration from creation (30s, 5m, 1h30m, 250ms; or seconds): the prediction is canceled if not finished by then, queued or running. Bad values: 422 naming Cancel-After." }),
-            json!({ "name": "Idempotency-Key", "in": "header", "schema": { "type": "string", "maxLength": 255 }, "description": "As for POST /v1/jobs." }),
-        ];
-        parameters.extend(extra);
-        json!({ "post": {
-            "summary": summary,
-            "parameters": parameters,
-            "requestBody": { "required": true, "content": { "application/json": { "schema": { "$ref": body } } } },
-            "responses": {
-                "201": { "description": "Created (a job, durably queued); finished already when the wait sufficed",
-                         "content": prediction.clone(),
-                         "headers": { "Location": { "schema": { "type": "string" }, "description": "urls.get" }, "Preference-Applied": { "schema": { "type": "string" } } } },
-                "400": problem("malformed_json"),
-                "404": problem("model_not_found: not a served model (kiln/<model>[:<served version>]); not_found for a path parameter that is not UTF-8"),
-                "409": problem("idempotency_key_reused, idempotency_key_in_flight"),
-                "413": problem("payload_too_large"),
-                "415": problem("unsupported_media_type"),
-                "422": problem("invalid_request, invalid_input: the message names the field or header"),
-                "503": retry_problem("broker_unavailable, store_unavailable, overloaded"),
-            },
-            "callbacks": { "webhook": { "{$request.body#/webhook}": { "post": {
-                "summary": "The prediction (Standard Webhooks: webhook-id, webhook-timestamp, webhook-signature)",
-                "requestBody": { "content": prediction.clone() },
-                "responses": { "2XX": { "description": "Delivered; anything else is retried with backoff" } }
-            } } } }
-        } })
-    };
-    let owner = json!({ "name": "owner", "in": "path", "required": true, "schema": { "type": "string" }, "description": "kiln" });
-    let name = json!({ "name": "name", "in": "path", "required": true, "schema": { "type": "string" }, "description": "A served model (GET /v1/models)" });
-    let Some(paths) = doc["paths"].as_object_mut() else { return };
-    paths.insert(
-        "/v1/predictions".into(),
-        create(
-            "Create a prediction (Replicate-compatible): a Kiln job",
-            vec![],
-            "#/components/schemas/PredictionRequest",
-        ),
-    );
-    paths.insert(
-        "/v1/models/{owner}/{name}/predictions".into(),
-        create(
-            "Create a prediction of the model in the path",
-            vec![owner, name],
-            "#/components/schemas/ModelPredictionRequest",
-        ),
-    );
-    let list_parameters = paths["/v1/jobs"]["get"]["parameters"].clone();
-    paths["/v1/predictions"]["get"] = json!({
-        "summary": "List predictions, newest first (Replicate-compatible)",
-        "description": "The caller's predictions (every job is one), as GET /v1/jobs lists them and with its parameters, in Replicate's page shape: results, and next, the absolute URL of the next page (null on the last); previous is always null.",
-        "parameters": list_parameters,
-        "responses": {
-            "200": { "description": "A page of predictions", "content": { "application/json": { "schema": { "type": "object", "required": ["previous", "next", "results"], "properties": {
-                "previous": { "type": "null" },
-                "next": { "type": ["string", "null"], "format": "uri" },
-                "results": { "type": "array", "items": { "$ref": "#/components/schemas/Prediction" } } } } } } },
-            "422": problem("invalid_request: the message names the parameter (status, model, created_after, limit, cursor, tenant; Host when KILN_PUBLIC_URL is unset)"),
-            "503": retry_problem("store_unavailable")
+/// OpenAPI links from the answers that make a job to the operations that take its id, so that
+/// clients (and the fuzzer's stateful phase) can follow a created job to its record, cancel and
+/// events. In the JSON: utoipa 5 has no typed links.
+fn linked(doc: &mut Value) {
+    let to = |operation: &str| json!({ "operationId": operation, "parameters": { "id": "$response.body#/id" } });
+    let job = json!({ "GetJob": to("get_job"), "CancelJob": to("cancel_job"), "JobEvents": to("job_events") });
+    let prediction = json!({ "GetPrediction": to("get_prediction"), "CancelPrediction": to("cancel_prediction") });
+    for (path, links) in [
+        ("/v1/jobs", &job),
+        ("/jobs", &job),
+        ("/v1/predictions", &prediction),
+        ("/v1/models/{owner}/{name}/predictions", &prediction),
+    ] {
+        let Some(responses) = doc["paths"][path]["post"]["responses"].as_object_mut() else { continue };
+        for (status, response) in responses.iter_mut() {
+            if status.starts_with('2') {
+                response["links"] = links.clone();
+            }
         }
-    });
-    paths.insert("/v1/predictions/{id}".into(), json!({ "get": {
-        "summary": "A prediction",
-        "parameters": [ id.clone() ],
-        "responses": { "200": { "description": "The prediction", "content": prediction.clone() },
-                       "404": problem("job_not_found (another tenant's too); not_found for a path parameter that is not UTF-8"),
-                       "422": problem(host), "503": retry_problem("store_unavailable") }
-    } }));
-    paths.insert("/v1/predictions/{id}/cancel".into(), json!({ "post": {
-        "summary": "Cancel a prediction: a queued one never runs, a running one stops within one step; a finished one is answered as it is",
-        "parameters": [ id ],
-        "responses": { "200": { "description": "The prediction", "content": prediction },
-                       "404": problem("job_not_found (another tenant's too); not_found for a path parameter that is not UTF-8"),
-                       "422": problem(host), "503": retry_problem("store_unavailable") }
-    } }));
-    let schemas = &mut doc["components"]["schemas"];
-    let webhook = json!({
-        "webhook": { "type": "string", "format": "uri", "description": "Receives the prediction, signed (Standard Webhooks); internal addresses are refused." },
-        "webhook_completed": { "type": "string", "format": "uri", "description": "A webhook for the completed event only." },
-        "webhook_events_filter": { "type": "array", "items": { "enum": ["start", "output", "logs", "completed"] }, "description": "Default: all; completed is always sent." },
-        "stream": { "type": "boolean", "description": "Accepted; urls.stream is always given (Kiln's job events)." },
-    });
-    let mut request = json!({ "type": "object", "required": ["version", "input"], "additionalProperties": false, "properties": {
-        "version": { "type": "string", "example": "kiln/all-minilm-l6-v2", "description": "kiln/<model> or <model>, optionally :<version> (the served one)" },
-        "input": { "description": "The model's task input; see GET /v1/models" },
-    } });
-    let mut for_model = json!({ "type": "object", "required": ["input"], "additionalProperties": false, "properties": {
-        "input": { "description": "The model's task input; see GET /v1/models" },
-    } });
-    for (k, v) in webhook.as_object().into_iter().flatten() {
-        request["properties"][k] = v.clone();
-        for_model["properties"][k] = v.clone();
     }
-    schemas["PredictionRequest"] = request;
-    schemas["ModelPredictionRequest"] = for_model;
-    let time = json!({ "type": ["string", "null"], "format": "date-time" });
-    schemas["Prediction"] = json!({ "type": "object", "required": ["id", "model", "version", "status", "urls"], "properties": {
-        "id": { "type": "string" }, "model": { "type": "string", "description": "kiln/<model>" }, "version": { "type": "string" },
-        "status": { "enum": ["starting", "processing", "succeeded", "failed", "canceled"],
-                    "description": "queued: starting; running: processing; expired (not started by its deadline or Cancel-After): canceled" },
-        "input": { "description": "Echoed on the create answer; null later" },
-        "output": { "description": "Generated files as a list of absolute URLs; other outputs as the job's" },
-        "logs": { "type": "string" }, "error": { "type": ["string", "null"] },
-        "metrics": { "type": "object", "properties": { "predict_time": { "type": ["number", "null"] }, "total_time": { "type": ["number", "null"] } } },
-        "created_at": { "type": "string", "format": "date-time" }, "started_at": time.clone(), "completed_at": time,
-        "urls": { "type": "object", "description": "Absolute, under KILN_PUBLIC_URL or the request's origin",
-                  "properties": { "get": { "type": "string" }, "cancel": { "type": "string" }, "stream": { "type": "string" } } },
-        "source": { "type": "string" }, "data_removed": { "type": "boolean" }
-    } });
-    schemas["Problem"] = json!({ "allOf": [ { "$ref": "#/components/schemas/Error" }, {
-        "type": "object", "required": ["title", "status", "detail"],
-        "description": "Problem details (RFC 9457) as Replicate's clients read them, next to Kiln's error object",
-        "properties": { "title": { "type": "string" }, "status": { "type": "integer" }, "detail": { "type": "string" } } } ] });
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Kiln", description = "Inference jobs: submit, then poll, wait, stream events, or receive signed webhooks."),
+    paths(
+        jobs::submit, listing::list, jobs::get, jobs::cancel, events::stream, outputs::get,
+        predictions::create, predictions::create_for_model, predictions::list, predictions::get, predictions::cancel,
+        openai::models, openai::embeddings,
+        system::healthz, system::readyz, system::metrics, spec_doc,
+    ),
+    components(schemas(ErrorCode, Task, WebhookPayload)),
+    modifiers(&Shared),
+)]
+struct ApiDoc;
+
+/// `GET /openapi.json` (the handler is [`spec`]; this is its description).
+#[utoipa::path(get, path = "/openapi.json", operation_id = "openapi", tag = "system",
+    responses((status = 200, description = "OpenAPI 3.1", body = Object)))]
+#[allow(dead_code)]
+fn spec_doc() {}
+
+/// The OpenAI-compatible paths, whose errors are in OpenAI's shape (`OpenAIError`).
+const OPENAI_PATHS: [&str; 2] = ["/v1/embeddings", "/v1/models"];
+
+/// The description's shared parts, added to what the handlers' annotations say.
+struct Shared;
+
+impl Modify for Shared {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        callbacks(doc);
+        secured(doc);
+        aliased(doc);
+    }
+}
+
+fn operations(item: &mut PathItem) -> impl Iterator<Item = &mut Operation> {
+    [&mut item.get, &mut item.post, &mut item.put, &mut item.delete, &mut item.patch].into_iter().flatten()
+}
+
+fn retry_after() -> utoipa::openapi::header::Header {
+    HeaderBuilder::new()
+        .schema(ObjectBuilder::new().schema_type(Type::Integer))
+        .description(Some("Seconds to wait before retrying."))
+        .build()
+}
+
+fn string_header(description: &str) -> utoipa::openapi::header::Header {
+    HeaderBuilder::new()
+        .schema(ObjectBuilder::new().schema_type(Type::String))
+        .description((!description.is_empty()).then(|| description.to_owned()))
+        .build()
+}
+
+/// Every `/v1` operation (and so its `/jobs` alias) needs a key (`KILN_AUTH=keys`, the default of
+/// `kiln gateway`) and can be refused for it or over a limit.
+fn secured(doc: &mut utoipa::openapi::OpenApi) {
+    let components = doc.components.get_or_insert_with(Default::default);
+    components.security_schemes.insert(
+        "bearer".into(),
+        SecurityScheme::Http(
+            HttpBuilder::new()
+                .scheme(HttpAuthScheme::Bearer)
+                .description(Some(
+                    "An API key, `kiln_<id>_<secret>` (`kiln keys create`). Not needed when the gateway runs with KILN_AUTH=off.",
+                ))
+                .build(),
+        ),
+    );
+    for (path, item) in doc.paths.paths.iter_mut().filter(|(p, _)| p.starts_with("/v1/")) {
+        let schema = if OPENAI_PATHS.contains(&path.as_str()) { "OpenAIError" } else { "Error" };
+        let response = |description: &str| {
+            ResponseBuilder::new()
+                .description(description)
+                .content("application/json", ContentBuilder::new().schema(Some(Ref::from_schema_name(schema))).build())
+        };
+        let challenge = || string_header("");
+        let unauthorized = response("unauthorized: no key, or one malformed, unknown, revoked or expired")
+            .header("WWW-Authenticate", challenge())
+            .build();
+        let forbidden = response(
+            "forbidden: the key lacks this route's scope (jobs:submit, jobs:read, admin; admin to list another tenant's jobs)",
+        )
+        .header("WWW-Authenticate", challenge())
+        .build();
+        let limited = response(
+            "rate_limited (the tenant's request rate), quota_exceeded (jobs in flight, compute-seconds per hour)",
+        )
+        .header("Retry-After", retry_after())
+        .header("RateLimit-Policy", string_header("e.g. \"requests\";q=100;w=2"))
+        .header("RateLimit", string_header("e.g. \"requests\";r=0;t=1"))
+        .build();
+        for op in operations(item) {
+            op.security = Some(vec![SecurityRequirement::new("bearer", Vec::<String>::new())]);
+            let responses = &mut op.responses.responses;
+            responses.insert("401".into(), RefOr::T(unauthorized.clone()));
+            responses.insert("403".into(), RefOr::T(forbidden.clone()));
+            responses.insert("429".into(), RefOr::T(limited.clone()));
+        }
+    }
 }
 
 /// `/jobs…` answers as `/v1/jobs…` does (the same handlers and scopes).
-fn aliased(doc: &mut Value) {
-    let Some(paths) = doc["paths"].as_object_mut() else { return };
-    let aliases: Vec<(String, Value)> = paths
+fn aliased(doc: &mut utoipa::openapi::OpenApi) {
+    let paths = &mut doc.paths.paths;
+    let aliases: Vec<(String, PathItem)> = paths
         .iter()
         .filter_map(|(path, item)| {
             let alias = path.strip_prefix("/v1").filter(|p| p.starts_with("/jobs"))?;
             let mut item = item.clone();
-            for op in item.as_object_mut()?.values_mut() {
-                let summary = op["summary"].as_str().unwrap_or_default();
-                op["summary"] = json!(format!("{summary} (alias of {path})"));
+            for op in operations(&mut item) {
+                op.summary = Some(format!("{} (alias of {path})", op.summary.as_deref().unwrap_or_default()));
+                op.operation_id = op.operation_id.as_ref().map(|id| format!("{id}_alias"));
             }
             Some((alias.to_owned(), item))
         })
@@ -196,260 +172,322 @@ fn aliased(doc: &mut Value) {
     paths.extend(aliases);
 }
 
-/// Every `/v1` operation (and its `/jobs` alias) needs a key (`KILN_AUTH=keys`, the default of
-/// `kiln gateway`) and can be refused for it or over a limit.
-fn secured(doc: &mut Value) {
-    doc["components"]["securitySchemes"] = json!({ "bearer": {
-        "type": "http", "scheme": "bearer",
-        "description": "An API key, `kiln_<id>_<secret>` (`kiln keys create`). Not needed when the gateway runs with KILN_AUTH=off."
-    } });
-    let refusals = |schema: &str| {
-        let mut limited = with_retry(error_of(
-            schema,
-            "rate_limited (the tenant's request rate), quota_exceeded (jobs in flight, compute-seconds per hour)",
-        ));
-        limited["headers"]["RateLimit-Policy"] =
-            json!({ "schema": { "type": "string" }, "description": "e.g. \"requests\";q=100;w=2" });
-        limited["headers"]["RateLimit"] =
-            json!({ "schema": { "type": "string" }, "description": "e.g. \"requests\";r=0;t=1" });
-        let challenge = json!({ "WWW-Authenticate": { "schema": { "type": "string" } } });
-        let mut unauthorized = error_of(schema, "unauthorized: no key, or one malformed, unknown, revoked or expired");
-        unauthorized["headers"] = challenge.clone();
-        let mut forbidden = error_of(
-            schema,
-            "forbidden: the key lacks this route's scope (jobs:submit, jobs:read, admin; admin to list another tenant's jobs)",
-        );
-        forbidden["headers"] = challenge;
-        (unauthorized, forbidden, limited)
-    };
-    let Some(paths) = doc["paths"].as_object_mut() else { return };
-    for (path, item) in paths.iter_mut().filter(|(p, _)| p.starts_with("/v1/") || p.starts_with("/jobs")) {
-        let schema = if OPENAI_PATHS.contains(&path.as_str()) { "OpenAIError" } else { "Error" };
-        let (unauthorized, forbidden, limited) = refusals(schema);
-        let Some(ops) = item.as_object_mut() else { continue };
-        for op in ops.values_mut().filter(|op| op.get("responses").is_some()) {
-            op["security"] = json!([{ "bearer": [] }]);
-            op["responses"]["401"] = unauthorized.clone();
-            op["responses"]["403"] = forbidden.clone();
-            op["responses"]["429"] = limited.clone();
+/// The webhooks, as OpenAPI callbacks of the operations that take one (utoipa has no typed
+/// callbacks: they are the operation's `callbacks` member, set as raw JSON).
+fn callbacks(doc: &mut utoipa::openapi::OpenApi) {
+    let json_of = |schema: &str| json!({ "application/json": { "schema": { "$ref": format!("#/components/schemas/{schema}") } } });
+    let job = json!({ "webhook": { "{$request.body#/webhook}": { "post": {
+        "summary": "Job event (Standard Webhooks)",
+        "parameters": [
+            { "name": "webhook-id", "in": "header", "required": true, "schema": { "type": "string" }, "description": "Stable across retries of one event." },
+            { "name": "webhook-timestamp", "in": "header", "required": true, "schema": { "type": "integer" }, "description": "Unix seconds of the event." },
+            { "name": "webhook-signature", "in": "header", "required": true, "schema": { "type": "string" },
+              "description": "v1,<base64 HMAC-SHA256 of \"{webhook-id}.{webhook-timestamp}.{body}\"> with the whsec_ secret." }
+        ],
+        "requestBody": { "content": json_of("WebhookPayload") },
+        "responses": { "2XX": { "description": "Delivered; anything else is retried with backoff, honouring Retry-After" } }
+    } } } });
+    let prediction = json!({ "webhook": { "{$request.body#/webhook}": { "post": {
+        "summary": "The prediction (Standard Webhooks: webhook-id, webhook-timestamp, webhook-signature)",
+        "requestBody": { "content": json_of("Prediction") },
+        "responses": { "2XX": { "description": "Delivered; anything else is retried with backoff" } }
+    } } } });
+    for (path, callback) in [
+        ("/v1/jobs", job),
+        ("/v1/predictions", prediction.clone()),
+        ("/v1/models/{owner}/{name}/predictions", prediction),
+    ] {
+        if let Some(op) = doc.paths.paths.get_mut(path).and_then(|item| item.post.as_mut()) {
+            op.extensions.get_or_insert_with(Extensions::default).insert("callbacks".into(), callback);
         }
     }
 }
 
-/// The OpenAI-compatible routes (`routes::openai`): `POST /v1/embeddings`, and `GET /v1/models`
-/// in OpenAI's list shape.
-fn openai(doc: &mut Value) {
-    let codes: Vec<&str> = ErrorCode::ALL.iter().map(|c| c.as_str()).collect();
-    let err = |description: &str| error_of("OpenAIError", description);
-    doc["paths"]["/v1/embeddings"] = json!({ "post": {
-        "summary": "Embed texts (OpenAI-compatible)",
-        "description": "OpenAI's embeddings API, served as an embedding job of the model (result cache, coalescing, the tenant's quotas) and answered on the request. The job is waited for up to KILN_OPENAI_WAIT (default 30 s); past it the answer is 504 wait_timeout with Retry-After while the job goes on, and a retry joins it or reads its result from the cache. usage counts the tokens the model saw (special tokens included, after truncation). Errors are in OpenAI's shape, with Kiln's stable code in error.code.",
-        "requestBody": { "required": true, "content": { "application/json": { "schema": { "$ref": "#/components/schemas/EmbeddingsRequest" } } } },
-        "responses": {
-            "200": { "description": "The vectors, in the order of the input",
-                     "headers": { "Kiln-Job-Id": { "schema": { "type": "string", "format": "uuid" }, "description": "The job that made them (GET /v1/jobs/{id})" } },
-                     "content": { "application/json": { "schema": { "$ref": "#/components/schemas/EmbeddingsResponse" } } } },
-            "400": err("malformed_json"),
-            "404": err("model_not_found (param: model)"),
-            "409": err("canceled, deadline_exceeded: the job was canceled (POST /v1/jobs/{id}/cancel) before it finished"),
-            "413": err("payload_too_large"),
-            "415": err("unsupported_media_type"),
-            "422": err("invalid_request (param names the field: input, model, encoding_format, dimensions, user; token-id input and dimensions on a model that does not support it are refused here), invalid_input (the worker refused the input)"),
-            "502": with_retry(err("inference_failed, worker_lost, job_lost: the job failed; a retry runs it again")),
-            "503": with_retry(err("broker_unavailable, store_unavailable, overloaded (submissions or long-poll slots, KILN_MAX_WAITERS)")),
-            "504": with_retry(err("wait_timeout: the job did not finish within KILN_OPENAI_WAIT; it goes on, retry after Retry-After")),
-        }
-    } });
-    doc["paths"]["/v1/models"] = json!({ "get": {
-        "summary": "Served models (OpenAI's list shape, with Kiln's details in each entry)",
-        "responses": { "200": { "description": "Every served model",
-                                "content": { "application/json": { "schema": { "$ref": "#/components/schemas/ModelList" } } } } }
-    } });
-    let schemas = &mut doc["components"]["schemas"];
-    schemas["OpenAIError"] = json!({ "type": "object", "required": ["error"], "properties": { "error": { "type": "object",
-        "required": ["message", "type", "param", "code"], "properties": {
-            "message": { "type": "string" },
-            "type": { "enum": ["invalid_request_error", "authentication_error", "permission_error", "rate_limit_error", "insufficient_quota", "server_error"] },
-            "param": { "type": ["string", "null"], "description": "The request field at fault, when one is" },
-            "code": { "type": "string", "enum": codes, "description": "Kiln's stable error code" } } } } });
-    schemas["EmbeddingsRequest"] = json!({ "type": "object", "required": ["input", "model"], "additionalProperties": false, "properties": {
-        "input": { "oneOf": [ { "type": "string" }, { "type": "array", "minItems": 1, "items": { "type": "string" } } ],
-                   "description": "A text or a list of texts (at most the model's limits.max_texts, each at most limits.max_text_chars). Token ids are refused with 422." },
-        "model": { "type": "string", "description": "An embedding model of GET /v1/models" },
-        "encoding_format": { "enum": ["float", "base64"], "description": "float (the default): JSON numbers; base64: the little-endian f32 bytes of each vector, base64-encoded" },
-        "dimensions": { "type": "integer", "minimum": 1, "description": "Only for models whose [embedding] sets matryoshka = true (none served by default): the vector is cut to this length and normalised again. Elsewhere 422, param dimensions." },
-        "user": { "type": "string", "description": "Accepted and ignored" }
-    } });
-    schemas["EmbeddingsResponse"] = json!({ "type": "object", "required": ["object", "data", "model", "usage"], "properties": {
-        "object": { "const": "list" },
-        "data": { "type": "array", "items": { "type": "object", "required": ["object", "index", "embedding"], "properties": {
-            "object": { "const": "embedding" }, "index": { "type": "integer" },
-            "embedding": { "oneOf": [ { "type": "array", "items": { "type": "number" } }, { "type": "string", "contentEncoding": "base64" } ] } } } },
-        "model": { "type": "string" },
-        "usage": { "type": "object", "required": ["prompt_tokens", "total_tokens"], "properties": {
-            "prompt_tokens": { "type": "integer" }, "total_tokens": { "type": "integer" } } }
-    } });
-    schemas["ModelList"] = json!({ "type": "object", "required": ["object", "data"], "properties": {
-        "object": { "const": "list" },
-        "data": { "type": "array", "items": { "type": "object", "required": ["id", "object", "created", "owned_by"], "properties": {
-            "id": { "type": "string" }, "object": { "const": "model" },
-            "created": { "type": "integer", "description": "Always 0: Kiln does not know when a model was made" },
-            "owned_by": { "const": "kiln" },
-            "name": { "type": "string", "description": "Kiln's name of the model (= id)" }, "version": { "type": "string" },
-            "task": { "enum": ["embedding", "image-generation", "text-to-image"] }, "max_batch": { "type": "integer" },
-            "input_schema": { "description": "JSON Schema of the task's input of POST /v1/jobs" },
-            "workers": { "type": "array", "items": { "type": "string" }, "description": "Workers that consumed the model's queue in the last 20 s" } } } }
-    } });
-}
+// The bodies the handlers parse by hand (field by field, so that each error names its field):
+// their shapes for the document.
+// Never built: they are read by the derive only.
+#[allow(dead_code)]
+mod bodies {
+    use kiln_proto::{ApiErrorBody, ErrorCode};
+    use serde::Serialize;
+    use serde_json::Value;
+    use utoipa::ToSchema;
 
-fn routes() -> Value {
-    let codes: Vec<&str> = ErrorCode::ALL.iter().map(|c| c.as_str()).collect();
-    let job = json!({ "$ref": "#/components/schemas/Job" });
-    let job_content = json!({ "application/json": { "schema": job } });
-    json!({
-        "openapi": "3.1.0",
-        "info": {
-            "title": "Kiln",
-            "version": env!("CARGO_PKG_VERSION"),
-            "description": "Inference jobs: submit, then poll, wait, stream events, or receive signed webhooks.",
-        },
-        "paths": {
-            "/v1/jobs": { "post": {
-                "summary": "Submit a job",
-                "parameters": [
-                    { "name": "Idempotency-Key", "in": "header", "schema": { "type": "string", "maxLength": 255 },
-                      "description": "The same key with the same body returns the same job (for KILN_IDEMPOTENCY_TTL); with another body, 409 idempotency_key_reused." },
-                    { "name": "Prefer", "in": "header", "schema": { "type": "string", "example": "wait=10" },
-                      "description": "wait=N (seconds, capped by KILN_MAX_WAIT): answer 200 with the finished job if it completes in time." },
-                    { "name": "Cancel-After", "in": "header", "schema": { "type": "number" },
-                      "description": "Seconds; a job not started by then ends expired (like deadline_s)." }
-                ],
-                "requestBody": { "required": true, "content": { "application/json": { "schema": { "$ref": "#/components/schemas/JobRequest" } } } },
-                "responses": {
-                    "200": { "description": "Finished within Prefer: wait, or an idempotent repeat of a finished job", "content": job_content,
-                             "headers": { "Location": { "$ref": "#/components/headers/Location" }, "Preference-Applied": { "schema": { "type": "string" } } } },
-                    "202": { "description": "Accepted: durably queued", "content": job_content,
-                             "headers": { "Location": { "$ref": "#/components/headers/Location" } } },
-                    "400": error_response("malformed_json"),
-                    "404": error_response("model_not_found"),
-                    "409": error_response("idempotency_key_reused, idempotency_key_in_flight"),
-                    "413": error_response("payload_too_large"),
-                    "415": error_response("unsupported_media_type"),
-                    "422": error_response("invalid_request, invalid_input: the message names the field"),
-                    "503": retry_error("broker_unavailable, store_unavailable, overloaded"),
-                },
-                "callbacks": { "webhook": { "{$request.body#/webhook}": { "post": {
-                    "summary": "Job event (Standard Webhooks)",
-                    "parameters": [
-                        { "name": "webhook-id", "in": "header", "required": true, "schema": { "type": "string" }, "description": "Stable across retries of one event." },
-                        { "name": "webhook-timestamp", "in": "header", "required": true, "schema": { "type": "integer" }, "description": "Unix seconds of the event." },
-                        { "name": "webhook-signature", "in": "header", "required": true, "schema": { "type": "string" },
-                          "description": "v1,<base64 HMAC-SHA256 of \"{webhook-id}.{webhook-timestamp}.{body}\"> with the whsec_ secret." }
-                    ],
-                    "requestBody": { "content": { "application/json": { "schema": { "$ref": "#/components/schemas/WebhookPayload" } } } },
-                    "responses": { "2XX": { "description": "Delivered; anything else is retried with backoff, honouring Retry-After" } }
-                } } } }
-            }, "get": {
-                "summary": "List jobs, newest first",
-                "description": "The caller's jobs (a tenant's key: its tenant's; an admin key: every tenant's, or tenant's), newest first by created_at, a page at a time: pass next_cursor back as cursor until it is null. Jobs created after the first page never show up in later pages; none is listed twice. Each record is what GET /v1/jobs/{id} answers. A page looks at a bounded number of jobs, so a selective filter can answer a short (even empty) page with a next_cursor. An empty parameter is the same as none.",
-                "parameters": [
-                    { "name": "status", "in": "query", "schema": { "enum": ["queued", "running", "succeeded", "failed", "canceled", "expired"] } },
-                    { "name": "model", "in": "query", "schema": { "type": "string" } },
-                    { "name": "created_after", "in": "query", "schema": { "type": "string", "example": "2026-12-01T10:00:00Z" },
-                      "description": "Jobs created strictly after this time: RFC 3339, or unix milliseconds." },
-                    { "name": "limit", "in": "query", "schema": { "type": "integer", "minimum": 1, "maximum": 100, "default": 20 } },
-                    { "name": "cursor", "in": "query", "schema": { "type": "string" }, "description": "next_cursor of the previous page, as it was given." },
-                    { "name": "tenant", "in": "query", "schema": { "type": "string" }, "description": "Admin keys: list only this tenant's jobs." }
-                ],
-                "responses": {
-                    "200": { "description": "A page of jobs", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/JobList" } } } },
-                    "422": error_response("invalid_request: the message names the parameter (status, model, created_after, limit, cursor, tenant; query for one given twice or not UTF-8)"),
-                    "503": retry_error("store_unavailable")
-                }
-            } },
-            "/v1/jobs/{id}": { "get": {
-                "summary": "A job's record",
-                "parameters": [ job_id(), { "name": "wait", "in": "query", "schema": { "type": "integer", "minimum": 0 },
-                                            "description": "Long-poll: return as soon as the job finishes, or after this many seconds." } ],
-                "responses": { "200": { "description": "The record", "content": job_content }, "404": error_response("job_not_found; not_found for a path parameter that is not UTF-8"),
-                               "422": error_response("invalid_request: a malformed query parameter (wait not a whole number of seconds, or given twice)"),
-                               "503": retry_error("store_unavailable, or overloaded: the gateway's long-polls are all taken (KILN_MAX_WAITERS)") }
-            } },
-            "/v1/jobs/{id}/cancel": { "post": {
-                "summary": "Cancel a queued or running job",
-                "parameters": [ job_id() ],
-                "responses": { "200": { "description": "Canceled", "content": job_content }, "404": error_response("job_not_found; not_found for a path parameter that is not UTF-8"),
-                               "409": error_response("job_finished: the job is already terminal"), "503": retry_error("store_unavailable") }
-            } },
-            "/v1/jobs/{id}/events": { "get": {
-                "summary": "Server-sent events of a job",
-                "description": "Events status, progress and completed, each with an id; the stream ends after completed (or once the job is over and nothing is left to send). Without Last-Event-ID it starts with the current state.",
-                "parameters": [ job_id(), { "name": "Last-Event-ID", "in": "header", "schema": { "type": "string" }, "description": "Resume after this event." } ],
-                "responses": { "200": { "description": "text/event-stream", "content": { "text/event-stream": { "schema": { "type": "string" } } } },
-                               "204": { "description": "A resume (Last-Event-ID) of a finished job whose completed event the client has: nothing left to send; an EventSource stops reconnecting" },
-                               "404": error_response("job_not_found; not_found for a path parameter that is not UTF-8"),
-                               "503": retry_error("store_unavailable, or overloaded: the gateway's event streams are all open (KILN_MAX_EVENT_STREAMS)") }
-            } },
-            "/v1/jobs/{id}/outputs/{name}": { "get": {
-                "summary": "A job's output file (a generated image)",
-                "description": "Listed in the job's output as images[].url with size and sha256. Strong ETag = the sha256; If-None-Match answers 304. Outputs expire with the job.",
-                "parameters": [ job_id(), { "name": "name", "in": "path", "required": true, "schema": { "type": "string", "pattern": "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$" } },
-                                { "name": "If-None-Match", "in": "header", "schema": { "type": "string" } } ],
-                "responses": { "200": { "description": "The file, with Content-Type, Content-Length and ETag",
-                                        "headers": { "ETag": { "schema": { "type": "string" } } },
-                                        "content": { "image/png": { "schema": { "type": "string", "format": "binary" } } } },
-                               "304": { "description": "Not modified" },
-                               "404": error_response("job_not_found, output_not_found; not_found for a path parameter that is not UTF-8"), "503": retry_error("store_unavailable") }
-            } },
-            "/v1/models": { "get": { "summary": "Served models", "responses": { "200": { "description": "Models with task, version, max_batch, input JSON Schema, and the workers serving each" } } } },
-            "/healthz": { "get": { "summary": "Liveness", "responses": { "200": { "description": "Alive" } } } },
-            "/readyz": { "get": { "summary": "Readiness", "responses": { "200": { "description": "Broker and store reachable, not draining",
-                                                            "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Readiness" } } } }, "503": { "description": "Not ready: a dependency is down, or the gateway is draining. The body says which (not an Error)",
-                                                   "headers": { "Retry-After": { "$ref": "#/components/headers/Retry-After" } },
-                                                   "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Readiness" } } } } } } },
-            "/metrics": { "get": { "summary": "Prometheus metrics of this process (text format 0.0.4)", "responses": { "200": { "description": "kiln_gateway_* series (and kiln_worker_* where a worker runs in the same process)" } } } },
-            "/openapi.json": { "get": { "summary": "This document", "responses": { "200": { "description": "OpenAPI 3.1" } } } },
-        },
-        "components": {
-            "headers": {
-                "Location": { "schema": { "type": "string" }, "description": "/v1/jobs/{id}" },
-                "Retry-After": { "schema": { "type": "integer" }, "description": "Seconds to wait before retrying." }
-            },
-            "schemas": {
-                "Error": { "type": "object", "required": ["error"], "properties": { "error": { "type": "object", "required": ["code", "message"], "properties": {
-                    "code": { "type": "string", "enum": codes }, "message": { "type": "string" } } } } },
-                "JobRequest": { "type": "object", "required": ["model", "input"], "additionalProperties": false, "properties": {
-                    "model": { "type": "string" },
-                    "input": { "description": "The model's task input; see GET /v1/models" },
-                    "metadata": { "type": "object", "description": "Echoed back on the record; at most 4 KiB." },
-                    "deadline_s": { "type": "number", "exclusiveMinimum": 0, "description": "Expire the job if not started within this many seconds." },
-                    "webhook": { "type": "string", "format": "uri", "description": "Receives signed job events; internal addresses are refused." },
-                    "webhook_events": { "type": "array", "items": { "enum": ["start", "progress", "completed"] }, "description": "completed is always sent." },
-                    "cache": { "type": "boolean", "description": "false: never answered from the result cache nor coalesced onto an identical job (default true)." }
-                } },
-                "Job": { "type": "object", "properties": {
-                    "id": { "type": "string", "format": "uuid" }, "model": { "type": "string" },
-                    "status": { "enum": ["queued", "running", "succeeded", "failed", "canceled", "expired"] },
-                    "created_at": { "type": "string", "format": "date-time" }, "started_at": { "type": ["string", "null"] }, "completed_at": { "type": ["string", "null"] },
-                    "attempts": { "type": "integer" }, "progress": {}, "output": {}, "error": { "oneOf": [ { "type": "null" }, { "$ref": "#/components/schemas/JobError" } ] },
-                    "cached": { "type": "boolean" },
-                    "metrics": { "type": "object", "properties": { "queue_ms": { "type": ["integer", "null"] }, "run_ms": { "type": ["integer", "null"] } } },
-                    "metadata": { "type": "object" }, "deadline_at": { "type": "string", "format": "date-time" },
-                    "webhook": { "type": "object", "properties": { "url": { "type": "string" }, "events": { "type": "array" }, "attempts": { "type": "integer" },
-                                 "last_status": { "type": ["integer", "null"] }, "delivered_at": { "type": ["string", "null"] }, "gave_up_at": { "type": ["string", "null"] } } }
-                } },
-                "JobList": { "type": "object", "required": ["data", "next_cursor"], "properties": {
-                    "data": { "type": "array", "items": { "$ref": "#/components/schemas/Job" } },
-                    "next_cursor": { "type": ["string", "null"], "description": "Where the next page starts; null after the last." } } },
-                "Readiness": { "type": "object", "required": ["status", "draining", "checks"], "properties": {
-                    "status": { "enum": ["ready", "not_ready"] }, "draining": { "type": "boolean" },
-                    "checks": { "type": "object", "description": "broker and store: ok, or a stable word saying why not (the error itself is in the log)",
-                                "properties": { "broker": { "type": "string" }, "store": { "type": "string" } } } } },
-                "JobError": { "type": "object", "properties": { "code": { "type": "string", "enum": codes }, "message": { "type": "string" } } },
-                "WebhookPayload": { "type": "object", "properties": {
-                    "type": { "enum": ["job.started", "job.progress", "job.completed"] }, "timestamp": { "type": "string", "format": "date-time" },
-                    "data": { "$ref": "#/components/schemas/Job" } } }
-            }
-        }
-    })
+    /// `POST /v1/jobs`.
+    #[derive(Serialize, ToSchema)]
+    #[serde(deny_unknown_fields)]
+    #[schema(example = json!({ "model": "all-minilm-l6-v2", "input": { "texts": ["hello world"] }, "metadata": { "ticket": 42 } }))]
+    pub struct JobRequest {
+        /// A served model (GET /v1/models).
+        model: String,
+        /// The model's task input; see GET /v1/models.
+        input: Value,
+        /// Echoed back on the record; at most 4 KiB.
+        #[schema(value_type = Option<Object>)]
+        metadata: Option<Value>,
+        /// Expire the job if not started within this many seconds.
+        #[schema(exclusive_minimum = 0.0)]
+        deadline_s: Option<f64>,
+        /// Receives signed job events; internal addresses are refused.
+        #[schema(format = "uri")]
+        webhook: Option<String>,
+        /// completed is always sent.
+        webhook_events: Option<Vec<JobWebhookEvent>>,
+        /// false: never answered from the result cache nor coalesced onto an identical job (default true).
+        cache: Option<bool>,
+    }
+
+    #[derive(Serialize, ToSchema)]
+    #[serde(rename_all = "snake_case")]
+    pub enum JobWebhookEvent {
+        Start,
+        Progress,
+        Completed,
+    }
+
+    /// What a job's webhook receives.
+    #[derive(Serialize, ToSchema)]
+    pub struct WebhookPayload {
+        #[serde(rename = "type")]
+        kind: WebhookPayloadType,
+        #[schema(format = DateTime)]
+        timestamp: String,
+        data: kiln_proto::JobRecord,
+    }
+
+    #[derive(Serialize, ToSchema)]
+    pub enum WebhookPayloadType {
+        #[serde(rename = "job.started")]
+        Started,
+        #[serde(rename = "job.progress")]
+        Progress,
+        #[serde(rename = "job.completed")]
+        Completed,
+    }
+
+    /// A page of `GET /v1/jobs`.
+    #[derive(Serialize, ToSchema)]
+    pub struct JobList {
+        data: Vec<kiln_proto::JobRecord>,
+        /// Where the next page starts; null after the last.
+        next_cursor: Option<String>,
+    }
+
+    /// A page of `GET /v1/predictions`, in Replicate's shape.
+    #[derive(Serialize, ToSchema)]
+    pub struct PredictionList {
+        /// Always null: pages go forwards.
+        #[schema(value_type = Option<String>)]
+        previous: Option<String>,
+        /// The absolute URL of the next page (the same query, the next `cursor`); null after the last.
+        #[schema(format = "uri")]
+        next: Option<String>,
+        results: Vec<kiln_proto::Prediction>,
+    }
+
+    /// `GET /readyz`.
+    #[derive(Serialize, ToSchema)]
+    pub struct Readiness {
+        status: ReadinessStatus,
+        draining: bool,
+        checks: ReadinessChecks,
+    }
+
+    #[derive(Serialize, ToSchema)]
+    #[serde(rename_all = "snake_case")]
+    pub enum ReadinessStatus {
+        Ready,
+        NotReady,
+    }
+
+    /// broker and store: ok, or a stable word saying why not (the error itself is in the log).
+    #[derive(Serialize, ToSchema)]
+    pub struct ReadinessChecks {
+        broker: String,
+        store: String,
+    }
+
+    /// `GET /healthz`.
+    #[derive(Serialize, ToSchema)]
+    pub struct Health {
+        #[schema(example = "ok")]
+        status: String,
+    }
+
+    /// An error of the OpenAI-compatible routes, in OpenAI's shape.
+    #[derive(Serialize, ToSchema)]
+    pub struct OpenAIError {
+        error: OpenAIErrorDetail,
+    }
+
+    #[derive(Serialize, ToSchema)]
+    pub struct OpenAIErrorDetail {
+        message: String,
+        #[serde(rename = "type")]
+        kind: OpenAIErrorType,
+        /// The request field at fault, when one is.
+        param: Option<String>,
+        /// Kiln's stable error code.
+        code: ErrorCode,
+    }
+
+    #[derive(Serialize, ToSchema)]
+    #[serde(rename_all = "snake_case")]
+    pub enum OpenAIErrorType {
+        InvalidRequestError,
+        AuthenticationError,
+        PermissionError,
+        RateLimitError,
+        InsufficientQuota,
+        ServerError,
+    }
+
+    /// `POST /v1/embeddings` (OpenAI's shape).
+    #[derive(Serialize, ToSchema)]
+    #[serde(deny_unknown_fields)]
+    #[schema(example = json!({ "model": "all-minilm-l6-v2", "input": ["hello world", "goodbye"] }))]
+    pub struct EmbeddingsRequest {
+        input: EmbeddingsInput,
+        /// An embedding model of GET /v1/models.
+        model: String,
+        /// float (the default): JSON numbers; base64: the little-endian f32 bytes of each vector,
+        /// base64-encoded.
+        encoding_format: Option<EncodingFormat>,
+        /// Only for models whose [embedding] sets matryoshka = true (none served by default): the
+        /// vector is cut to this length and normalised again. Elsewhere 422, param dimensions.
+        #[schema(minimum = 1)]
+        dimensions: Option<u32>,
+        /// Accepted and ignored.
+        user: Option<String>,
+    }
+
+    /// A text or a list of texts (at most the model's limits.max_texts, each at most
+    /// limits.max_text_chars). Token ids are refused with 422.
+    #[derive(Serialize, ToSchema)]
+    #[serde(untagged)]
+    pub enum EmbeddingsInput {
+        One(String),
+        Many(Vec<String>),
+    }
+
+    #[derive(Serialize, ToSchema)]
+    #[serde(rename_all = "snake_case")]
+    pub enum EncodingFormat {
+        Float,
+        Base64,
+    }
+
+    #[derive(Serialize, ToSchema)]
+    pub struct EmbeddingsResponse {
+        #[schema(value_type = String, example = "list")]
+        object: &'static str,
+        data: Vec<EmbeddingEntry>,
+        model: String,
+        usage: EmbeddingsUsage,
+    }
+
+    #[derive(Serialize, ToSchema)]
+    pub struct EmbeddingEntry {
+        #[schema(value_type = String, example = "embedding")]
+        object: &'static str,
+        index: u32,
+        embedding: EmbeddingVector,
+    }
+
+    /// The vector: JSON numbers, or (encoding_format base64) its little-endian f32 bytes.
+    #[derive(Serialize, ToSchema)]
+    #[serde(untagged)]
+    pub enum EmbeddingVector {
+        Float(Vec<f32>),
+        Base64(String),
+    }
+
+    /// The tokens the model saw (special tokens included, after truncation).
+    #[derive(Serialize, ToSchema)]
+    pub struct EmbeddingsUsage {
+        prompt_tokens: u64,
+        total_tokens: u64,
+    }
+
+    /// `GET /v1/models`: OpenAI's list shape.
+    #[derive(Serialize, ToSchema)]
+    pub struct ModelList {
+        #[schema(value_type = String, example = "list")]
+        object: &'static str,
+        data: Vec<ModelEntry>,
+    }
+
+    /// A served model: OpenAI's fields and Kiln's description of it.
+    #[derive(Serialize, ToSchema)]
+    pub struct ModelEntry {
+        id: String,
+        #[schema(value_type = String, example = "model")]
+        object: &'static str,
+        /// Always 0: Kiln does not know when a model was made.
+        created: u64,
+        #[schema(value_type = String, example = "kiln")]
+        owned_by: &'static str,
+        #[serde(flatten)]
+        info: kiln_proto::ModelInfo,
+    }
+
+    /// Problem details (RFC 9457) as Replicate's clients read them, next to Kiln's error object.
+    #[derive(Serialize, ToSchema)]
+    pub struct Problem {
+        #[serde(flatten)]
+        error: ApiErrorBody,
+        title: String,
+        status: u16,
+        detail: String,
+    }
+
+    /// `POST /v1/predictions` (Replicate's shape).
+    #[derive(Serialize, ToSchema)]
+    #[serde(deny_unknown_fields)]
+    #[schema(example = json!({ "version": "kiln/all-minilm-l6-v2", "input": { "texts": ["hello world"] } }))]
+    pub struct PredictionRequest {
+        /// kiln/<model> or <model>, optionally :<version> (the served one).
+        #[schema(example = "kiln/all-minilm-l6-v2")]
+        version: String,
+        /// The model's task input; see GET /v1/models.
+        input: Value,
+        /// Receives the prediction, signed (Standard Webhooks); internal addresses are refused.
+        #[schema(format = "uri")]
+        webhook: Option<String>,
+        /// A webhook for the completed event only.
+        #[schema(format = "uri")]
+        webhook_completed: Option<String>,
+        /// Default: all; completed is always sent.
+        webhook_events_filter: Option<Vec<PredictionWebhookEvent>>,
+        /// Accepted; urls.stream is always given (Kiln's job events).
+        stream: Option<bool>,
+    }
+
+    /// `POST /v1/models/{owner}/{name}/predictions`: as `POST /v1/predictions`, the model in the path.
+    #[derive(Serialize, ToSchema)]
+    #[serde(deny_unknown_fields)]
+    #[schema(example = json!({ "input": { "texts": ["hello world"] }, "webhook_events_filter": ["completed"] }))]
+    pub struct ModelPredictionRequest {
+        /// The model's task input; see GET /v1/models.
+        input: Value,
+        /// Receives the prediction, signed (Standard Webhooks); internal addresses are refused.
+        #[schema(format = "uri")]
+        webhook: Option<String>,
+        /// A webhook for the completed event only.
+        #[schema(format = "uri")]
+        webhook_completed: Option<String>,
+        /// Default: all; completed is always sent.
+        webhook_events_filter: Option<Vec<PredictionWebhookEvent>>,
+        /// Accepted; urls.stream is always given (Kiln's job events).
+        stream: Option<bool>,
+    }
+
+    #[derive(Serialize, ToSchema)]
+    #[serde(rename_all = "snake_case")]
+    pub enum PredictionWebhookEvent {
+        Start,
+        Output,
+        Logs,
+        Completed,
+    }
 }

@@ -15,6 +15,24 @@ use crate::auth::Principal;
 use crate::error::ApiError;
 use crate::state::AppState;
 
+/// A job's output file (a generated image)
+///
+/// Listed in the job's output as images[].url with size and sha256. Strong ETag = the sha256;
+/// If-None-Match answers 304. Outputs expire with the job.
+#[utoipa::path(get, path = "/v1/jobs/{id}/outputs/{name}", operation_id = "job_output", tag = "jobs",
+    params(
+        ("id" = kiln_proto::JobId, Path, description = "The job's id."),
+        ("name" = String, Path, pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$", description = "The output's name, as in its url."),
+        ("If-None-Match" = Option<String>, Header, description = "The ETag of a copy the client has."),
+    ),
+    responses(
+        (status = 200, description = "The file, with Content-Type, Content-Length and ETag", content_type = "image/png", body = Vec<u8>,
+         headers(("ETag" = String, description = "The file's sha256, quoted"))),
+        (status = 304, description = "Not modified"),
+        (status = 404, description = "job_not_found, output_not_found; not_found for a path parameter that is not UTF-8", body = kiln_proto::ApiErrorBody),
+        (status = 503, description = "store_unavailable", body = kiln_proto::ApiErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait before retrying."))),
+    ),
+)]
 pub async fn get(
     State(state): State<AppState>,
     Extension(who): Extension<Principal>,

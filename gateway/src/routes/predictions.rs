@@ -208,6 +208,28 @@ fn object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
 }
 
 /// `POST /v1/predictions`: `{"version": "kiln/<model>[:<version>]", "input": {..}, "webhook"?, ..}`.
+#[utoipa::path(post, path = "/v1/predictions", operation_id = "create_prediction", tag = "predictions",
+    summary = "Create a prediction (Replicate-compatible): a Kiln job",
+    params(
+        ("Prefer" = Option<String>, Header, example = "wait",
+         description = "wait (60 s) or wait=N (seconds), capped by KILN_MAX_WAIT: hold the request until the prediction finishes. A wait that runs out answers status starting, as Replicate does."),
+        ("Cancel-After" = Option<String>, Header, example = "1h30m",
+         description = "A duration from creation (30s, 5m, 1h30m, 250ms; or seconds): the prediction is canceled if not finished by then, queued or running. Bad values: 422 naming Cancel-After."),
+        ("Idempotency-Key" = Option<String>, Header, max_length = 255, description = "As for POST /v1/jobs."),
+    ),
+    request_body(content = super::openapi::PredictionRequest, content_type = "application/json"),
+    responses(
+        (status = 201, description = "Created (a job, durably queued); finished already when the wait sufficed", body = kiln_proto::Prediction,
+         headers(("Location" = String, description = "urls.get"), ("Preference-Applied" = String))),
+        (status = 400, description = "malformed_json", body = super::openapi::Problem),
+        (status = 404, description = "model_not_found: not a served model (kiln/<model>[:<served version>]); not_found for a path parameter that is not UTF-8", body = super::openapi::Problem),
+        (status = 409, description = "idempotency_key_reused, idempotency_key_in_flight", body = super::openapi::Problem),
+        (status = 413, description = "payload_too_large", body = super::openapi::Problem),
+        (status = 415, description = "unsupported_media_type", body = super::openapi::Problem),
+        (status = 422, description = "invalid_request, invalid_input: the message names the field or header", body = super::openapi::Problem),
+        (status = 503, description = "broker_unavailable, store_unavailable, overloaded", body = super::openapi::Problem, headers(("Retry-After" = u64, description = "Seconds to wait before retrying."))),
+    ),
+)]
 pub async fn create(
     State(state): State<AppState>,
     Extension(who): Extension<Principal>,
@@ -227,6 +249,30 @@ pub async fn create(
 
 /// `POST /v1/models/{owner}/{name}/predictions`: the model in the path, the rest as for
 /// `POST /v1/predictions` without `version`.
+#[utoipa::path(post, path = "/v1/models/{owner}/{name}/predictions", operation_id = "create_model_prediction", tag = "predictions",
+    summary = "Create a prediction of the model in the path",
+    params(
+        ("owner" = String, Path, description = "kiln"),
+        ("name" = String, Path, description = "A served model (GET /v1/models)"),
+        ("Prefer" = Option<String>, Header, example = "wait",
+         description = "wait (60 s) or wait=N (seconds), capped by KILN_MAX_WAIT: hold the request until the prediction finishes. A wait that runs out answers status starting, as Replicate does."),
+        ("Cancel-After" = Option<String>, Header, example = "1h30m",
+         description = "A duration from creation (30s, 5m, 1h30m, 250ms; or seconds): the prediction is canceled if not finished by then, queued or running. Bad values: 422 naming Cancel-After."),
+        ("Idempotency-Key" = Option<String>, Header, max_length = 255, description = "As for POST /v1/jobs."),
+    ),
+    request_body(content = super::openapi::ModelPredictionRequest, content_type = "application/json"),
+    responses(
+        (status = 201, description = "Created (a job, durably queued); finished already when the wait sufficed", body = kiln_proto::Prediction,
+         headers(("Location" = String, description = "urls.get"), ("Preference-Applied" = String))),
+        (status = 400, description = "malformed_json", body = super::openapi::Problem),
+        (status = 404, description = "model_not_found: not a served model (kiln/<model>[:<served version>]); not_found for a path parameter that is not UTF-8", body = super::openapi::Problem),
+        (status = 409, description = "idempotency_key_reused, idempotency_key_in_flight", body = super::openapi::Problem),
+        (status = 413, description = "payload_too_large", body = super::openapi::Problem),
+        (status = 415, description = "unsupported_media_type", body = super::openapi::Problem),
+        (status = 422, description = "invalid_request, invalid_input: the message names the field or header", body = super::openapi::Problem),
+        (status = 503, description = "broker_unavailable, store_unavailable, overloaded", body = super::openapi::Problem, headers(("Retry-After" = u64, description = "Seconds to wait before retrying."))),
+    ),
+)]
 pub async fn create_for_model(
     State(state): State<AppState>,
     Extension(who): Extension<Principal>,
@@ -283,6 +329,17 @@ async fn start(
 /// Replicate's page shape: `results`, `next` the absolute URL of the next page (the same query
 /// with the next `cursor`), `previous` always null (pages go forwards). Takes the parameters of
 /// `GET /v1/jobs` (`limit` default 20, `status` in Kiln's names, `model`, `created_after`).
+#[utoipa::path(get, path = "/v1/predictions", operation_id = "list_predictions", tag = "predictions",
+    summary = "List predictions, newest first (Replicate-compatible)",
+    description = "The caller's predictions (every job is one), as GET /v1/jobs lists them and with its parameters, in Replicate's page shape: results, and next, the absolute URL of the next page (null on the last); previous is always null.",
+    params(ListParams),
+    responses(
+        (status = 200, description = "A page of predictions", body = super::openapi::PredictionList),
+        (status = 403, description = "forbidden: another tenant's listing (tenant) needs an admin key", body = super::openapi::Problem),
+        (status = 422, description = "invalid_request: the message names the parameter (status, model, created_after, limit, cursor, tenant; Host when KILN_PUBLIC_URL is unset)", body = super::openapi::Problem),
+        (status = 503, description = "store_unavailable", body = super::openapi::Problem, headers(("Retry-After" = u64, description = "Seconds to wait before retrying."))),
+    ),
+)]
 pub async fn list(
     State(state): State<AppState>,
     Extension(who): Extension<Principal>,
@@ -303,6 +360,18 @@ pub async fn list(
 }
 
 /// `GET /v1/predictions/{id}`.
+#[utoipa::path(get, path = "/v1/predictions/{id}", operation_id = "get_prediction", tag = "predictions",
+    summary = "A prediction",
+    params(
+        ("id" = String, Path, description = "The prediction's id, which is its job's."),
+    ),
+    responses(
+        (status = 200, description = "The prediction", body = kiln_proto::Prediction),
+        (status = 404, description = "job_not_found (another tenant's too); not_found for a path parameter that is not UTF-8", body = super::openapi::Problem),
+        (status = 422, description = "invalid_request: the Host header is missing or malformed (and KILN_PUBLIC_URL is unset)", body = super::openapi::Problem),
+        (status = 503, description = "store_unavailable", body = super::openapi::Problem, headers(("Retry-After" = u64, description = "Seconds to wait before retrying."))),
+    ),
+)]
 pub async fn get(
     State(state): State<AppState>,
     Extension(who): Extension<Principal>,
@@ -316,6 +385,18 @@ pub async fn get(
 
 /// `POST /v1/predictions/{id}/cancel`: cancels a queued or running prediction (a running one
 /// stops within one step); a finished one is answered as it is, as Replicate does.
+#[utoipa::path(post, path = "/v1/predictions/{id}/cancel", operation_id = "cancel_prediction", tag = "predictions",
+    summary = "Cancel a prediction: a queued one never runs, a running one stops within one step; a finished one is answered as it is",
+    params(
+        ("id" = String, Path, description = "The prediction's id, which is its job's."),
+    ),
+    responses(
+        (status = 200, description = "The prediction", body = kiln_proto::Prediction),
+        (status = 404, description = "job_not_found (another tenant's too); not_found for a path parameter that is not UTF-8", body = super::openapi::Problem),
+        (status = 422, description = "invalid_request: the Host header is missing or malformed (and KILN_PUBLIC_URL is unset)", body = super::openapi::Problem),
+        (status = 503, description = "store_unavailable", body = super::openapi::Problem, headers(("Retry-After" = u64, description = "Seconds to wait before retrying."))),
+    ),
+)]
 pub async fn cancel(
     State(state): State<AppState>,
     Extension(who): Extension<Principal>,

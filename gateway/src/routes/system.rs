@@ -8,10 +8,21 @@ use serde_json::json;
 
 use crate::state::AppState;
 
+/// Liveness
+#[utoipa::path(get, path = "/healthz", operation_id = "healthz", tag = "system",
+    responses((status = 200, description = "Alive", body = super::openapi::Health)))]
 pub async fn healthz() -> Json<serde_json::Value> {
     Json(json!({ "status": "ok" }))
 }
 
+/// Readiness
+#[utoipa::path(get, path = "/readyz", operation_id = "readyz", tag = "system",
+    responses(
+        (status = 200, description = "Broker and store reachable, not draining", body = super::openapi::Readiness),
+        (status = 503, description = "Not ready: a dependency is down, or the gateway is draining. The body says which (not an Error)",
+         body = super::openapi::Readiness, headers(("Retry-After" = u64, description = "Seconds to wait before retrying."))),
+    ),
+)]
 pub async fn readyz(State(state): State<AppState>) -> Response {
     let timeout = state.config.ready_timeout;
     // The answer says which dependency is down, in a stable word; why is in the gateway's log
@@ -53,6 +64,11 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
 }
 
 /// Prometheus text exposition of this process's metrics.
+#[utoipa::path(get, path = "/metrics", operation_id = "metrics", tag = "system",
+    summary = "Prometheus metrics of this process (text format 0.0.4)",
+    responses((status = 200, description = "kiln_gateway_* series (and kiln_worker_* where a worker runs in the same process)",
+               content_type = "text/plain", body = String)),
+)]
 pub async fn metrics() -> impl axum::response::IntoResponse {
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], kiln_common::telemetry::prometheus().render())
 }

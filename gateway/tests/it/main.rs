@@ -110,6 +110,11 @@ async fn openapi_describes_every_route_header_and_error_code() {
         ("/readyz", "get"),
         ("/openapi.json", "get"),
         ("/metrics", "get"),
+        ("/v1/predictions", "post"),
+        ("/v1/predictions", "get"),
+        ("/v1/models/{owner}/{name}/predictions", "post"),
+        ("/v1/predictions/{id}", "get"),
+        ("/v1/predictions/{id}/cancel", "post"),
     ] {
         assert!(doc["paths"][path][method].is_object(), "{method} {path} is not described");
     }
@@ -126,7 +131,55 @@ async fn openapi_describes_every_route_header_and_error_code() {
     ] {
         assert!(text.contains(header), "header {header} is not described");
     }
-    let codes = &doc["components"]["schemas"]["Error"]["properties"]["error"]["properties"]["code"]["enum"];
+    // Every documented operation is a route of the router: called, it is never answered as an
+    // unknown route or method (whatever else it answers without a body or a real job).
+    let s = state();
+    let mut described = 0;
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        let uri = path
+            .replace("{id}", "e3e70682-c209-1cac-a29f-6fbed82c07cd")
+            .replace("{name}", "x")
+            .replace("{owner}", "kiln");
+        for method in item.as_object().unwrap().keys() {
+            described += 1;
+            let req = Request::builder().method(method.to_uppercase().as_str()).uri(&uri);
+            let (status, _, body) = call(&s, req.body(Body::empty()).unwrap()).await;
+            assert!(
+                !matches!(body["error"]["code"].as_str(), Some("not_found" | "method_not_allowed")),
+                "{method} {path} is described but not routed: {status} {body}"
+            );
+            let op = &doc["paths"][path][method];
+            assert!(op["operationId"].is_string(), "{method} {path} has no operationId");
+            let responses = op["responses"].as_object().unwrap();
+            assert!(responses.keys().any(|k| k.starts_with('2')), "{method} {path} has no success answer");
+            assert!(responses.values().all(|r| r["description"].is_string()), "{method} {path}: {op}");
+            if path.starts_with("/v1/") || path.starts_with("/jobs") {
+                for refused in ["401", "403", "429"] {
+                    assert!(responses.contains_key(refused), "{method} {path} does not describe {refused}");
+                }
+            }
+        }
+    }
+    assert_eq!(described, 23, "the document's operations changed: update the list above");
+    // A created job links to the operations that take its id.
+    for status in ["200", "202"] {
+        let links = &doc["paths"]["/v1/jobs"]["post"]["responses"][status]["links"];
+        assert_eq!(links["GetJob"]["operationId"], "get_job", "{links}");
+        assert_eq!(links["CancelJob"]["parameters"]["id"], "$response.body#/id", "{links}");
+    }
+    // And every route of the router is described (read from the route table's source).
+    let routed = routed();
+    assert!(routed.len() >= 20, "read only {routed:?} from routes/mod.rs");
+    for (path, method) in &routed {
+        assert!(doc["paths"][path][method].is_object(), "{method} {path} is routed but not described");
+    }
+    // The codes of both error shapes are the one table's.
+    let schemas = &doc["components"]["schemas"];
+    assert_eq!(schemas["Error"]["properties"]["error"]["$ref"], "#/components/schemas/ErrorDetail");
+    assert_eq!(schemas["ErrorDetail"]["properties"]["code"]["$ref"], "#/components/schemas/ErrorCode");
+    assert_eq!(schemas["OpenAIErrorDetail"]["properties"]["code"]["$ref"], "#/components/schemas/ErrorCode");
+    let codes = &schemas["ErrorCode"]["enum"];
+    assert_eq!(codes.as_array().unwrap().len(), kiln_proto::ErrorCode::ALL.len());
     for code in kiln_proto::ErrorCode::ALL {
         assert!(
             codes.as_array().unwrap().iter().any(|c| c == code.as_str()),
@@ -134,6 +187,36 @@ async fn openapi_describes_every_route_header_and_error_code() {
             code.as_str()
         );
     }
+}
+
+/// The `(path, method)` pairs the router registers, read from its table in routes/mod.rs
+/// (`.route(path, get(..).post(..))`; `{jobs}` stands for `/v1/jobs` and its `/jobs` alias).
+fn routed() -> Vec<(String, String)> {
+    let source = include_str!("../../src/routes/mod.rs");
+    let mut routes = Vec::new();
+    for call in source.split(".route(").skip(1) {
+        let line = call.lines().next().unwrap_or_default();
+        let Some((path, methods)) = line.split_once(", ") else { continue };
+        let path = match path {
+            "jobs" => "{jobs}".to_owned(),
+            p => p
+                .trim_start_matches("&format!(")
+                .trim_end_matches(')')
+                .trim_matches('"')
+                .replace("{{", "{")
+                .replace("}}", "}"),
+        };
+        let paths = match path.strip_prefix("{jobs}") {
+            Some(rest) => vec![format!("/v1/jobs{rest}"), format!("/jobs{rest}")],
+            None => vec![path],
+        };
+        for method in ["get", "post", "put", "delete", "patch"] {
+            if methods.starts_with(&format!("{method}(")) || methods.contains(&format!(".{method}(")) {
+                routes.extend(paths.iter().map(|p| (p.clone(), method.to_owned())));
+            }
+        }
+    }
+    routes
 }
 
 /// Asserts an error answer is JSON `{"error": {"code": code, "message": …}}`.
