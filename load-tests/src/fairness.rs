@@ -48,7 +48,7 @@ pub struct Fairness {
 }
 
 pub async fn run(args: &Args, http: &reqwest::Client, prefix: &str, corpus: &Arc<Corpus>) -> anyhow::Result<Fairness> {
-    let phase = args.duration * 3;
+    let phase = args.duration * 2;
     // Keys on, and limits out of the way: the flood is meant to reach the queue.
     let unlimited = [
         ("KILN_AUTH", "keys"),

@@ -120,7 +120,7 @@ fn estimate(args: &Args, cores: usize) -> Duration {
         s += d / 2.0 + 10.0;
     }
     if args.wants("fair") {
-        s += 12.0 * d + 40.0;
+        s += 8.0 * d + 40.0;
     }
     if args.wants("images") {
         s += 4.0 * d + 15.0;
