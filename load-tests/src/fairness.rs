@@ -32,6 +32,8 @@ pub const FLOOD_LOW: u32 = 2000;
 /// Jobs per top-up, and the clients that submit them.
 const FLOOD_TOP_UP: usize = 1000;
 const FLOOD_CLIENTS: usize = 16;
+/// Tries of one flood job that is answered 503.
+const FLOOD_RETRIES: usize = 10;
 
 pub struct Fairness {
     pub alone: Samples,
@@ -166,11 +168,20 @@ impl Flood {
                             false,
                         ));
                         async move {
-                            let r = req.send().await?;
-                            if r.status() != 202 {
-                                bail!("a flood job answered {}: {}", r.status(), r.text().await.unwrap_or_default());
+                            // A 503 is retried after its Retry-After, as a client that floods would.
+                            for _ in 0..FLOOD_RETRIES {
+                                let r = req.try_clone().context("a flood request")?.send().await?;
+                                match r.status().as_u16() {
+                                    202 => return Ok(()),
+                                    503 => {
+                                        let wait = r.headers().get("retry-after").and_then(|v| v.to_str().ok());
+                                        let wait = wait.and_then(|v| v.parse().ok()).unwrap_or(1);
+                                        tokio::time::sleep(Duration::from_secs(wait)).await;
+                                    }
+                                    s => bail!("a flood job answered {s}: {}", r.text().await.unwrap_or_default()),
+                                }
                             }
-                            Ok(())
+                            bail!("a flood job answered 503 {FLOOD_RETRIES} times")
                         }
                     })
                     .buffer_unordered(FLOOD_CLIENTS)

@@ -263,6 +263,9 @@ pub struct AmqpBroker {
     legacy: std::sync::Mutex<BTreeSet<String>>,
     /// Tenants' lanes this process declared; a publish to one of them declares nothing.
     lanes: std::sync::Mutex<HashSet<Lane>>,
+    /// Held while a lane is declared: a burst of first publishes to a new lane declares it once,
+    /// and none of them publishes before the declaration is done.
+    declaring: Mutex<()>,
 }
 
 #[derive(Default)]
@@ -283,6 +286,7 @@ impl AmqpBroker {
             fast: std::sync::Mutex::new(None),
             legacy: std::sync::Mutex::new(BTreeSet::new()),
             lanes: std::sync::Mutex::new(HashSet::new()),
+            declaring: Mutex::new(()),
         }
     }
 
@@ -305,20 +309,25 @@ impl AmqpBroker {
     /// Makes a tenant's lane the first time this process uses it (the shared lanes are part of
     /// the topology).
     async fn ensure_lane(&self, lane: &Lane) -> Result<(), BrokerError> {
-        if lane.tenant().is_none() || self.lanes.lock().expect("lanes lock").contains(lane) {
+        let known = || lane.tenant().is_none() || self.lanes.lock().expect("lanes lock").contains(lane);
+        if known() {
+            return Ok(());
+        }
+        let _declaring = self.declaring.lock().await;
+        if known() {
             return Ok(());
         }
         let conn = {
             let mut link = self.link.lock().await;
             self.connection(&mut link).await?
         };
-        let known = self.legacy.lock().expect("legacy lock").clone();
+        let legacy = self.legacy.lock().expect("legacy lock").clone();
         let mut ch = conn.create_channel().await?;
         // The exchange the lane is bound to (the rest of the topology is not the lane's).
         let durable_x = ExchangeDeclareOptions { durable: true, ..Default::default() };
         let exchange = self.config.topology.exchange();
         ch.exchange_declare(exchange.as_str().into(), ExchangeKind::Direct, durable_x, FieldTable::default()).await?;
-        let found = self.config.topology.declare_lanes(&conn, &mut ch, std::slice::from_ref(lane), &known).await?;
+        let found = self.config.topology.declare_lanes(&conn, &mut ch, std::slice::from_ref(lane), &legacy).await?;
         let _ = ch.close(200, "declared".into()).await;
         self.found_legacy(found);
         self.lanes.lock().expect("lanes lock").insert(lane.clone());
