@@ -195,10 +195,15 @@ struct Fair {
 
 impl Fair {
     fn tag(&mut self, tenant: &str, tokens: usize) -> u64 {
-        let end = self.ends.get(tenant).copied().unwrap_or(0);
-        let start = end.max(self.now);
-        self.ends.insert(tenant.to_owned(), start + tokens.max(1) as u64);
-        start
+        let cost = tokens.max(1) as u64;
+        // The tenant's name is copied only when it has no end yet, not for every text.
+        if let Some(end) = self.ends.get_mut(tenant) {
+            let start = (*end).max(self.now);
+            *end = start + cost;
+            return start;
+        }
+        self.ends.insert(tenant.to_owned(), self.now + cost);
+        self.now
     }
 
     /// A batch started around the text tagged `tag`.
