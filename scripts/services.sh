@@ -12,6 +12,10 @@ kiln_install_services() {
   local missing=()
   command -v rabbitmq-server >/dev/null 2>&1 || missing+=(rabbitmq-server)
   command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+  # Test fixtures of the multimodal tasks: speech synthesised with espeak-ng (run as a program),
+  # text rendered with a DejaVu font.
+  command -v espeak-ng >/dev/null 2>&1 || missing+=(espeak-ng)
+  [ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || missing+=(fonts-dejavu-core)
   if [ ${#missing[@]} -gt 0 ]; then
     echo "services: installing ${missing[*]} with apt-get" >&2
     local sudo=""

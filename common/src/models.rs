@@ -15,6 +15,9 @@ use crate::assets::WheelSource;
 const BUILTIN: &[(&str, &str)] = &[
     ("all-minilm-l6-v2", include_str!("../../models/all-minilm-l6-v2/kiln.toml")),
     ("terrain-diffusion", include_str!("../../models/terrain-diffusion/kiln.toml")),
+    ("ppocr-v4", include_str!("../../models/ppocr-v4/kiln.toml")),
+    ("open-nsfw", include_str!("../../models/open-nsfw/kiln.toml")),
+    ("silero-vad", include_str!("../../models/silero-vad/kiln.toml")),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -109,6 +112,22 @@ struct RawSpec {
     /// someone sent the same input before (the record still says `cached: false`).
     #[serde(default)]
     shared_cache: bool,
+    moderation: Option<ModerationSpec>,
+}
+
+/// How an image-generating model screens its images (`[moderation]`): each image is scored by the
+/// named `image-moderation` model of the same repository before it is stored, when a job asks
+/// for it (`"moderate": true`); images whose `nsfw` score passes `threshold` are withheld.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModerationSpec {
+    pub model: String,
+    #[serde(default = "default_moderation_threshold")]
+    pub threshold: f32,
+}
+
+fn default_moderation_threshold() -> f32 {
+    0.8
 }
 
 fn default_eps() -> Vec<ExecutionProvider> {
@@ -136,6 +155,8 @@ pub struct ModelSpec {
     pub folder: Option<PathBuf>,
     /// Whether every tenant shares one result cache for this model.
     pub shared_cache: bool,
+    /// For image-generating models: the moderation model that screens images on request.
+    pub moderation: Option<ModerationSpec>,
 }
 
 impl ModelSpec {
@@ -154,6 +175,8 @@ impl ModelSpec {
             Task::ImageGeneration => &["model"],
             // The export's own folder layout (text_encoder/, unet/, vae_decoder/, tokenizer/).
             Task::TextToImage => &[],
+            Task::Ocr => &["det", "cls", "rec"],
+            Task::ImageModeration | Task::SpeechSegments => &["model"],
         };
         for f in needs {
             if !raw.files.contains_key(*f) {
@@ -163,9 +186,19 @@ impl ModelSpec {
         if raw.prefetch == Some(0) {
             return Err(invalid("prefetch must be at least 1".into()));
         }
+        if let Some(m) = &raw.moderation {
+            if !raw.task.produces_files() {
+                return Err(invalid("[moderation] is for image-generating models".into()));
+            }
+            if !(0.0..=1.0).contains(&m.threshold) {
+                return Err(invalid(format!("moderation.threshold must be 0..=1, got {}", m.threshold)));
+            }
+        }
         let prefetch = raw.prefetch.or(match raw.task {
             Task::Embedding => None,
-            Task::ImageGeneration | Task::TextToImage => Some(2),
+            Task::ImageGeneration | Task::TextToImage | Task::SpeechSegments => Some(2),
+            // Short jobs batched across jobs: two batches' worth, one running and one gathering.
+            Task::Ocr | Task::ImageModeration => Some((raw.max_batch * 2).min(256) as u16),
         });
         Ok(Self {
             name,
@@ -181,6 +214,7 @@ impl ModelSpec {
             prefetch,
             folder,
             shared_cache: raw.shared_cache,
+            moderation: raw.moderation,
         })
     }
 

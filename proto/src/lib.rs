@@ -4,6 +4,7 @@
 mod error;
 mod id;
 mod job;
+mod media;
 mod prediction;
 mod task;
 
@@ -16,9 +17,12 @@ pub use job::{
 pub use prediction::{
     OWNER as PREDICTION_OWNER, Prediction, PredictionMetrics, PredictionStatus, PredictionUrls, PredictionView,
 };
+pub use media::{FileObject, MediaKind, MediaRef, MediaSource, valid_file_id};
 pub use task::{
     Colormap, EmbeddingInput, EmbeddingOutput, ImageGenerationInput, ImageOutput, InputError, InputLimits, MAX_SEED,
-    OutputFile, Scheduler, Task, TextToImageInput, json_type, stored_output_name,
+    ModerationInput, ModerationOutput, ModerationScores, OcrInput, OcrLine, OcrOutput, OutputFile, Scheduler,
+    SpeechSegment, SpeechSegmentsInput, SpeechSegmentsOutput, Task, TextToImageInput, WithheldImage, json_type,
+    stored_output_name,
 };
 
 /// Milliseconds since the Unix epoch, the one time representation stored and queued.

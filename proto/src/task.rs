@@ -3,6 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::media::{MediaKind, MediaRef};
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "kebab-case")]
@@ -13,6 +15,12 @@ pub enum Task {
     ImageGeneration,
     /// Prompt → image through a multi-step diffusion pipeline (Stable-Diffusion-style export).
     TextToImage,
+    /// Image → lines of text with boxes (detect, classify angle, recognise).
+    Ocr,
+    /// Image → scores `{safe, nsfw}`.
+    ImageModeration,
+    /// Audio → speech segments `[{start_s, end_s}]` (voice-activity detection).
+    SpeechSegments,
 }
 
 impl Task {
@@ -39,7 +47,9 @@ impl Task {
                     "count": {"type": "integer", "minimum": 1, "maximum": limits.max_images, "default": 1},
                     "width": {"type": "integer", "minimum": MIN_SIDE, "maximum": limits.max_width, "default": limits.default_width},
                     "height": {"type": "integer", "minimum": MIN_SIDE, "maximum": limits.max_height, "default": limits.default_height},
-                    "colormap": {"enum": ["gray", "terrain"], "default": "gray"}
+                    "colormap": {"enum": ["gray", "terrain"], "default": "gray"},
+                    "moderate": {"type": "boolean", "default": false,
+                                 "description": "Score each image with the model's moderation model; images over its threshold are withheld."}
                 },
                 "additionalProperties": false
             }),
@@ -59,6 +69,27 @@ impl Task {
                 },
                 "additionalProperties": false
             }),
+            Task::Ocr | Task::ImageModeration => serde_json::json!({
+                "type": "object",
+                "required": ["image"],
+                "properties": {"image": media_schema(MediaKind::Image, limits)},
+                "x-kiln-limits": {"max_pixels": limits.max_pixels},
+                "additionalProperties": false
+            }),
+            Task::SpeechSegments => serde_json::json!({
+                "type": "object",
+                "required": ["audio"],
+                "properties": {
+                    "audio": media_schema(MediaKind::Audio, limits),
+                    "threshold": {"type": "number", "minimum": 0.05, "maximum": 0.95, "default": VAD_THRESHOLD,
+                                  "description": "Speech probability above which a chunk is speech."},
+                    "min_speech_s": {"type": "number", "minimum": 0, "maximum": 10, "default": VAD_MIN_SPEECH_S},
+                    "min_silence_s": {"type": "number", "minimum": 0, "maximum": 10, "default": VAD_MIN_SILENCE_S},
+                    "pad_s": {"type": "number", "minimum": 0, "maximum": 1, "default": VAD_PAD_S}
+                },
+                "x-kiln-limits": {"max_audio_s": limits.max_audio_s},
+                "additionalProperties": false
+            }),
         }
     }
 
@@ -67,13 +98,38 @@ impl Task {
             Task::Embedding => "embedding",
             Task::ImageGeneration => "image-generation",
             Task::TextToImage => "text-to-image",
+            Task::Ocr => "ocr",
+            Task::ImageModeration => "image-moderation",
+            Task::SpeechSegments => "speech-segments",
         }
     }
 
     /// Whether the task's results are files (served from the output store), not inline JSON.
     pub fn produces_files(self) -> bool {
-        !matches!(self, Task::Embedding)
+        matches!(self, Task::ImageGeneration | Task::TextToImage)
     }
+
+    /// The task's binary input fields: the gateway resolves each (base64, data: URL, file:ID,
+    /// https URL) to a stored [`crate::MediaRef`] before the input is parsed.
+    pub fn media_fields(self) -> &'static [(&'static str, MediaKind)] {
+        match self {
+            Task::Ocr | Task::ImageModeration => &[("image", MediaKind::Image)],
+            Task::SpeechSegments => &[("audio", MediaKind::Audio)],
+            Task::Embedding | Task::ImageGeneration | Task::TextToImage => &[],
+        }
+    }
+}
+
+/// The JSON Schema of a binary input field, as `GET /v1/models` shows it.
+fn media_schema(kind: MediaKind, limits: &InputLimits) -> serde_json::Value {
+    serde_json::json!({
+        "type": "string",
+        "x-kiln-file": kind,
+        "contentMediaType": kind.accepted().join(", "),
+        "maxBytes": limits.max_input_bytes,
+        "description": "The bytes as base64 or a data: URL, a file uploaded with POST /v1/files as \"file:<id>\", \
+                        or an https:// URL the gateway fetches.",
+    })
 }
 
 /// Bounds on one job's input, set per model (`[limits]` in `kiln.toml`).
@@ -94,6 +150,12 @@ pub struct InputLimits {
     pub default_height: u32,
     /// Most denoising steps of a text-to-image job.
     pub max_steps: u32,
+    /// Most bytes of one binary input (image or audio file, as sent; base64 decoded).
+    pub max_input_bytes: usize,
+    /// Most pixels (width × height) of one input image, checked from its header before decoding.
+    pub max_pixels: u64,
+    /// Most seconds of one audio input.
+    pub max_audio_s: u32,
 }
 
 impl Default for InputLimits {
@@ -107,6 +169,9 @@ impl Default for InputLimits {
             default_width: 512,
             default_height: 512,
             max_steps: 150,
+            max_input_bytes: 16 << 20,
+            max_pixels: 25_000_000,
+            max_audio_s: 3600,
         }
     }
 }
@@ -118,6 +183,10 @@ const MIN_SIDE: u32 = 16;
 const DEFAULT_STEPS: u32 = 25;
 const DEFAULT_GUIDANCE: f64 = 7.5;
 const MAX_GUIDANCE: f64 = 30.0;
+const VAD_THRESHOLD: f64 = 0.5;
+const VAD_MIN_SPEECH_S: f64 = 0.25;
+const VAD_MIN_SILENCE_S: f64 = 0.1;
+const VAD_PAD_S: f64 = 0.03;
 
 /// An input that does not fit the task's schema, naming the field at fault (`input.text`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -128,7 +197,7 @@ pub struct InputError {
 }
 
 impl InputError {
-    fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
         Self { field: field.into(), message: message.into() }
     }
 }
@@ -231,6 +300,9 @@ pub struct ImageGenerationInput {
     pub width: u32,
     pub height: u32,
     pub colormap: Colormap,
+    /// Score each image with the model's moderation model before it is stored.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub moderate: bool,
 }
 
 impl ImageGenerationInput {
@@ -240,7 +312,7 @@ impl ImageGenerationInput {
         limits: &InputLimits,
         random_seed: impl FnOnce() -> u64,
     ) -> Result<Self, InputError> {
-        let obj = Fields::new(input, &["seed", "difficulty", "count", "width", "height", "colormap"])?;
+        let obj = Fields::new(input, &["seed", "difficulty", "count", "width", "height", "colormap", "moderate"])?;
         let difficulty = obj
             .int("difficulty", 1, 100)?
             .ok_or_else(|| InputError::new("input.difficulty", "missing; give an integer from 1 to 100"))?;
@@ -264,6 +336,7 @@ impl ImageGenerationInput {
                     ));
                 }
             },
+            moderate: obj.bool("moderate")?.unwrap_or(false),
         })
     }
 }
@@ -395,6 +468,27 @@ impl<'a> Fields<'a> {
         }
     }
 
+    fn bool(&self, name: &str) -> Result<Option<bool>, InputError> {
+        let Some(v) = self.get(name) else { return Ok(None) };
+        v.as_bool()
+            .map(Some)
+            .ok_or_else(|| InputError::new(format!("input.{name}"), format!("must be a boolean, got {}", json_type(v))))
+    }
+
+    fn number(&self, name: &str, min: f64, max: f64) -> Result<Option<f64>, InputError> {
+        let Some(v) = self.get(name) else { return Ok(None) };
+        match v.as_f64() {
+            Some(n) if (min..=max).contains(&n) => Ok(Some(n)),
+            _ => Err(InputError::new(format!("input.{name}"), format!("must be a number from {min} to {max}, got {v}"))),
+        }
+    }
+
+    fn media(&self, name: &str) -> Result<MediaRef, InputError> {
+        let field = format!("input.{name}");
+        let v = self.get(name).ok_or_else(|| InputError::new(&field, "missing"))?;
+        MediaRef::parse(v, &field)
+    }
+
     fn string(&self, name: &str) -> Result<Option<&'a str>, InputError> {
         let Some(v) = self.get(name) else { return Ok(None) };
         v.as_str()
@@ -403,8 +497,134 @@ impl<'a> Fields<'a> {
     }
 }
 
-/// One output file of a job, as listed in its output and served at `url`.
+/// The canonical `ocr` input: one stored image.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OcrInput {
+    pub image: MediaRef,
+}
+
+impl OcrInput {
+    pub fn parse(input: &serde_json::Value) -> Result<Self, InputError> {
+        let obj = Fields::new(input, &["image"])?;
+        Ok(Self { image: obj.media("image")? })
+    }
+}
+
+/// The canonical `image-moderation` input: one stored image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModerationInput {
+    pub image: MediaRef,
+}
+
+impl ModerationInput {
+    pub fn parse(input: &serde_json::Value) -> Result<Self, InputError> {
+        let obj = Fields::new(input, &["image"])?;
+        Ok(Self { image: obj.media("image")? })
+    }
+}
+
+/// The canonical `speech-segments` input: one stored WAV file and the segmenter's settings, every
+/// one filled in.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpeechSegmentsInput {
+    pub audio: MediaRef,
+    /// Speech probability above which a chunk is speech (speech ends below `threshold − 0.15`).
+    pub threshold: f32,
+    /// Speech shorter than this is dropped.
+    pub min_speech_s: f32,
+    /// Silence shorter than this does not end a segment.
+    pub min_silence_s: f32,
+    /// Each segment is widened by this much on both sides (within the audio).
+    pub pad_s: f32,
+}
+
+impl SpeechSegmentsInput {
+    pub fn parse(input: &serde_json::Value) -> Result<Self, InputError> {
+        let obj = Fields::new(input, &["audio", "threshold", "min_speech_s", "min_silence_s", "pad_s"])?;
+        Ok(Self {
+            audio: obj.media("audio")?,
+            threshold: obj.number("threshold", 0.05, 0.95)?.unwrap_or(VAD_THRESHOLD) as f32,
+            min_speech_s: obj.number("min_speech_s", 0.0, 10.0)?.unwrap_or(VAD_MIN_SPEECH_S) as f32,
+            min_silence_s: obj.number("min_silence_s", 0.0, 10.0)?.unwrap_or(VAD_MIN_SILENCE_S) as f32,
+            pad_s: obj.number("pad_s", 0.0, 1.0)?.unwrap_or(VAD_PAD_S) as f32,
+        })
+    }
+}
+
+/// One line of text an OCR job read.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct OcrLine {
+    pub text: String,
+    /// Mean probability of the line's characters, 0–1.
+    pub confidence: f32,
+    /// The line's box in the input image's pixels (after EXIF orientation): four corners
+    /// `[x, y]`, clockwise from the top left of the text as read.
+    #[serde(rename = "box")]
+    pub bbox: [[f32; 2]; 4],
+}
+
+/// The output of an `ocr` job: its lines in reading order (top to bottom, then left to right),
+/// and their text joined by newlines.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct OcrOutput {
+    pub lines: Vec<OcrLine>,
+    pub text: String,
+    /// The image's size as read (after EXIF orientation).
+    pub width: u32,
+    pub height: u32,
+}
+
+/// Moderation scores of one image; they sum to 1.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ModerationScores {
+    pub safe: f32,
+    pub nsfw: f32,
+}
+
+/// The output of an `image-moderation` job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ModerationOutput {
+    pub scores: ModerationScores,
+    pub width: u32,
+    pub height: u32,
+}
+
+/// One stretch of speech, in seconds from the start of the audio.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct SpeechSegment {
+    pub start_s: f64,
+    pub end_s: f64,
+}
+
+/// The output of a `speech-segments` job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct SpeechSegmentsOutput {
+    pub segments: Vec<SpeechSegment>,
+    /// Length of the audio, and its sample rate as sent (the model hears it at 16 kHz).
+    pub duration_s: f64,
+    pub sample_rate: u32,
+}
+
+/// An image an image job made but did not store: its moderation scores passed the threshold.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WithheldImage {
+    pub index: u32,
+    pub seed: u64,
+    pub moderation: ModerationScores,
+    pub reason: String,
+}
+
+/// One output file of a job, as listed in its output and served at `url`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct OutputFile {
     pub name: String,
     /// Path of `GET /v1/jobs/{id}/outputs/{name}`, relative to the API's base URL.
@@ -424,6 +644,9 @@ pub struct OutputFile {
     /// late run can never overwrite a file this record lists.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attempt: Option<u32>,
+    /// For images of a job that asked for moderation: their scores (under the threshold).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moderation: Option<ModerationScores>,
 }
 
 /// Where the output store keeps file `name` as made by run `attempt`.
@@ -432,10 +655,13 @@ pub fn stored_output_name(name: &str, attempt: u32) -> String {
 }
 
 /// The output of an image job: its images, in order, and the job's seed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ImageOutput {
     pub images: Vec<OutputFile>,
     pub seed: u64,
+    /// Images withheld by moderation, with their scores and why (a job that asked for it).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub withheld: Vec<WithheldImage>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

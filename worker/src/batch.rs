@@ -221,6 +221,9 @@ fn parse(ctx: &Ctx, job: &mut Job) -> Result<(), InputError> {
         Task::TextToImage => {
             job.images = Some(ImageWork::TextToImage(TextToImageInput::parse(input, limits, id_seed)?));
         }
+        Task::Ocr | Task::ImageModeration | Task::SpeechSegments => {
+            return Err(InputError::new("input", "not served yet"));
+        }
     }
     Ok(())
 }

@@ -129,11 +129,12 @@ fn output_file(
         width: Some(width),
         height: Some(height),
         attempt: Some(attempt),
+        moderation: None,
     }
 }
 
 fn finish(seed: u64, files: Vec<OutputFile>) -> Result<Produced, Failure> {
-    let output = ImageOutput { images: files, seed };
+    let output = ImageOutput { images: files, seed, withheld: Vec::new() };
     Ok(Produced::Output(serde_json::to_string(&output).expect("image output serialises")))
 }
 

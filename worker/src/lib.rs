@@ -153,6 +153,9 @@ pub fn load_model_with(
                     .map_err(model_err)?;
             spawn(spec, Pipeline::Diffusion(Box::new(pipeline)), provider, image_threads)
         }
+        Task::Ocr | Task::ImageModeration | Task::SpeechSegments => {
+            Err(model_err(format!("the {} task is being integrated", spec.task.as_str())))
+        }
     }
 }
 

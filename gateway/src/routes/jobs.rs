@@ -723,6 +723,9 @@ fn validate(state: &AppState, body: &[u8], tenant: Option<&str>) -> Result<Submi
         Task::Embedding => EmbeddingInput::parse(&input, &spec.limits).map_err(ApiError::InvalidInput)?.to_value(),
         Task::ImageGeneration => canonical(ImageGenerationInput::parse(&input, &spec.limits, random_seed))?,
         Task::TextToImage => canonical(TextToImageInput::parse(&input, &spec.limits, random_seed))?,
+        Task::Ocr => canonical(kiln_proto::OcrInput::parse(&input))?,
+        Task::ImageModeration => canonical(kiln_proto::ModerationInput::parse(&input))?,
+        Task::SpeechSegments => canonical(kiln_proto::SpeechSegmentsInput::parse(&input))?,
     };
     let metadata = match obj.remove("metadata") {
         None | Some(Value::Null) => None,

@@ -1,0 +1,1 @@
+//! Input audio: WAV decoding to mono f32 and resampling.

@@ -1,0 +1,1 @@
+//! Input images: sniffing, header probing and decoding (PNG, JPEG, WebP; EXIF orientation).
