@@ -8,6 +8,8 @@ use crate::broker::amqp::{AmqpBroker, AmqpConfig, Topology};
 use crate::broker::embedded::EmbeddedBroker;
 use crate::cache::{Cache, EmbeddedCache, RedisCache};
 use crate::config::BackendArgs;
+use crate::inputs::redis::RedisInputs;
+use crate::inputs::{EmbeddedInputs, InputStore};
 use crate::outputs::redis::RedisOutputs;
 use crate::outputs::{EmbeddedOutputs, FsOutputs, OutputStore};
 use crate::quota::{EmbeddedLimiter, Limiter, RedisLimiter};
@@ -35,6 +37,8 @@ pub struct Backend {
     pub cache: Arc<dyn Cache>,
     /// Binary job outputs.
     pub outputs: Arc<dyn OutputStore>,
+    /// Binary job inputs (images, audio) and uploaded files' records.
+    pub inputs: Arc<dyn InputStore>,
     /// API keys and tenants' limits.
     pub keys: Arc<dyn KeyStore>,
     /// Request rates and compute quotas.
@@ -45,6 +49,10 @@ pub struct Backend {
 const EMBEDDED_CACHE_ENTRIES: usize = 100_000;
 /// Bytes of outputs the embedded store holds at most; the oldest go first.
 const EMBEDDED_OUTPUT_BYTES: usize = 1 << 30;
+/// Bytes of inputs, and uploaded files' records, the embedded store holds at most; the oldest go
+/// first.
+const EMBEDDED_INPUT_BYTES: usize = 1 << 30;
+const EMBEDDED_FILES: usize = 100_000;
 
 impl Backend {
     /// In-process broker, store and cache: `kiln dev`, no RabbitMQ or Redis.
@@ -64,6 +72,7 @@ impl Backend {
             sweep_after: args.sweep_after,
         });
         let mut backend = Self::embedded_store(store, args.job_retention, args.cache_ttl);
+        backend.inputs = Arc::new(EmbeddedInputs::new(job_inputs_ttl(args), EMBEDDED_INPUT_BYTES, EMBEDDED_FILES));
         backend.keys = Arc::new(FileKeys::new(args.keys_file.clone()));
         backend
     }
@@ -74,6 +83,7 @@ impl Backend {
             store: Arc::new(store),
             cache: Arc::new(EmbeddedCache::new(cache_ttl, EMBEDDED_CACHE_ENTRIES)),
             outputs: Arc::new(EmbeddedOutputs::new(retention, EMBEDDED_OUTPUT_BYTES)),
+            inputs: Arc::new(EmbeddedInputs::new(retention, EMBEDDED_INPUT_BYTES, EMBEDDED_FILES)),
             keys: Arc::new(FileKeys::new(None)),
             limiter: Arc::new(EmbeddedLimiter::default()),
         }
@@ -116,6 +126,15 @@ impl Backend {
                 .map_err(|e| StoreError::Unavailable(e.to_string()))?,
             ),
         };
+        // Inputs are blobs like outputs: in the outputs' Redis, on a connection of their own.
+        let inputs = RedisInputs::new(
+            args.outputs_redis_url.as_ref().unwrap_or(&args.redis_url),
+            &tls,
+            &args.key_prefix,
+            job_inputs_ttl(args),
+            args.io_timeout,
+        )
+        .map_err(StoreError::Unavailable)?;
         // Keys and limits live in the job store's Redis, over its connection.
         let conn = store.connection();
         Ok(Self {
@@ -123,8 +142,15 @@ impl Backend {
             store: Arc::new(store),
             cache: Arc::new(cache),
             outputs,
+            inputs: Arc::new(inputs),
             keys: Arc::new(RedisKeys::new(conn.clone(), &args.key_prefix)),
             limiter: Arc::new(RedisLimiter::new(conn, &args.key_prefix)),
         })
     }
+}
+
+/// How long a job's inputs are kept: as long as its record may be (a job queued, run, or rebuilt
+/// from its envelope within that still finds its bytes).
+fn job_inputs_ttl(args: &BackendArgs) -> Duration {
+    args.job_retention.max(args.result_retention.unwrap_or(args.job_retention))
 }

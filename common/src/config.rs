@@ -130,7 +130,8 @@ pub struct BackendArgs {
     /// Bound on waiting for RabbitMQ's publisher confirm or a Redis reply.
     #[arg(long, env = "KILN_IO_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub io_timeout: Duration,
-    /// Redis URL for binary job outputs (generated images); default: the job store's Redis. Give
+    /// Redis URL for binary job outputs (generated images) and inputs (images and audio given to
+    /// jobs, uploaded files); default: the job store's Redis. Give
     /// them their own instance with a `maxmemory` bound and `noeviction`: when it is full, image
     /// jobs fail into retries instead of filling the job state's Redis.
     #[arg(long, env = "KILN_OUTPUTS_REDIS_URL")]

@@ -10,6 +10,7 @@ pub mod broker;
 pub mod cache;
 pub mod config;
 pub mod dlq;
+pub mod inputs;
 pub mod media;
 pub mod models;
 pub mod outputs;

@@ -5,5 +5,6 @@
 mod audit;
 mod broker;
 mod dead_letters;
+mod inputs;
 mod store;
 mod tls;
