@@ -269,7 +269,7 @@ pub enum DeliveryError {
 }
 
 impl DeliveryError {
-    fn from_client(e: reqwest::Error, timeout: Duration) -> Self {
+    pub(crate) fn from_client(e: reqwest::Error, timeout: Duration) -> Self {
         let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
         while let Some(s) = source {
             if let Some(vetting) = s.downcast_ref::<ResolveError>() {

@@ -51,6 +51,8 @@ pub struct GatewayConfig {
     pub idempotency_ttl: Duration,
     #[command(flatten)]
     pub webhooks: WebhookConfig,
+    #[command(flatten)]
+    pub inputs: InputsConfig,
     /// Bound on each dependency check of `/readyz`.
     #[arg(long, env = "KILN_READY_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
     pub ready_timeout: Duration,
@@ -143,6 +145,47 @@ impl DefaultLimits {
     }
 }
 
+/// Binary inputs: uploaded files (`POST /v1/files`) and the URLs the gateway fetches.
+#[derive(clap::Args, Debug, Clone, PartialEq)]
+pub struct InputsConfig {
+    /// How long an uploaded file is kept, in seconds (jobs made from it keep their own copy for
+    /// the job retention).
+    #[arg(long, env = "KILN_FILE_TTL_S", default_value_t = 86_400)]
+    pub file_ttl_s: u64,
+    /// Largest file `POST /v1/files` takes, in bytes. Unset: the largest `max_input_bytes` of the
+    /// served models. This route's body limit, not `KILN_MAX_BODY_BYTES`.
+    #[arg(long, env = "KILN_MAX_FILE_BYTES")]
+    pub max_file_bytes: Option<usize>,
+    /// Bound on fetching one `https://` input URL, in seconds, from connecting to the last byte.
+    #[arg(long, env = "KILN_FETCH_TIMEOUT_S", default_value_t = 10)]
+    pub fetch_timeout_s: u64,
+    /// Hosts (names or IP addresses) that input URLs may name even though they are loopback,
+    /// private or link-local, comma-separated; for development. Every other internal address is
+    /// refused, as for webhooks.
+    #[arg(long, env = "KILN_FETCH_ALLOWED_HOSTS", value_delimiter = ',')]
+    pub fetch_allowed_hosts: Vec<String>,
+    /// CA bundle (PEM) that the servers of input URLs may chain to, besides the system's roots.
+    #[arg(long, env = "KILN_FETCH_CA")]
+    pub fetch_ca: Option<PathBuf>,
+    /// Input images decoded at once (each on a blocking thread) to check them before a job is
+    /// accepted; more wait their turn.
+    #[arg(long, env = "KILN_DECODE_CONCURRENCY", default_value_t = 2)]
+    pub decode_concurrency: usize,
+}
+
+impl Default for InputsConfig {
+    fn default() -> Self {
+        Self {
+            file_ttl_s: 86_400,
+            max_file_bytes: None,
+            fetch_timeout_s: 10,
+            fetch_allowed_hosts: Vec::new(),
+            fetch_ca: None,
+            decode_concurrency: 2,
+        }
+    }
+}
+
 /// HTTPS: served when a certificate and its key are configured, plain HTTP otherwise.
 #[derive(clap::Args, Debug, Clone)]
 pub struct TlsConfig {
@@ -197,6 +240,7 @@ impl Default for GatewayConfig {
             max_event_streams: 4096,
             idempotency_ttl: Duration::from_secs(86_400),
             webhooks: WebhookConfig::default(),
+            inputs: InputsConfig::default(),
             ready_timeout: Duration::from_secs(1),
             auth: AuthMode::Keys,
             metrics_auth: MetricsAuth::Open,

@@ -8,6 +8,7 @@ use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use kiln_common::broker::BrokerError;
+use kiln_common::inputs::InputStoreError;
 use kiln_common::outputs::OutputError;
 use kiln_common::store::StoreError;
 use kiln_common::tenancy::{KeyError, Scope};
@@ -25,6 +26,16 @@ pub enum ApiError {
     PayloadTooLarge { limit: usize },
     #[error("request body must be application/json, got {0}")]
     UnsupportedMediaType(String),
+    /// A binary input over its model's `max_input_bytes`.
+    #[error("{field}: is larger than the limit of {limit} bytes")]
+    InputTooLarge { field: String, limit: usize },
+    /// An upload that is none of the accepted formats (sniffed from its bytes).
+    #[error("the file is not PNG, JPEG, WebP or WAV (sniffed from its bytes, not its declared type {declared:?})")]
+    UnsupportedFile { declared: Option<String> },
+    #[error("file {0} not found")]
+    FileNotFound(String),
+    #[error("the input store is unavailable, retry later")]
+    Inputs(#[source] InputStoreError, Duration),
     #[error("model {0:?} is not served here; see GET /v1/models")]
     ModelNotFound(String),
     #[error("job {0} not found")]
@@ -129,6 +140,17 @@ impl ApiError {
             Self::UnsupportedMediaType(_) => {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, ErrorCode::UnsupportedMediaType, None)
             }
+            Self::InputTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::PayloadTooLarge, None),
+            Self::UnsupportedFile { .. } => (StatusCode::UNSUPPORTED_MEDIA_TYPE, ErrorCode::UnsupportedMediaType, None),
+            Self::FileNotFound(_) => (StatusCode::NOT_FOUND, ErrorCode::FileNotFound, None),
+            Self::Inputs(e, retry) => match e {
+                InputStoreError::Unavailable(_) => {
+                    (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::StoreUnavailable, Some(*retry))
+                }
+                InputStoreError::Corrupt { .. } | InputStoreError::Invalid(_) => {
+                    (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal, None)
+                }
+            },
             Self::ModelNotFound(_) => (StatusCode::NOT_FOUND, ErrorCode::ModelNotFound, None),
             Self::JobNotFound(_) => (StatusCode::NOT_FOUND, ErrorCode::JobNotFound, None),
             Self::OutputNotFound(..) => (StatusCode::NOT_FOUND, ErrorCode::OutputNotFound, None),
@@ -193,6 +215,7 @@ impl ApiError {
         match self {
             Self::InvalidRequest { field, .. } => Some(field),
             Self::InvalidInput(e) => Some(&e.field),
+            Self::InputTooLarge { field, .. } => Some(field),
             Self::ModelNotFound(_) => Some("model"),
             _ => None,
         }
@@ -217,6 +240,7 @@ fn job_failed(code: ErrorCode, retry: Duration) -> (StatusCode, ErrorCode, Optio
         | ErrorCode::ModelNotFound
         | ErrorCode::JobNotFound
         | ErrorCode::OutputNotFound
+        | ErrorCode::FileNotFound
         | ErrorCode::NotFound
         | ErrorCode::MethodNotAllowed
         | ErrorCode::BrokerUnavailable

@@ -5,6 +5,7 @@ mod auth;
 pub mod config;
 mod error;
 mod events;
+mod inputs;
 mod routes;
 mod state;
 pub mod tls;

@@ -25,6 +25,8 @@ pub enum ErrorCode {
     JobNotFound,
     /// The job has no output file of that name (not produced yet, or expired).
     OutputNotFound,
+    /// No uploaded file with that id (never uploaded, another tenant's, deleted or expired).
+    FileNotFound,
     /// No such route.
     NotFound,
     /// The route exists but not for this method.
@@ -70,7 +72,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, for documentation (the OpenAPI description lists them).
-    pub const ALL: [ErrorCode; 27] = [
+    pub const ALL: [ErrorCode; 28] = [
         Self::MalformedJson,
         Self::InvalidRequest,
         Self::InvalidInput,
@@ -79,6 +81,7 @@ impl ErrorCode {
         Self::ModelNotFound,
         Self::JobNotFound,
         Self::OutputNotFound,
+        Self::FileNotFound,
         Self::NotFound,
         Self::MethodNotAllowed,
         Self::BrokerUnavailable,
@@ -110,6 +113,7 @@ impl ErrorCode {
             Self::ModelNotFound => "model_not_found",
             Self::JobNotFound => "job_not_found",
             Self::OutputNotFound => "output_not_found",
+            Self::FileNotFound => "file_not_found",
             Self::NotFound => "not_found",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::BrokerUnavailable => "broker_unavailable",

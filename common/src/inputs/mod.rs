@@ -6,6 +6,7 @@
 //! canonical input. Implementations: [`redis`] (RabbitMQ + Redis) and [`EmbeddedInputs`] (in
 //! memory, `kiln dev`), both bounded.
 
+pub mod fetch;
 pub mod redis;
 
 use std::collections::{HashMap, VecDeque};

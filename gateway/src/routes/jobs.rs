@@ -184,7 +184,7 @@ pub(crate) async fn submit_with(
     wait: Option<Duration>,
     extra: Extra,
 ) -> Result<Submitted, ApiError> {
-    let mut submission = validate(state, body, who.tenant.as_deref())?;
+    let mut submission = prepare(state, who, body).await?;
     for within in [extra.start_within, extra.finish_within].into_iter().flatten() {
         submission.deadline = Some(submission.deadline.map_or(within, |d| d.min(within)));
     }
@@ -243,7 +243,7 @@ pub(crate) fn checked_body(
 /// job's completion, for the caller to wait on.
 pub(crate) async fn submit_on_behalf(state: &AppState, who: &Principal, body: &Value) -> Result<Enqueued, ApiError> {
     let bytes = serde_json::to_vec(body).map_err(|e| ApiError::Internal(format!("encoding a submission: {e}")))?;
-    let submission = validate(state, &bytes, who.tenant.as_deref())?;
+    let submission = prepare(state, who, &bytes).await?;
     check_compute(state, who).await?;
     enqueue(state, who, submission, None, true).await
 }
@@ -700,10 +700,18 @@ pub(crate) fn invalid(field: &str, message: impl Into<String>) -> ApiError {
 
 const FIELDS: [&str; 7] = ["model", "input", "metadata", "deadline_s", "webhook", "webhook_events", "cache"];
 
-fn validate(state: &AppState, body: &[u8], tenant: Option<&str>) -> Result<Submission, ApiError> {
-    let value: Value = serde_json::from_slice(body).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
+/// Reads a job request: parsed, its binary inputs resolved to stored references (the one step
+/// that does I/O: fetching, the input store, decoding), then validated.
+async fn prepare(state: &AppState, who: &Principal, body: &[u8]) -> Result<Submission, ApiError> {
+    let mut value: Value = serde_json::from_slice(body).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
     // serde_json's maps are ordered, so this text is canonical: the same request, the same hash.
+    // It is the request as sent, so an idempotent repeat names its inputs the way it did first.
     let fingerprint = hex::encode(Sha256::digest(value.to_string().as_bytes()));
+    crate::inputs::resolve(state, who, &mut value).await?;
+    validate(state, value, fingerprint, who.tenant.as_deref())
+}
+
+fn validate(state: &AppState, value: Value, fingerprint: String, tenant: Option<&str>) -> Result<Submission, ApiError> {
     let Value::Object(mut obj) = value else {
         return Err(invalid("body", format!("must be a JSON object, got {}", json_type(&value))));
     };

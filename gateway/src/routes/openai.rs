@@ -303,6 +303,7 @@ fn error_type(code: ErrorCode) -> &'static str {
         | ErrorCode::ModelNotFound
         | ErrorCode::JobNotFound
         | ErrorCode::OutputNotFound
+        | ErrorCode::FileNotFound
         | ErrorCode::NotFound
         | ErrorCode::MethodNotAllowed
         | ErrorCode::IdempotencyKeyReused
