@@ -133,6 +133,8 @@ fn required(state: &AppState, method: &Method, route: &str) -> Option<Scope> {
         {
             Some(Scope::JobsSubmit)
         }
+        // Files are inputs of jobs: reading and deleting them takes what submitting does.
+        "/v1/files" | "/v1/files/{id}" | "/v1/files/{id}/content" => Some(Scope::JobsSubmit),
         _ => Some(Scope::JobsRead),
     }
 }
@@ -243,8 +245,9 @@ pub async fn audit(State(state): State<AppState>, req: Request, next: Next) -> R
     let method = req.method().to_string();
     let path = req.uri().path().to_owned();
     let (parts, body) = req.into_parts();
-    // Hashing needs the whole body: read no more of it than the gateway accepts at all.
-    let limit = state.config.max_body_bytes;
+    // Hashing needs the whole body: read no more of it than the gateway accepts at all (an
+    // upload's bound where it is larger than the JSON bodies').
+    let limit = state.config.max_body_bytes.max(state.max_file_bytes.saturating_add(crate::routes::UPLOAD_FRAMING));
     let (resp, digest) = match axum::body::to_bytes(body, limit.saturating_add(1)).await {
         Ok(bytes) => {
             let digest = (!bytes.is_empty()).then(|| kiln_common::audit::body_sha256(&bytes));

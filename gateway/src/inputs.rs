@@ -66,11 +66,14 @@ async fn resolve_one(
     let bytes: Bytes = match MediaSource::parse(v, field, parse_bound).map_err(ApiError::InvalidInput)? {
         MediaSource::Inline { bytes, .. } => bytes.into(),
         MediaSource::File(id) => {
-            let gone = || invalid(field, format!("file:{id} is not an uploaded file of yours (unknown, deleted or expired)"));
+            let gone =
+                || invalid(field, format!("file:{id} is not an uploaded file of yours (unknown, deleted or expired)"));
             let file = store.file(scope, &id).await.map_err(store_err(state))?.ok_or_else(gone)?;
             store.get(scope, &file.sha256).await.map_err(store_err(state))?.ok_or_else(gone)?.1
         }
-        MediaSource::Url(url) => state.fetcher.fetch(&url, limits.max_input_bytes).await.map_err(|e| fetch_err(field, e))?,
+        MediaSource::Url(url) => {
+            state.fetcher.fetch(&url, limits.max_input_bytes).await.map_err(|e| fetch_err(field, e))?
+        }
         MediaSource::Stored(r) => {
             let found = store.get(scope, &r.sha256).await.map_err(store_err(state))?;
             found.ok_or_else(|| invalid(field, format!("no stored input of yours has sha256 {}", r.sha256)))?.1

@@ -40,6 +40,8 @@ pub async fn run(
 ) -> std::io::Result<()> {
     let tls =
         tls::ServerTls::load(&config.tls).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    // A CA bundle for input URLs that does not load stops the start, as a bad certificate does.
+    state::fetcher(&config.inputs).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
     // Metrics recorded from here on land in the recorder `/metrics` renders.
     kiln_common::telemetry::prometheus();
     let audit = AuditLog::open(&config.audit, config.audit_redis_url.as_ref()).map_err(std::io::Error::other)?;

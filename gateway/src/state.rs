@@ -87,7 +87,11 @@ impl AppState {
             fetcher(&plain).expect("a fetcher without a CA bundle builds")
         });
         let max_file_bytes = config.inputs.max_file_bytes.unwrap_or_else(|| {
-            models.iter().map(|m| m.limits.max_input_bytes).max().unwrap_or(kiln_proto::InputLimits::default().max_input_bytes)
+            models
+                .iter()
+                .map(|m| m.limits.max_input_bytes)
+                .max()
+                .unwrap_or(kiln_proto::InputLimits::default().max_input_bytes)
         });
         Self {
             config: Arc::new(config),

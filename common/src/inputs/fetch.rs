@@ -39,7 +39,10 @@ pub enum FetchError {
 impl FetchError {
     /// Whether the address policy refused the URL (as it would refuse a webhook's).
     pub fn refused(&self) -> bool {
-        matches!(self, Self::Delivery(DeliveryError::Refused(_) | DeliveryError::Resolve(ResolveError::Internal { .. })))
+        matches!(
+            self,
+            Self::Delivery(DeliveryError::Refused(_) | DeliveryError::Resolve(ResolveError::Internal { .. }))
+        )
     }
 }
 

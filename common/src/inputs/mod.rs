@@ -57,7 +57,11 @@ pub fn new_file_id() -> String {
 
 /// The reference of `data` as stored with `content_type`.
 pub fn media_ref(content_type: &str, data: &[u8]) -> MediaRef {
-    MediaRef { sha256: hex::encode(Sha256::digest(data)), content_type: content_type.to_owned(), size: data.len() as u64 }
+    MediaRef {
+        sha256: hex::encode(Sha256::digest(data)),
+        content_type: content_type.to_owned(),
+        size: data.len() as u64,
+    }
 }
 
 #[async_trait]
@@ -65,8 +69,13 @@ pub trait InputStore: Send + Sync + 'static {
     /// Stores `data` in `scope` under its sha256 for at least `ttl`. Idempotent: the same bytes
     /// are the same blob, kept once; its lifetime is extended to `ttl` from now when that is
     /// later than what it had, never shortened.
-    async fn put(&self, scope: &str, content_type: &str, data: Bytes, ttl: Duration)
-    -> Result<MediaRef, InputStoreError>;
+    async fn put(
+        &self,
+        scope: &str,
+        content_type: &str,
+        data: Bytes,
+        ttl: Duration,
+    ) -> Result<MediaRef, InputStoreError>;
 
     /// The blob and its reference, if it is there and has not expired.
     async fn get(&self, scope: &str, sha256: &str) -> Result<Option<(MediaRef, Bytes)>, InputStoreError>;

@@ -22,5 +22,9 @@ pub fn probe_wav(bytes: &[u8]) -> Result<WavInfo, MediaError> {
         return Err(MediaError::Corrupt("the header says 0 Hz or 0 channels".into()));
     }
     let frames = reader.duration();
-    Ok(WavInfo { rate: spec.sample_rate, channels: spec.channels, duration_s: f64::from(frames) / f64::from(spec.sample_rate) })
+    Ok(WavInfo {
+        rate: spec.sample_rate,
+        channels: spec.channels,
+        duration_s: f64::from(frames) / f64::from(spec.sample_rate),
+    })
 }

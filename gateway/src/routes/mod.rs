@@ -1,6 +1,7 @@
 //! Route table and the per-request span.
 
 mod events;
+mod files;
 pub(crate) mod jobs;
 mod listing;
 mod openai;
@@ -23,10 +24,16 @@ use tracing::Instrument;
 use crate::error::ApiError;
 use crate::state::AppState;
 
+/// Bytes a multipart upload may carry beyond its file: boundaries, part headers, other parts.
+pub(crate) const UPLOAD_FRAMING: usize = 64 << 10;
+
 pub fn router(state: AppState) -> Router {
     // The body limit is enforced in the handler so the 413 carries our error body; the extractor
     // limit sits a little above it as a backstop.
     let limit = state.config.max_body_bytes;
+    // Uploads are bounded by the largest file taken (the handler says so with our 413), whatever
+    // the JSON bodies' limit; a multipart body's framing adds a little.
+    let upload_limit = state.max_file_bytes.saturating_add(UPLOAD_FRAMING);
     // The job routes, and their unversioned aliases for clients that call `/jobs` (the same
     // handlers and scopes; records' `Location` stays `/v1/jobs/{id}`).
     let mut routes = Router::new();
@@ -43,6 +50,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/predictions/{id}", get(predictions::get))
         .route("/v1/predictions/{id}/cancel", post(predictions::cancel))
         .route("/v1/models/{owner}/{name}/predictions", post(predictions::create_for_model))
+        .route("/v1/files", post(files::upload).layer(DefaultBodyLimit::max(upload_limit)))
+        .route("/v1/files/{id}", get(files::get).delete(files::delete))
+        .route("/v1/files/{id}/content", get(files::content))
         .route("/openapi.json", get(openapi::spec))
         .route("/v1/models", get(openai::models))
         .route("/v1/embeddings", post(openai::embeddings))

@@ -19,7 +19,7 @@ use utoipa::{Modify, OpenApi};
 
 pub use bodies::*;
 
-use super::{events, jobs, listing, openai, outputs, predictions, system};
+use super::{events, files, jobs, listing, openai, outputs, predictions, system};
 
 pub async fn spec() -> Json<Value> {
     Json(document())
@@ -61,6 +61,7 @@ fn linked(doc: &mut Value) {
         jobs::submit, listing::list, jobs::get, jobs::cancel, events::stream, outputs::get,
         predictions::create, predictions::create_for_model, predictions::list, predictions::get, predictions::cancel,
         openai::models, openai::embeddings,
+        files::upload, files::get, files::content, files::delete,
         system::healthz, system::readyz, system::metrics, spec_doc,
     ),
     components(schemas(ErrorCode, Task, WebhookPayload)),

@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
+mod files;
 mod openai;
 mod predictions;
 
@@ -115,6 +116,10 @@ async fn openapi_describes_every_route_header_and_error_code() {
         ("/v1/models/{owner}/{name}/predictions", "post"),
         ("/v1/predictions/{id}", "get"),
         ("/v1/predictions/{id}/cancel", "post"),
+        ("/v1/files", "post"),
+        ("/v1/files/{id}", "get"),
+        ("/v1/files/{id}", "delete"),
+        ("/v1/files/{id}/content", "get"),
     ] {
         assert!(doc["paths"][path][method].is_object(), "{method} {path} is not described");
     }
@@ -160,7 +165,7 @@ async fn openapi_describes_every_route_header_and_error_code() {
             }
         }
     }
-    assert_eq!(described, 23, "the document's operations changed: update the list above");
+    assert_eq!(described, 27, "the document's operations changed: update the list above");
     // A created job links to the operations that take its id.
     for status in ["200", "202"] {
         let links = &doc["paths"]["/v1/jobs"]["post"]["responses"][status]["links"];
