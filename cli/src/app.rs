@@ -53,7 +53,7 @@ pub enum Command {
     /// Run only the gateway against RabbitMQ and Redis (as `kiln-gateway`).
     Gateway {
         #[command(flatten)]
-        gateway: GatewayConfig,
+        gateway: Box<GatewayConfig>,
         #[command(flatten)]
         backend: BackendArgs,
         #[command(flatten)]

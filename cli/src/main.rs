@@ -103,7 +103,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let listener = tokio::net::TcpListener::bind(gateway.listen)
                 .await
                 .with_context(|| format!("cannot listen on {}", gateway.listen))?;
-            Ok(kiln_gateway::run(gateway, p.backend, p.models, listener, p.shutdown).await?)
+            Ok(kiln_gateway::run(*gateway, p.backend, p.models, listener, p.shutdown).await?)
         }
         Command::Worker { worker, backend, models } => {
             let p = prepare(&models, &backend)?;
