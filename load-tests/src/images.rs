@@ -19,15 +19,7 @@ pub struct Bare {
 }
 
 fn input(seed: u64, count: u32) -> ImageGenerationInput {
-    ImageGenerationInput {
-        seed,
-        difficulty: 50,
-        count,
-        width: 128,
-        height: 128,
-        colormap: Colormap::Terrain,
-        moderate: false,
-    }
+    ImageGenerationInput { seed, difficulty: 50, count, width: 128, height: 128, colormap: Colormap::Terrain, moderate: false }
 }
 
 pub async fn bare(args: &Args) -> anyhow::Result<Bare> {
