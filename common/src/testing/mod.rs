@@ -8,6 +8,7 @@ use std::time::Duration;
 pub mod certs;
 pub mod onnx;
 pub mod servers;
+pub mod speech;
 
 use crate::Backend;
 use crate::config::{BackendArgs, Secret};
