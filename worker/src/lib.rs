@@ -22,6 +22,7 @@ mod pool;
 mod render;
 pub mod runtime;
 mod terrain;
+pub mod vad;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
