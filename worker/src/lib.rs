@@ -16,6 +16,7 @@ mod inference;
 mod job;
 mod lanes;
 mod lease;
+pub mod moderation;
 mod noise;
 pub mod planner;
 mod pool;

@@ -116,7 +116,9 @@ impl VadPipeline {
             (Some(probability), Some(state_out)) if outputs.len() == 2 => {
                 Ok(Self { session, probability, state_out, input: vec![0.0; CONTEXT + CHUNK] })
             }
-            _ => Err(format!("not silero VAD's streaming graph: outputs {outputs:?}; expected a probability and stateN")),
+            _ => {
+                Err(format!("not silero VAD's streaming graph: outputs {outputs:?}; expected a probability and stateN"))
+            }
         }
     }
 

@@ -41,7 +41,10 @@ pub fn probe_wav(bytes: &[u8]) -> Result<WavInfo, MediaError> {
     header(bytes).map(|(_, info)| info)
 }
 
-fn header(bytes: &[u8]) -> Result<(hound::WavReader<Cursor<&[u8]>>, WavInfo), MediaError> {
+/// hound reading a WAV held in memory.
+type Reader<'a> = hound::WavReader<Cursor<&'a [u8]>>;
+
+fn header(bytes: &[u8]) -> Result<(Reader<'_>, WavInfo), MediaError> {
     sniff(bytes)?;
     let reader = hound::WavReader::new(Cursor::new(bytes)).map_err(wav_error)?;
     let (data_start, data_len) = data_chunk(bytes).ok_or_else(|| MediaError::Corrupt("no data chunk".into()))?;
@@ -211,11 +214,8 @@ pub fn resample(samples: &[f32], from: u32, to: u32) -> Vec<f32> {
     for i in 0..out_len as u64 {
         let num = i * down;
         let mut base = (num / up) as i64;
-        let mut phase = if up <= MAX_PHASES {
-            (num % up) as usize
-        } else {
-            (((num % up) * MAX_PHASES + up / 2) / up) as usize
-        };
+        let mut phase =
+            if up <= MAX_PHASES { (num % up) as usize } else { (((num % up) * MAX_PHASES + up / 2) / up) as usize };
         if phase == phases {
             phase = 0;
             base += 1;

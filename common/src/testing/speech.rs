@@ -83,7 +83,8 @@ pub fn speech_fixture(rate: u32) -> (Vec<u8>, Vec<(f64, f64)>) {
 
 /// Mono 16-bit PCM WAV bytes of `samples` (clamped to -1..1).
 pub fn wav_bytes(samples: &[f32], rate: u32) -> Vec<u8> {
-    let spec = hound::WavSpec { channels: 1, sample_rate: rate, bits_per_sample: 16, sample_format: hound::SampleFormat::Int };
+    let spec =
+        hound::WavSpec { channels: 1, sample_rate: rate, bits_per_sample: 16, sample_format: hound::SampleFormat::Int };
     let mut out = Cursor::new(Vec::new());
     let mut writer = hound::WavWriter::new(&mut out, spec).expect("WAV header");
     for &s in samples {

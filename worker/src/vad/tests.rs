@@ -90,7 +90,10 @@ fn padding_widens_within_the_audio() {
     let padded = run(&mut vad, &samples, &VadOptions { pad_s: 0.2, ..OPTS });
     assert_eq!(plain.len(), padded.len());
     for (p, q) in plain.iter().zip(&padded) {
-        assert!((p.start_s - q.start_s - 0.2).abs() < 1e-9 && (q.end_s - p.end_s - 0.2).abs() < 1e-9, "{plain:?} → {padded:?}");
+        assert!(
+            (p.start_s - q.start_s - 0.2).abs() < 1e-9 && (q.end_s - p.end_s - 0.2).abs() < 1e-9,
+            "{plain:?} → {padded:?}"
+        );
     }
 }
 
