@@ -17,6 +17,7 @@ mod job;
 mod lanes;
 mod lease;
 mod noise;
+pub mod ocr;
 pub mod planner;
 mod pool;
 mod render;
