@@ -18,6 +18,7 @@ mod lanes;
 mod lease;
 pub mod moderation;
 mod noise;
+pub mod ocr;
 pub mod planner;
 mod pool;
 mod render;

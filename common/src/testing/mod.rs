@@ -6,6 +6,7 @@ use std::future::Future;
 use std::time::Duration;
 
 pub mod certs;
+pub mod media;
 pub mod onnx;
 pub mod servers;
 pub mod speech;
