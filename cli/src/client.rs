@@ -245,6 +245,18 @@ impl Client {
         self.typed_json(&url, req).await
     }
 
+    /// `POST /v1/files` with the bytes as the raw body: the file object (`id`, `sha256`, …), to
+    /// be given in a job's input as `"file:<id>"`.
+    pub async fn upload(&self, bytes: Vec<u8>, content_type: &str) -> Result<Value, ClientError> {
+        let url = format!("{}/v1/files", self.base);
+        let req = self
+            .request(Method::POST, &url)
+            .header(reqwest::header::CONTENT_TYPE, content_type)
+            .timeout(Duration::from_secs(600))
+            .body(bytes);
+        self.typed_json(&url, req).await
+    }
+
     /// `GET /v1/models`.
     pub async fn models(&self) -> Result<Value, ClientError> {
         let url = format!("{}/v1/models", self.base);

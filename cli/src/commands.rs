@@ -175,11 +175,15 @@ pub struct RunArgs {
 }
 
 pub async fn submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {
+    let client = args.api.client()?;
     let input = match &args.input {
         Some(text) => serde_json::from_str(text).context("the input is not valid JSON")?,
-        None => Value::Object(inputs::build(&args.pairs, std::io::stdin().lock())?),
+        None => {
+            let mut input = inputs::build(&args.pairs, std::io::stdin().lock())?;
+            inputs::upload_large(&client, &mut input).await?;
+            Value::Object(input)
+        }
     };
-    let client = args.api.client()?;
     let body = json!({ "model": args.model, "input": input });
     let Some(wait) = args.wait else {
         let job = client.submit(&body, None).await?;
@@ -323,8 +327,9 @@ pub async fn events(args: EventsArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let input = inputs::build(&args.pairs, std::io::stdin().lock())?;
+    let mut input = inputs::build(&args.pairs, std::io::stdin().lock())?;
     let client = args.api.client()?;
+    inputs::upload_large(&client, &mut input).await?;
     let body = json!({ "model": args.model, "input": input });
     let job = submit_and_wait(&client, &body, args.timeout, args.json).await?;
     if let (Some(dir), Outcome::Succeeded) = (&args.out, Outcome::of(&job)) {

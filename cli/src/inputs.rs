@@ -5,7 +5,9 @@
 //! reads a file and `key=@-` standard input: text that is UTF-8 becomes a string, anything else a
 //! `data:` URL (`data:image/png;base64,…`, the type from the file's first bytes or its extension),
 //! which is how image and audio inputs travel in a JSON body. A value that starts with `@` is
-//! written as a JSON string: `handle="@kiln"`.
+//! written as a JSON string: `handle="@kiln"`. Binary files over [`INLINE_MAX_BYTES`] are not
+//! inlined: [`upload_large`] sends them to `POST /v1/files` first and gives `file:<id>` instead,
+//! so big images and audio travel by reference, outside the JSON body and its size limit.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -16,6 +18,32 @@ use serde_json::{Map, Value};
 /// Files (and standard input) read into an input, at most: a job body bigger than this would be
 /// refused by the gateway anyway, and reading it all first would only cost memory.
 pub const MAX_FILE_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Binary files up to this size travel inline as `data:` URLs (one request); larger ones are
+/// uploaded to `POST /v1/files` first.
+pub const INLINE_MAX_BYTES: usize = 256 * 1024;
+
+/// Replaces every `data:` URL value of `input` whose payload is over [`INLINE_MAX_BYTES`] by
+/// `file:<id>` of the same bytes uploaded with `client`.
+pub async fn upload_large(client: &crate::client::Client, input: &mut Map<String, Value>) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    for (key, value) in input.iter_mut() {
+        let Some((mime, payload)) = value.as_str().and_then(|s| s.strip_prefix("data:")).and_then(|s| {
+            let (meta, payload) = s.split_once(',')?;
+            Some((meta.strip_suffix(";base64")?.to_owned(), payload))
+        }) else {
+            continue;
+        };
+        if payload.len() / 4 * 3 <= INLINE_MAX_BYTES {
+            continue;
+        }
+        let bytes = base64::engine::general_purpose::STANDARD.decode(payload).context("re-reading a data: URL")?;
+        let file = client.upload(bytes, &mime).await.with_context(|| format!("uploading input {key}"))?;
+        let id = file["id"].as_str().with_context(|| format!("POST /v1/files answered without an id: {file}"))?;
+        *value = Value::String(format!("file:{id}"));
+    }
+    Ok(())
+}
 
 /// One `-i` pair, parsed but not yet read.
 #[derive(Debug, Clone, PartialEq)]
@@ -108,7 +136,7 @@ pub fn content(bytes: Vec<u8>, path: Option<&Path>) -> Value {
 }
 
 /// The media type of binary content: from its first bytes, else its file extension.
-fn media_type(bytes: &[u8], path: Option<&Path>) -> &'static str {
+pub(crate) fn media_type(bytes: &[u8], path: Option<&Path>) -> &'static str {
     const MAGIC: &[(&[u8], &str)] = &[
         (b"\x89PNG\r\n\x1a\n", "image/png"),
         (b"\xff\xd8\xff", "image/jpeg"),

@@ -5,8 +5,8 @@
 //!
 //! An embedding job runs on its own: its texts join the model's pool, which batches them with
 //! every other job's by measured cost ([`crate::pool`]) and runs a batch's texts alone if it fails,
-//! so one bad job cannot fail its batch-mates. Image jobs come in batches of deliveries and run
-//! one after the other.
+//! so one bad job cannot fail its batch-mates. Image and speech jobs come in batches of deliveries
+//! and run one after the other; OCR and moderation jobs come in batches that run together.
 
 use std::time::Duration;
 
@@ -14,7 +14,7 @@ use kiln_common::broker::{Delivery, Lane};
 use kiln_common::store::{Creation, Outcome, Start, StoreError, Transition};
 use kiln_proto::{
     AttemptRecord, DeadLetter, ENVELOPE_VERSION, EmbeddingInput, EmbeddingOutput, Envelope, ImageGenerationInput,
-    InputError, Task, TextToImageInput, now_millis,
+    InputError, ModerationInput, OcrInput, SpeechSegmentsInput, Task, TextToImageInput, now_millis,
 };
 
 use crate::ctx::Ctx;
@@ -24,6 +24,7 @@ use crate::images::{self, Produced};
 use crate::inference::ImageWork;
 use crate::job::{self, Job, Settled};
 use crate::lease::guarded;
+use crate::media::{self, MediaWork};
 use tracing::Instrument;
 
 /// How long a worker keeps trying to start (or finish) a job while the store fails, before
@@ -74,8 +75,9 @@ pub async fn embed_one(ctx: &Ctx, delivery: Delivery) -> Settled {
     trouble
 }
 
-/// Runs a batch of image jobs to the end, one after the other; handed back if any was.
-pub async fn images(ctx: &Ctx, batch: Vec<Delivery>) -> Settled {
+/// Runs a batch of long jobs (images, speech) to the end, one after the other; handed back if any
+/// was.
+pub async fn one_by_one(ctx: &Ctx, batch: Vec<Delivery>) -> Settled {
     let started = std::time::Instant::now();
     let mut settled = Settled::Done;
     let mut note = |s: Settled| {
@@ -92,15 +94,65 @@ pub async fn images(ctx: &Ctx, batch: Vec<Delivery>) -> Settled {
     }
     let count = jobs.len();
     for mut job in jobs {
-        let Some(work) = job.images.take() else {
-            note(settle(ctx, job, Err(Failure::Input("not an image job".into()))).await);
-            continue;
-        };
         let (id, run_token, span) = (job.id, job.run, job.span.clone());
+        let tenant = job.envelope.tenant.clone();
+        let (images, media) = (job.images.take(), job.media.take());
         let mut one = [job];
-        let run = images::run(ctx, id, run_token, work).instrument(span.clone());
-        let result = guarded(run, &mut one, &ctx.backend, &ctx.owner, ctx.lease).await;
+        let result = match (images, media) {
+            (Some(work), _) => {
+                let run = images::run(ctx, id, run_token, work).instrument(span.clone());
+                guarded(run, &mut one, &ctx.backend, &ctx.owner, ctx.lease).await
+            }
+            (None, Some(MediaWork::Speech(input))) => {
+                let run = media::speech(ctx, id, run_token, tenant.as_deref(), &input).instrument(span.clone());
+                guarded(run, &mut one, &ctx.backend, &ctx.owner, ctx.lease).await
+            }
+            _ => Err(Failure::Input(format!("not a job this {} model runs", ctx.spec.task.as_str()))),
+        };
         let [job] = one;
+        note(settle(ctx, job, result).instrument(span).await);
+    }
+    events::batch_done(&ctx.spec.name, count, 0, started.elapsed());
+    settled
+}
+
+/// Runs a batch of OCR or moderation jobs together: each input is read and decoded on its own
+/// (a bad one fails only its job), then one model request covers them all, so the model batches
+/// their text lines (OCR) or images (moderation) across the jobs.
+pub async fn together(ctx: &Ctx, batch: Vec<Delivery>) -> Settled {
+    let started = std::time::Instant::now();
+    let mut settled = Settled::Done;
+    let mut note = |s: Settled| {
+        if s == Settled::HandedBack {
+            settled = s;
+        }
+    };
+    let mut jobs = Vec::with_capacity(batch.len());
+    let mut works = Vec::with_capacity(batch.len());
+    for delivery in batch {
+        match admit(ctx, delivery).await {
+            Admitted::Run(mut job) => match job.media.take() {
+                Some(work @ (MediaWork::Ocr(_) | MediaWork::Moderation(_))) => {
+                    works.push((job.envelope.tenant.clone(), work));
+                    jobs.push(*job);
+                }
+                _ => {
+                    let wrong = Failure::Input(format!("not a job this {} model runs", ctx.spec.task.as_str()));
+                    note(settle(ctx, *job, Err(wrong)).await);
+                }
+            },
+            Admitted::Settled(s) => note(s),
+        }
+    }
+    if jobs.is_empty() {
+        return settled;
+    }
+    let count = jobs.len();
+    let items: Vec<media::Item<'_>> =
+        works.iter().map(|(tenant, work)| media::Item { tenant: tenant.as_deref(), work }).collect();
+    let results = guarded(media::analyse(ctx, &items), &mut jobs, &ctx.backend, &ctx.owner, ctx.lease).await;
+    for (job, result) in jobs.into_iter().zip(results) {
+        let span = job.span.clone();
         note(settle(ctx, job, result).instrument(span).await);
     }
     events::batch_done(&ctx.spec.name, count, 0, started.elapsed());
@@ -221,9 +273,9 @@ fn parse(ctx: &Ctx, job: &mut Job) -> Result<(), InputError> {
         Task::TextToImage => {
             job.images = Some(ImageWork::TextToImage(TextToImageInput::parse(input, limits, id_seed)?));
         }
-        Task::Ocr | Task::ImageModeration | Task::SpeechSegments => {
-            return Err(InputError::new("input", "not served yet"));
-        }
+        Task::Ocr => job.media = Some(MediaWork::Ocr(OcrInput::parse(input)?)),
+        Task::ImageModeration => job.media = Some(MediaWork::Moderation(ModerationInput::parse(input)?)),
+        Task::SpeechSegments => job.media = Some(MediaWork::Speech(SpeechSegmentsInput::parse(input)?)),
     }
     Ok(())
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
+use kiln_proto::Task;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -65,10 +66,10 @@ enum Stop {
 
 /// Work in flight at once. Embedding jobs: every delivery the prefetch window lets in, each
 /// admitted, run and settled on its own, so the pool always sees every text waiting and never
-/// waits on the store. Image jobs run for seconds to minutes: one batch at a time, so a job only
-/// shows `running` while it runs.
+/// waits on the store. Every other task runs one batch at a time (images and speech for seconds to
+/// minutes, OCR and moderation batches together), so a job only shows `running` while it runs.
 fn pipeline_depth(ctx: &Ctx) -> usize {
-    if ctx.spec.task.produces_files() { 1 } else { usize::MAX }
+    if ctx.spec.task == Task::Embedding { usize::MAX } else { 1 }
 }
 
 async fn serve(ctx: &Ctx, shutdown: &CancellationToken, mut deliveries: Lanes) -> Stop {
@@ -116,7 +117,7 @@ async fn serve(ctx: &Ctx, shutdown: &CancellationToken, mut deliveries: Lanes) -
             Some(Err(e)) => break Stop::Lost(e.to_string()),
             None => break Stop::Lost("delivery stream ended".into()),
         };
-        if !ctx.spec.task.produces_files() {
+        if ctx.spec.task == Task::Embedding {
             in_flight.push(crate::batch::embed_one(ctx, first).boxed());
             continue;
         }
@@ -139,7 +140,13 @@ async fn serve(ctx: &Ctx, shutdown: &CancellationToken, mut deliveries: Lanes) -
         }
         events::batch_gathered(&ctx.spec.name, batch.len());
         let span = tracing::info_span!("batch", model = %ctx.spec.name, jobs = batch.len());
-        in_flight.push(crate::batch::images(ctx, batch).instrument(span).boxed());
+        let run = match ctx.spec.task {
+            Task::Ocr | Task::ImageModeration => crate::batch::together(ctx, batch).boxed(),
+            Task::Embedding | Task::ImageGeneration | Task::TextToImage | Task::SpeechSegments => {
+                crate::batch::one_by_one(ctx, batch).boxed()
+            }
+        };
+        in_flight.push(run.instrument(span).boxed());
         if let Some(e) = broken {
             break Stop::Lost(e);
         }

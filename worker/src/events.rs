@@ -13,6 +13,11 @@ pub fn model_loaded(spec: &ModelSpec, provider: ExecutionProvider, threads: crat
     tracing::info!(target: "kiln::worker", model = %spec.name, version = %spec.version, execution_provider = ?provider, intra_threads = threads.intra, spinning = threads.spin, max_batch = spec.max_batch, "model loaded");
 }
 
+pub fn image_withheld(id: kiln_proto::JobId, index: u32, nsfw: f32, threshold: f32) {
+    tracing::info!(target: "kiln::worker", job_id = %id, index, nsfw, threshold, "image withheld by moderation");
+    metrics::counter!("kiln_images_withheld_total").increment(1);
+}
+
 pub fn consuming(model: &ModelName, prefetch: u16) {
     tracing::info!(target: "kiln::worker", %model, prefetch, "consuming");
 }

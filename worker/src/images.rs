@@ -9,7 +9,7 @@
 use std::time::{Duration, Instant};
 
 use kiln_common::store::Run;
-use kiln_proto::{ImageOutput, JobId, OutputFile, stored_output_name};
+use kiln_proto::{ImageOutput, JobId, OutputFile, WithheldImage, stored_output_name};
 
 use tracing::Instrument;
 
@@ -52,7 +52,7 @@ pub async fn run(ctx: &Ctx, id: JobId, run: Run, work: ImageWork) -> Result<Prod
     }
     let first = files.len() as u32;
     if first == count {
-        return finish(seed, files);
+        return finish(seed, files, Vec::new());
     }
     if first > 0 {
         events::images_resumed(id, first, count);
@@ -66,6 +66,7 @@ pub async fn run(ctx: &Ctx, id: JobId, run: Run, work: ImageWork) -> Result<Prod
     // denoising step already said the same.
     let mut written = 0;
     let mut stopped = false;
+    let mut withheld = Vec::new();
     loop {
         let Some(update) = run.updates.recv().await else {
             return Err(Failure::Inference("inference thread stopped".into()));
@@ -81,7 +82,24 @@ pub async fn run(ctx: &Ctx, id: JobId, run: Run, work: ImageWork) -> Result<Prod
                 stopped |= !go_on;
                 run.proceed(go_on);
             }
-            Update::Image { index, seed, width, height, png } => {
+            Update::Withheld { index, seed, moderation, threshold } => {
+                events::image_withheld(id, index, moderation.nsfw, threshold);
+                withheld.push(WithheldImage {
+                    index,
+                    seed,
+                    moderation,
+                    reason: format!("nsfw score {:.3} is over the moderation threshold {threshold}", moderation.nsfw),
+                });
+                let step = (index + 1) * steps;
+                let go_on = step == written || {
+                    written = step;
+                    still_running(ctx, id, token, step, total).await
+                };
+                stopped |= !go_on;
+                run.proceed(go_on);
+            }
+            Update::Segments(_) => return Err(Failure::Inference("an image job got speech segments".into())),
+            Update::Image { index, seed, width, height, png, moderation } => {
                 let stored = stored_output_name(&file_name(index), token);
                 let meta = match outputs.put(id, &stored, "image/png", png.into()).await {
                     Ok(meta) => meta,
@@ -91,7 +109,9 @@ pub async fn run(ctx: &Ctx, id: JobId, run: Run, work: ImageWork) -> Result<Prod
                         return Err(Failure::Outputs(e.to_string()));
                     }
                 };
-                files.push(output_file(id, index, token, seed, (width, height), meta));
+                let mut file = output_file(id, index, token, seed, (width, height), meta);
+                file.moderation = moderation;
+                files.push(file);
                 let step = (index + 1) * steps;
                 let go_on = step == written || {
                     written = step;
@@ -105,7 +125,7 @@ pub async fn run(ctx: &Ctx, id: JobId, run: Run, work: ImageWork) -> Result<Prod
                 events::images_stopped(id, files.len() as u32, count);
                 return Ok(Produced::Stopped);
             }
-            Update::Finished(Ok(())) => return finish(seed, files),
+            Update::Finished(Ok(())) => return finish(seed, files, withheld),
         }
     }
 }
@@ -133,14 +153,14 @@ fn output_file(
     }
 }
 
-fn finish(seed: u64, files: Vec<OutputFile>) -> Result<Produced, Failure> {
-    let output = ImageOutput { images: files, seed, withheld: Vec::new() };
+fn finish(seed: u64, files: Vec<OutputFile>, withheld: Vec<WithheldImage>) -> Result<Produced, Failure> {
+    let output = ImageOutput { images: files, seed, withheld };
     Ok(Produced::Output(serde_json::to_string(&output).expect("image output serialises")))
 }
 
 /// Records progress; false when the job is no longer running (canceled, or finished elsewhere).
 /// A store that cannot be reached does not stop the job: progress is informative.
-async fn still_running(ctx: &Ctx, id: JobId, run: Run, step: u32, total: u32) -> bool {
+pub(crate) async fn still_running(ctx: &Ctx, id: JobId, run: Run, step: u32, total: u32) -> bool {
     let progress = serde_json::json!({ "step": step, "total": total });
     match ctx.backend.store.progress(id, run, &progress).await {
         Ok(kiln_common::store::Transition::Applied) => true,
@@ -155,7 +175,7 @@ async fn still_running(ctx: &Ctx, id: JobId, run: Run, step: u32, total: u32) ->
     }
 }
 
-async fn drain(updates: &mut tokio::sync::mpsc::Receiver<Update>) {
+pub(crate) async fn drain(updates: &mut tokio::sync::mpsc::Receiver<Update>) {
     while let Some(u) = updates.recv().await {
         if matches!(u, Update::Finished(_)) {
             break;

@@ -27,6 +27,7 @@ use kiln_proto::{Envelope, JobId};
 
 use crate::events;
 use crate::inference::ImageWork;
+use crate::media::MediaWork;
 
 /// Who holds the job while this worker has it.
 pub enum Holder {
@@ -73,6 +74,8 @@ pub struct Job {
     pub texts: Vec<String>,
     /// An image job's work.
     pub images: Option<ImageWork>,
+    /// The canonical input of a job with a binary input (OCR, moderation, speech).
+    pub media: Option<MediaWork>,
     /// This run of the job, a child of the span that published it (the HTTP request).
     pub span: tracing::Span,
     /// When this run started.
@@ -89,6 +92,7 @@ impl Job {
             holder: Holder::Message(delivery),
             texts: Vec::new(),
             images: None,
+            media: None,
             span,
             started: std::time::Instant::now(),
         }

@@ -16,12 +16,16 @@ mod inference;
 mod job;
 mod lanes;
 mod lease;
+mod media;
+pub mod moderation;
 mod noise;
+pub mod ocr;
 pub mod planner;
 mod pool;
 mod render;
 pub mod runtime;
 mod terrain;
+pub mod vad;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -35,7 +39,7 @@ use tokio_util::task::TaskTracker;
 
 pub use config::{Auto, WorkerConfig};
 pub use embedding::{Embedded, PipelineError, pool as pool_embedding};
-pub use inference::{ImageRun, ImageWork, InferenceHandle, Pipeline, Update};
+pub use inference::{ImageRun, ImageWork, InferenceHandle, Pipeline, Screen, Update};
 pub use runtime::{RuntimeError, Threads};
 
 #[derive(Debug, thiserror::Error)]
@@ -144,19 +148,65 @@ pub fn load_model_with(
             let loaded = runtime::load_session(env, &file("model")?, &spec.execution_providers, image_threads)?;
             let pipeline =
                 terrain::TerrainPipeline::new(loaded.session, spec.consistency.clone()).map_err(model_err)?;
-            spawn(spec, Pipeline::Terrain(pipeline), loaded.provider, image_threads)
+            let screen = screen(spec, env, cache_dir, image_threads)?;
+            spawn(spec, Pipeline::Terrain(pipeline), screen, loaded.provider, image_threads)
         }
         Task::TextToImage => {
             let dir = spec.dir(cache_dir);
             let (pipeline, provider) =
                 diffusion::DiffusionPipeline::load(&dir, env, &spec.execution_providers, image_threads)
                     .map_err(model_err)?;
-            spawn(spec, Pipeline::Diffusion(Box::new(pipeline)), provider, image_threads)
+            let screen = screen(spec, env, cache_dir, image_threads)?;
+            spawn(spec, Pipeline::Diffusion(Box::new(pipeline)), screen, provider, image_threads)
         }
-        Task::Ocr | Task::ImageModeration | Task::SpeechSegments => {
-            Err(model_err(format!("the {} task is being integrated", spec.task.as_str())))
+        Task::Ocr => {
+            let (pipeline, provider) =
+                ocr::OcrPipeline::load(spec, cache_dir, env, image_threads).map_err(model_err)?;
+            spawn(spec, Pipeline::Ocr(Box::new(pipeline)), None, provider, image_threads)
+        }
+        Task::ImageModeration => {
+            let (pipeline, provider) =
+                moderation::ModerationPipeline::load(&file("model")?, env, &spec.execution_providers, image_threads)
+                    .map_err(model_err)?;
+            spawn(spec, Pipeline::Moderation(pipeline), None, provider, image_threads)
+        }
+        Task::SpeechSegments => {
+            let (pipeline, provider) =
+                vad::VadPipeline::load(&file("model")?, env, &spec.execution_providers, image_threads)
+                    .map_err(model_err)?;
+            spawn(spec, Pipeline::Vad(pipeline), None, provider, image_threads)
         }
     }
+}
+
+/// The moderation of an image model that has a `[moderation]` section: the named model, from the
+/// same repository (fetched when it comes from a package), on the image model's thread.
+fn screen(
+    spec: &ModelSpec,
+    env: &ort::environment::Environment,
+    cache_dir: &Path,
+    threads: Threads,
+) -> Result<Option<Screen>, WorkerError> {
+    let Some(m) = &spec.moderation else { return Ok(None) };
+    let model_err = |reason: String| WorkerError::Model { model: spec.name.to_string(), reason };
+    let repo = match spec.folder.as_deref().and_then(Path::parent) {
+        Some(dir) => ModelRepository::load(dir),
+        None => ModelRepository::builtin(),
+    }
+    .map_err(|e| model_err(format!("reading its moderation model: {e}")))?;
+    let moderator = repo
+        .get(&m.model)
+        .filter(|s| s.task == Task::ImageModeration)
+        .ok_or_else(|| model_err(format!("moderation.model {:?} is not an image-moderation model here", m.model)))?;
+    if let Some(source) = &moderator.source {
+        assets::ensure(source, &moderator.dir(cache_dir))?;
+    }
+    let file = moderator
+        .file(cache_dir, "model")
+        .ok_or_else(|| model_err(format!("moderation model {} has no files.model", m.model)))?;
+    let (pipeline, _) = moderation::ModerationPipeline::load(&file, env, &moderator.execution_providers, threads)
+        .map_err(|e| model_err(format!("loading its moderation model {}: {e}", m.model)))?;
+    Ok(Some(Screen { pipeline, threshold: m.threshold }))
 }
 
 /// Builds an embedding model's sessions (sharing their pre-packed weights) and starts its pool.
@@ -221,11 +271,12 @@ fn embedding_pool(
 fn spawn(
     spec: &ModelSpec,
     pipeline: Pipeline,
+    screen: Option<Screen>,
     provider: kiln_common::models::ExecutionProvider,
     threads: Threads,
 ) -> Result<InferenceHandle, WorkerError> {
     events::model_loaded(spec, provider, threads);
-    InferenceHandle::spawn(spec, pipeline, provider).map_err(|e| WorkerError::Model {
+    InferenceHandle::spawn(spec, pipeline, screen, provider).map_err(|e| WorkerError::Model {
         model: spec.name.to_string(),
         reason: format!("cannot start its inference thread: {e}"),
     })

@@ -1,5 +1,8 @@
 //! The input file: one job `input` object per non-empty line, its canonical JSON, the occurrence
-//! number among identical lines, and the `Idempotency-Key` derived from them.
+//! number among identical lines, and the `Idempotency-Key` derived from them. Or a set of files
+//! (`--inputs 'scans/*.png'`): one job per file, in name order, its bytes the job's binary input
+//! field; such an item's canonical JSON names the file's sha256, so a file's key follows its
+//! bytes, not its name or place in the listing.
 //!
 //! The key leaves the line number out on purpose: inserting a line above others does not change
 //! their keys, so the gateway still returns the jobs they already have. Identical lines stay
@@ -27,6 +30,9 @@ pub struct Input {
     pub canonical: String,
     /// How many earlier lines have the same canonical JSON.
     pub occurrence: u32,
+    /// Input fields whose value is a file's bytes, uploaded (`POST /v1/files`) when the job is
+    /// submitted and given as `file:<id>`.
+    pub files: Vec<(String, std::path::PathBuf)>,
 }
 
 /// Reads the whole file; blank lines are not items but still count for line numbers.
@@ -34,6 +40,47 @@ pub fn read(path: &Path) -> Result<Vec<Item>, BatchError> {
     let text = std::fs::read_to_string(path)
         .map_err(|source| BatchError::Input { path: path.display().to_string(), source })?;
     Ok(parse(&text))
+}
+
+/// One item per file matching `pattern` (a glob: `*`, `?`, `[…]`, `**`), sorted by path, each
+/// job's `field` the file's bytes. The files are read once here, to hash them.
+pub fn from_files(pattern: &str, field: &str) -> Result<Vec<Item>, BatchError> {
+    let bad = |message: String| BatchError::Input {
+        path: pattern.to_owned(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, message),
+    };
+    let mut paths = Vec::new();
+    for entry in glob::glob(pattern).map_err(|e| bad(format!("not a usable pattern: {e}")))? {
+        let path = entry.map_err(|e| bad(e.to_string()))?;
+        if path.is_file() {
+            paths.push(path);
+        }
+    }
+    if paths.is_empty() {
+        return Err(bad("matches no file".into()));
+    }
+    paths.sort();
+    let mut seen: std::collections::HashMap<String, u32> = std::collections::HashMap::new();
+    let mut items = Vec::with_capacity(paths.len());
+    for (i, path) in paths.into_iter().enumerate() {
+        let sha256 = hash_file(&path)
+            .map_err(|source| BatchError::Input { path: path.display().to_string(), source })?;
+        let value = serde_json::json!({ field: format!("@{}", path.display()) });
+        let canonical = canonical(&serde_json::json!({ field: { "sha256": sha256 } }));
+        let n = seen.entry(canonical.clone()).or_insert(0);
+        let occurrence = *n;
+        *n += 1;
+        let input = Input { value, canonical, occurrence, files: vec![(field.to_owned(), path)] };
+        items.push(Item { line: i + 1, input: Ok(input) });
+    }
+    Ok(items)
+}
+
+fn hash_file(path: &Path) -> std::io::Result<String> {
+    let mut file = std::fs::File::open(path)?;
+    let mut h = Sha256::new();
+    std::io::copy(&mut file, &mut h)?;
+    Ok(hex::encode(h.finalize()))
 }
 
 pub fn parse(text: &str) -> Vec<Item> {
@@ -50,7 +97,7 @@ pub fn parse(text: &str) -> Vec<Item> {
                 let n = seen.entry(canonical.clone()).or_insert(0);
                 let occurrence = *n;
                 *n += 1;
-                Ok(Input { value, canonical, occurrence })
+                Ok(Input { value, canonical, occurrence, files: Vec::new() })
             }
             Ok(other) => Err(format!("expected a JSON object, got {}", kiln_proto::json_type(&other))),
             Err(e) => Err(format!("not valid JSON: {e}")),
@@ -146,6 +193,25 @@ mod tests {
         let moved = parse("\n\n\n{\"text\":\"a\"}").remove(0);
         assert_eq!(moved.line, 4);
         assert_eq!(k("m", moved.input.as_ref().unwrap(), 0), base);
+    }
+
+    #[test]
+    fn files_are_items_keyed_by_their_bytes_in_name_order() {
+        let dir = std::env::temp_dir().join(format!("kiln-batch-files-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (name, bytes) in [("b.png", &b"two"[..]), ("a.png", b"one"), ("c.png", b"one"), ("x.txt", b"no")] {
+            std::fs::write(dir.join(name), bytes).unwrap();
+        }
+        let items = from_files(&format!("{}/*.png", dir.display()), "image").unwrap();
+        let inputs: Vec<Input> = items.iter().map(|i| i.input.clone().unwrap()).collect();
+        let names: Vec<_> = inputs.iter().map(|i| i.files[0].1.file_name().unwrap().to_owned()).collect();
+        assert_eq!(names, ["a.png", "b.png", "c.png"]);
+        assert_eq!(items.iter().map(|i| i.line).collect::<Vec<_>>(), [1, 2, 3]);
+        assert!(inputs[0].canonical.contains(&hex::encode(Sha256::digest(b"one"))), "{}", inputs[0].canonical);
+        // Same bytes: same canonical input, told apart by the occurrence.
+        assert_eq!((inputs[0].canonical == inputs[2].canonical, inputs[2].occurrence), (true, 1));
+        assert!(from_files(&format!("{}/*.gif", dir.display()), "image").is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

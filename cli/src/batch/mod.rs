@@ -36,7 +36,12 @@ const SUMMARY_FAILURES: usize = 20;
 /// Everything a run needs; the CLI fills it from flags, tests directly.
 #[derive(Debug, Clone)]
 pub struct BatchConfig {
+    /// The JSON-lines input file (unused when `files` is set).
     pub input: PathBuf,
+    /// One job per file matching this glob instead (`scans/*.png`), its bytes the input field
+    /// `field` (default: the model's one binary input field).
+    pub files: Option<String>,
+    pub field: Option<String>,
     pub out: PathBuf,
     pub url: String,
     /// Sent as `Authorization: Bearer …` on every call.
@@ -58,6 +63,8 @@ impl BatchConfig {
     pub fn new(input: impl Into<PathBuf>, out: impl Into<PathBuf>, url: &str, model: &str) -> Self {
         Self {
             input: input.into(),
+            files: None,
+            field: None,
             out: out.into(),
             url: url.to_owned(),
             api_key: None,
@@ -96,6 +103,8 @@ pub enum BatchError {
     ModelChanged { dir: PathBuf, was: String, now: String },
     #[error("cannot set up the HTTP client: {0}")]
     Http(#[source] reqwest::Error),
+    #[error("model {model} {problem}: name the input field with --field")]
+    NoFileField { model: String, problem: String },
     #[error("the gateway cannot be asked for its models: {0}")]
     Unreachable(#[source] ClientError),
     #[error("the gateway does not serve model {model:?}; it serves {}", served.join(", "))]
@@ -286,8 +295,16 @@ pub enum BatchCommand {
     /// are picked up by id, and nothing is submitted twice. Exit status: 0 all succeeded, 3 some
     /// lines failed, 130 interrupted.
     Run {
-        /// The input file, JSON lines.
-        file: PathBuf,
+        /// The input file, JSON lines (or give --inputs).
+        #[arg(required_unless_present = "inputs", conflicts_with = "inputs")]
+        file: Option<PathBuf>,
+        /// One job per file matching this glob (quote it: `--inputs 'scans/*.png'`), in name
+        /// order; each file's bytes are the job's binary input (uploaded to POST /v1/files).
+        #[arg(long)]
+        inputs: Option<String>,
+        /// The input field the files go in; default: the model's one binary input field.
+        #[arg(long, requires = "inputs")]
+        field: Option<String>,
         /// Directory for the outputs (`<line>-<name>`, `<line>.json`) and the manifest.
         #[arg(long, env = "KILN_BATCH_OUT")]
         out: PathBuf,
@@ -317,8 +334,10 @@ pub enum BatchCommand {
 /// Runs a `kiln batch` command; SIGINT/SIGTERM interrupt a run cleanly.
 pub async fn command(command: BatchCommand) -> anyhow::Result<ExitCode> {
     match command {
-        BatchCommand::Run { file, out, concurrency, model, api, retry_failed, give_up_after } => {
-            let mut config = BatchConfig::new(file, out, &api.url, &model);
+        BatchCommand::Run { file, inputs, field, out, concurrency, model, api, retry_failed, give_up_after } => {
+            let mut config = BatchConfig::new(file.unwrap_or_default(), out, &api.url, &model);
+            config.files = inputs;
+            config.field = field;
             config.api_key = api.api_key;
             config.concurrency = usize::from(concurrency);
             config.retry_failed = retry_failed;

@@ -59,7 +59,18 @@ struct Ctx {
 /// are picked up by id on the next run.
 pub async fn run(config: BatchConfig, cancel: CancellationToken) -> Result<Summary, BatchError> {
     let started = Instant::now();
-    let items = input::read(&config.input)?;
+    let client = Client::with_key(&config.url, config.api_key.clone()).map_err(BatchError::Http)?;
+    let model = preflight(&client, &config.model).await?;
+    let items = match &config.files {
+        Some(pattern) => {
+            let field = match &config.field {
+                Some(f) => f.clone(),
+                None => file_field(&config.model, model.as_ref())?,
+            };
+            input::from_files(pattern, &field)?
+        }
+        None => input::read(&config.input)?,
+    };
     let out = config.out.clone();
     std::fs::create_dir_all(&out).map_err(|source| BatchError::OutDir { path: out.clone(), source })?;
     let (journal, replay) = Journal::open(&out)?;
@@ -67,12 +78,10 @@ pub async fn run(config: BatchConfig, cancel: CancellationToken) -> Result<Summa
         return Err(BatchError::ModelChanged { dir: out, was: was.clone(), now: config.model.clone() });
     }
     remove_partials(&out)?;
-    let client = Client::with_key(&config.url, config.api_key.clone()).map_err(BatchError::Http)?;
-    preflight(&client, &config.model).await?;
     let run = Event::Run {
         version: manifest::VERSION,
         model: config.model.clone(),
-        input: config.input.display().to_string(),
+        input: config.files.clone().unwrap_or_else(|| config.input.display().to_string()),
         items: items.len(),
         at_ms: kiln_proto::now_millis(),
     };
@@ -153,19 +162,35 @@ fn collect(
     }
 }
 
-/// Fails fast on a wrong URL or model name instead of failing every line.
-async fn preflight(client: &Client, model: &str) -> Result<(), BatchError> {
+/// Fails fast on a wrong URL or model name instead of failing every line; the model's entry of
+/// `GET /v1/models` when the gateway lists it.
+async fn preflight(client: &Client, model: &str) -> Result<Option<Value>, BatchError> {
     let models = client.models().await.map_err(BatchError::Unreachable)?;
     // OpenAI's list shape (`data`); `models` is what gateways before it answered.
     let list = if models["data"].is_array() { &models["data"] } else { &models["models"] };
-    let served: Vec<String> = list
-        .as_array()
-        .map(|list| list.iter().filter_map(|m| m["name"].as_str().map(str::to_owned)).collect())
+    let list = list.as_array().cloned().unwrap_or_default();
+    let served: Vec<String> = list.iter().filter_map(|m| m["name"].as_str().map(str::to_owned)).collect();
+    if served.is_empty() {
+        return Ok(None);
+    }
+    match list.into_iter().find(|m| m["name"] == model) {
+        Some(entry) => Ok(Some(entry)),
+        None => Err(BatchError::UnknownModel { model: model.to_owned(), served }),
+    }
+}
+
+/// The model's one binary input field (`x-kiln-file` in its input schema).
+fn file_field(model: &str, entry: Option<&Value>) -> Result<String, BatchError> {
+    let no = |problem: &str| BatchError::NoFileField { model: model.to_owned(), problem: problem.to_owned() };
+    let entry = entry.ok_or_else(|| no("is not listed by the gateway"))?;
+    let fields: Vec<&String> = entry["input_schema"]["properties"]
+        .as_object()
+        .map(|props| props.iter().filter(|(_, p)| p.get("x-kiln-file").is_some()).map(|(k, _)| k).collect())
         .unwrap_or_default();
-    if served.is_empty() || served.iter().any(|m| m == model) {
-        Ok(())
-    } else {
-        Err(BatchError::UnknownModel { model: model.to_owned(), served })
+    match fields.as_slice() {
+        [one] => Ok((*one).clone()),
+        [] => Err(no("takes no file input")),
+        _ => Err(no("takes several file inputs")),
     }
 }
 
@@ -261,7 +286,7 @@ impl Ctx {
         let line = item.line;
         let Ok(input) = &item.input else { unreachable!("bad lines never reach drive") };
         let model = &self.config.model;
-        let body = json!({ "model": model, "input": input.value });
+        let mut body = json!({ "model": model, "input": input.value });
         let mut step = first;
         loop {
             step = match step {
@@ -270,7 +295,11 @@ impl Ctx {
                     self.record(Event::Submit { line, key: key.clone(), generation }).await?;
                     let mut retry = Retry::new(self.config.give_up_after);
                     loop {
-                        match self.client.submit_keyed(&body, &key).await {
+                        let submitted = match self.upload_files(input, &mut body).await {
+                            Ok(()) => self.client.submit_keyed(&body, &key).await,
+                            Err(e) => Err(e),
+                        };
+                        match submitted {
                             Ok(record) => {
                                 let Some(job) = record["id"].as_str().map(str::to_owned) else {
                                     let message = format!("the gateway answered without a job id: {record}");
@@ -378,6 +407,23 @@ impl Ctx {
         self.record(Event::Succeeded { line, job: job.to_owned(), files }).await?;
         self.progress.finished.fetch_add(1, Ordering::Relaxed);
         Ok(Some(Outcome::Succeeded { files: count, bytes }))
+    }
+
+    /// Uploads the item's files (`--inputs`) and puts their `file:<id>` in the body.
+    async fn upload_files(&self, input: &input::Input, body: &mut Value) -> Result<(), ClientError> {
+        for (field, path) in &input.files {
+            let bytes = tokio::fs::read(path)
+                .await
+                .map_err(|source| ClientError::Io { path: path.display().to_string(), source })?;
+            let mime = crate::inputs::media_type(&bytes, Some(path));
+            let file = self.client.upload(bytes, mime).await?;
+            let id = file["id"].as_str().ok_or_else(|| ClientError::Protocol {
+                url: "/v1/files".into(),
+                detail: format!("POST /v1/files answered without an id: {file}"),
+            })?;
+            body["input"][field] = Value::String(format!("file:{id}"));
+        }
+        Ok(())
     }
 
     /// Writes every output of a finished job under its final name: each `output.images` (or `output.files`) entry

@@ -7,8 +7,10 @@ use std::time::Duration;
 
 pub mod certs;
 pub mod inputs;
+pub mod media;
 pub mod onnx;
 pub mod servers;
+pub mod speech;
 
 use crate::Backend;
 use crate::config::{BackendArgs, Secret};
