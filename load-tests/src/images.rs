@@ -19,7 +19,15 @@ pub struct Bare {
 }
 
 fn input(seed: u64, count: u32) -> ImageGenerationInput {
-    ImageGenerationInput { seed, difficulty: 50, count, width: 128, height: 128, colormap: Colormap::Terrain, moderate: false }
+    ImageGenerationInput {
+        seed,
+        difficulty: 50,
+        count,
+        width: 128,
+        height: 128,
+        colormap: Colormap::Terrain,
+        moderate: false,
+    }
 }
 
 pub async fn bare(args: &Args) -> anyhow::Result<Bare> {
@@ -45,6 +53,9 @@ pub async fn bare(args: &Args) -> anyhow::Result<Bare> {
                     run.proceed(true);
                 }
                 Update::Step { .. } => run.proceed(true),
+                Update::Withheld { .. } | Update::Segments(_) => {
+                    bail!("a terrain job without moderation withheld an image or sent speech segments")
+                }
                 Update::Finished(r) => break r?,
             }
         }

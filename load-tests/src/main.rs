@@ -12,6 +12,7 @@ mod bare;
 mod corpus;
 mod fairness;
 mod images;
+mod ocr;
 mod procs;
 mod report;
 mod scenarios;
@@ -31,7 +32,7 @@ use kiln_common::config::parse_duration;
 use procs::Proc;
 use report::{Report, div};
 
-const SCENARIOS: [&str; 6] = ["submit", "e2e", "backlog", "cache", "fair", "images"];
+const SCENARIOS: [&str; 7] = ["submit", "e2e", "backlog", "cache", "fair", "images", "ocr"];
 
 /// Kiln's benchmark: baselines and scenarios in one run, reported as ratios.
 #[derive(Parser, Debug)]
@@ -68,13 +69,16 @@ pub struct Args {
     /// Concurrent submitters for the submit scenario and the raw publish loop.
     #[arg(long, default_value_t = 64)]
     submitters: usize,
-    /// Scenarios to run: submit, e2e, backlog, cache, fair, images (the bare baseline runs for
-    /// e2e and backlog, the raw publish loop for submit).
-    #[arg(long, value_delimiter = ',', default_value = "submit,e2e,backlog,cache,fair,images")]
+    /// Scenarios to run: submit, e2e, backlog, cache, fair, images, ocr (the bare baseline runs
+    /// for e2e and backlog, the raw publish loop for submit, the bare pipeline for images and ocr).
+    #[arg(long, value_delimiter = ',', default_value = "submit,e2e,backlog,cache,fair,images,ocr")]
     scenarios: Vec<String>,
     /// The image model of the images scenario.
     #[arg(long, default_value = "terrain-diffusion")]
     image_model: String,
+    /// The OCR model of the ocr scenario.
+    #[arg(long, default_value = "ppocr-v4")]
+    ocr_model: String,
     /// Where to write the results as Markdown.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -124,6 +128,9 @@ fn estimate(args: &Args, cores: usize) -> Duration {
     }
     if args.wants("images") {
         s += 4.0 * d + 15.0;
+    }
+    if args.wants("ocr") {
+        s += 4.25 * d + 20.0;
     }
     if let Some(soak) = args.soak {
         s += soak.as_secs_f64() + 15.0;
@@ -294,6 +301,33 @@ async fn main() -> anyhow::Result<()> {
         scenarios::delete_queue(&args, &format!("{prefix}.jobs.{}", args.image_model)).await?;
     }
 
+    let mut ocr_ratio = f64::NAN;
+    if args.wants("ocr") {
+        let pages = ocr::pages();
+        let bare = ocr::bare(&args, &pages).await?;
+        report.note(
+            &format!("bare OCR pipeline, pages/s (batches of the model's max_batch, {} distinct pages)", pages.len()),
+            format!("{:.2}", bare.rate),
+        );
+        report.note("bare OCR pipeline, one page alone, p50 ms", format!("{:.1}", bare.single_ms));
+        let prefix = format!("bo{run}");
+        let gw = Proc::gateway(&args, &prefix).await?;
+        let worker = Proc::worker(&args, &prefix, &args.ocr_model, &[])?;
+        ocr::warm_up(&http, &gw.url, &args.ocr_model, &pages).await?;
+        for clients in [1, 4, 8] {
+            let (rate, lat) = ocr::fleet(&http, &gw.url, &args, &pages, clients).await?;
+            ocr_ratio = if ocr_ratio.is_nan() { rate / bare.rate } else { ocr_ratio.max(rate / bare.rate) };
+            report.note(&format!("OCR through the fleet, {clients} clients, pages/s"), format!("{rate:.2}"));
+            report.note(
+                &format!("OCR through the fleet, {clients} clients, p50 / p99 ms"),
+                format!("{:.1} / {:.1}", lat.ms(50.0), lat.ms(99.0)),
+            );
+        }
+        worker.stop().await?;
+        gw.stop().await?;
+        scenarios::delete_queue(&args, &format!("{prefix}.jobs.{}", args.ocr_model)).await?;
+    }
+
     for (mix, r) in &results {
         let bare = bare_of(*mix);
         let bare_best = bare.map(|b| b.best_rate);
@@ -327,6 +361,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if args.wants("images") {
         report.note("RATIO images (fleet, best of 1/2/4 clients / bare pipeline)", format!("{image_ratio:.3}"));
+    }
+    if args.wants("ocr") {
+        report.note("RATIO ocr (fleet, best of 1/4/8 clients / bare pipeline)", format!("{ocr_ratio:.3}"));
     }
 
     if let Some(out) = &args.out {

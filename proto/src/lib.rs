@@ -14,10 +14,10 @@ pub use job::{
     AttemptRecord, DeadLetter, ENVELOPE_VERSION, Envelope, EnvelopeWebhook, EventKind, JobError, JobEvent, JobMetrics,
     JobRecord, JobStatus, ModelInfo, WebhookState,
 };
+pub use media::{FileObject, MediaKind, MediaRef, MediaSource, valid_file_id};
 pub use prediction::{
     OWNER as PREDICTION_OWNER, Prediction, PredictionMetrics, PredictionStatus, PredictionUrls, PredictionView,
 };
-pub use media::{FileObject, MediaKind, MediaRef, MediaSource, valid_file_id};
 pub use task::{
     Colormap, EmbeddingInput, EmbeddingOutput, ImageGenerationInput, ImageOutput, InputError, InputLimits, MAX_SEED,
     ModerationInput, ModerationOutput, ModerationScores, OcrInput, OcrLine, OcrOutput, OutputFile, Scheduler,

@@ -82,7 +82,10 @@ impl MediaSource {
             other => {
                 return Err(InputError::new(
                     field,
-                    format!("must be a string (base64, a data: URL, file:ID or an https:// URL), got {}", json_type(other)),
+                    format!(
+                        "must be a string (base64, a data: URL, file:ID or an https:// URL), got {}",
+                        json_type(other)
+                    ),
                 ));
             }
         };
@@ -171,15 +174,25 @@ mod tests {
             MediaSource::Inline { bytes: b"hi".to_vec(), declared: Some("image/png".into()) }
         );
         assert_eq!(parse(json!("file:file_abc123")).unwrap(), MediaSource::File("file_abc123".into()));
-        assert_eq!(parse(json!("https://example.com/a.png")).unwrap(), MediaSource::Url("https://example.com/a.png".into()));
+        assert_eq!(
+            parse(json!("https://example.com/a.png")).unwrap(),
+            MediaSource::Url("https://example.com/a.png".into())
+        );
         let stored = json!({"sha256": "a".repeat(64), "content_type": "image/png", "size": 3});
         assert!(matches!(parse(stored).unwrap(), MediaSource::Stored(_)));
     }
 
     #[test]
     fn refuses_with_the_field() {
-        for bad in [json!(3), json!("http://x/a.png"), json!("file:../etc"), json!("data:image/png,aGk="), json!("!!!"),
-                    json!(""), json!({"sha256": "x", "content_type": "image/png", "size": 3})] {
+        for bad in [
+            json!(3),
+            json!("http://x/a.png"),
+            json!("file:../etc"),
+            json!("data:image/png,aGk="),
+            json!("!!!"),
+            json!(""),
+            json!({"sha256": "x", "content_type": "image/png", "size": 3}),
+        ] {
             assert_eq!(parse(bad.clone()).unwrap_err().field, "input.image", "{bad}");
         }
         let big = "A".repeat(2000);

@@ -479,7 +479,9 @@ impl<'a> Fields<'a> {
         let Some(v) = self.get(name) else { return Ok(None) };
         match v.as_f64() {
             Some(n) if (min..=max).contains(&n) => Ok(Some(n)),
-            _ => Err(InputError::new(format!("input.{name}"), format!("must be a number from {min} to {max}, got {v}"))),
+            _ => {
+                Err(InputError::new(format!("input.{name}"), format!("must be a number from {min} to {max}, got {v}")))
+            }
         }
     }
 

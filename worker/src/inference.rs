@@ -12,9 +12,7 @@ use std::sync::mpsc as sync_mpsc;
 
 use image::RgbImage;
 use kiln_common::models::{ExecutionProvider, ModelSpec};
-use kiln_proto::{
-    ImageGenerationInput, ModerationScores, OcrOutput, Scheduler, SpeechSegment, TextToImageInput,
-};
+use kiln_proto::{ImageGenerationInput, ModerationScores, OcrOutput, Scheduler, SpeechSegment, TextToImageInput};
 use tokio::sync::{mpsc, oneshot};
 use tracing::Span;
 
@@ -84,10 +82,30 @@ pub enum Update {
 }
 
 enum Request {
-    Images { work: ImageWork, first: u32, updates: mpsc::Sender<Update>, go: sync_mpsc::Receiver<bool>, span: Span },
-    Read { images: Vec<RgbImage>, reply: oneshot::Sender<Result<Vec<OcrOutput>, PipelineError>>, span: Span },
-    Score { images: Vec<RgbImage>, reply: oneshot::Sender<Result<Vec<ModerationScores>, PipelineError>>, span: Span },
-    Speech { audio: Vec<f32>, opts: VadOptions, updates: mpsc::Sender<Update>, go: sync_mpsc::Receiver<bool>, span: Span },
+    Images {
+        work: ImageWork,
+        first: u32,
+        updates: mpsc::Sender<Update>,
+        go: sync_mpsc::Receiver<bool>,
+        span: Span,
+    },
+    Read {
+        images: Vec<RgbImage>,
+        reply: oneshot::Sender<Result<Vec<OcrOutput>, PipelineError>>,
+        span: Span,
+    },
+    Score {
+        images: Vec<RgbImage>,
+        reply: oneshot::Sender<Result<Vec<ModerationScores>, PipelineError>>,
+        span: Span,
+    },
+    Speech {
+        audio: Vec<f32>,
+        opts: VadOptions,
+        updates: mpsc::Sender<Update>,
+        go: sync_mpsc::Receiver<bool>,
+        span: Span,
+    },
 }
 
 /// The async side of a model's inference: its session pool, or its image pipeline's thread. The
@@ -250,7 +268,8 @@ fn run_images(
             .map_err(|e| PipelineError::Inference(format!("reading back image {index} to moderate it: {e}")))?
             .to_rgb8();
         let scores = screen.pipeline.score(std::slice::from_ref(&pixels), 1)?;
-        let moderation = scores.first().copied().ok_or_else(|| PipelineError::Inference("no moderation score".into()))?;
+        let moderation =
+            scores.first().copied().ok_or_else(|| PipelineError::Inference("no moderation score".into()))?;
         Ok(if moderation.nsfw > screen.threshold {
             Update::Withheld { index, seed, moderation, threshold: screen.threshold }
         } else {

@@ -41,7 +41,8 @@ impl MediaWork {
 /// The bytes of `input`, stored for `tenant`. An input the store no longer has (expired) fails
 /// the job: running it again cannot bring it back.
 async fn fetch(ctx: &Ctx, tenant: Option<&str>, input: &MediaRef) -> Result<Bytes, Failure> {
-    match ctx.backend.inputs.get(kiln_common::inputs::scope(tenant), &input.sha256).await {
+    let scope = kiln_common::inputs::scope(tenant);
+    match ctx.backend.inputs.get(scope, &input.sha256).await {
         Ok(Some((_, bytes))) => Ok(bytes),
         Ok(None) => Err(Failure::Input(format!(
             "input {} is no longer in the input store (expired or deleted); send it again",
@@ -112,9 +113,13 @@ pub async fn analyse(ctx: &Ctx, items: &[Item<'_>]) -> Vec<Result<Produced, Fail
         MediaWork::Moderation(_) => Some(false),
         MediaWork::Speech(_) => None,
     }) {
-        Some(true) => ctx.infer.read(images).instrument(span).await.map_err(Failure::from).map(|outs| {
-            outs.iter().map(|o| serde_json::to_string(o).expect("OCR output serialises")).collect()
-        }),
+        Some(true) => ctx
+            .infer
+            .read(images)
+            .instrument(span)
+            .await
+            .map_err(Failure::from)
+            .map(|outs| outs.iter().map(|o| serde_json::to_string(o).expect("OCR output serialises")).collect()),
         _ => ctx.infer.score(images).instrument(span).await.map_err(Failure::from).map(|scores| {
             scores
                 .iter()

@@ -63,8 +63,8 @@ pub fn from_files(pattern: &str, field: &str) -> Result<Vec<Item>, BatchError> {
     let mut seen: std::collections::HashMap<String, u32> = std::collections::HashMap::new();
     let mut items = Vec::with_capacity(paths.len());
     for (i, path) in paths.into_iter().enumerate() {
-        let sha256 = hash_file(&path)
-            .map_err(|source| BatchError::Input { path: path.display().to_string(), source })?;
+        let sha256 =
+            hash_file(&path).map_err(|source| BatchError::Input { path: path.display().to_string(), source })?;
         let value = serde_json::json!({ field: format!("@{}", path.display()) });
         let canonical = canonical(&serde_json::json!({ field: { "sha256": sha256 } }));
         let n = seen.entry(canonical.clone()).or_insert(0);

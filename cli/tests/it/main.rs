@@ -13,6 +13,7 @@ mod harness;
 mod history;
 mod images;
 mod listing;
+mod multimodal;
 mod observability;
 mod openai;
 mod predictions;

@@ -729,7 +729,17 @@ fn validate(state: &AppState, value: Value, fingerprint: String, tenant: Option<
     // here, so every attempt of the job draws the same images.
     let input = match spec.task {
         Task::Embedding => EmbeddingInput::parse(&input, &spec.limits).map_err(ApiError::InvalidInput)?.to_value(),
-        Task::ImageGeneration => canonical(ImageGenerationInput::parse(&input, &spec.limits, random_seed))?,
+        Task::ImageGeneration => {
+            let parsed =
+                ImageGenerationInput::parse(&input, &spec.limits, random_seed).map_err(ApiError::InvalidInput)?;
+            if parsed.moderate && spec.moderation.is_none() {
+                return Err(ApiError::InvalidInput(kiln_proto::InputError::new(
+                    "input.moderate",
+                    format!("model {} has no moderation model ([moderation] in its kiln.toml)", spec.name),
+                )));
+            }
+            canonical(Ok(parsed))?
+        }
         Task::TextToImage => canonical(TextToImageInput::parse(&input, &spec.limits, random_seed))?,
         Task::Ocr => canonical(kiln_proto::OcrInput::parse(&input))?,
         Task::ImageModeration => canonical(kiln_proto::ModerationInput::parse(&input))?,
