@@ -1,8 +1,9 @@
 //! The `kiln` client commands as a user runs them, as processes against an in-process gateway
 //! and worker: exit codes of `wait`, `submit --wait`, `run` and `events` for jobs that succeed,
 //! fail (a real poison input), are canceled, expire or outlast the wait; `--json` output that
-//! parses; `-i` inputs from literals, files and standard input; `-o` downloads; the API key on
-//! every call; the job listing; global flags after the subcommand; shell completions.
+//! parses; `-i` inputs from literals, files and standard input; files as job inputs (inline, or
+//! uploaded when large) and `batch run --inputs` over a folder of scans; `-o` downloads; the API
+//! key on every call; the job listing; global flags after the subcommand; shell completions.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -293,6 +294,62 @@ async fn run_downloads_the_output_files() {
     }
     let left: Vec<_> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(left.len(), 2, "only the images, no partial files: {left:?}");
+    worker.stop().await;
+    gw.stop().await;
+}
+
+/// Files as job inputs, as a user gives them: `kiln run ppocr-v4 -i image=@scan.png` reads a scan
+/// back; an image over the gateway's JSON body limit is uploaded to `/v1/files` first (sent
+/// inline it would be refused with 413); and `kiln batch run --inputs 'scans/*.png'` reads a
+/// folder of scans, one job per file, and a second run skips them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_go_in_with_at_and_batches_run_over_a_folder_of_scans() {
+    use kiln_common::testing::media::{TextLayout, render_text};
+    let env = Env::new(Kind::Embedded);
+    let gw = env.gateway().await;
+    let worker = env.worker_with(WorkerConfig {
+        models: vec!["ppocr-v4".into(), "open-nsfw".into()],
+        intra_threads: Some(2),
+        ..WorkerConfig::default()
+    });
+    let dir = TempDir::new();
+    let scans = dir.path("scans");
+    std::fs::create_dir_all(&scans).unwrap();
+    let pages = [["Invoice 1042 paid"], ["Kiln batch run 2026"], ["Hello ONNX Runtime"]];
+    for (i, lines) in pages.iter().enumerate() {
+        render_text(lines, 40.0, TextLayout::default()).save(scans.join(format!("scan-{i}.png"))).unwrap();
+    }
+    let scan = scans.join("scan-0.png");
+    let ran = kiln(&gw, &["run", "ppocr-v4", "-i", &format!("image=@{}", s(&scan)), "--json"]).await;
+    assert_eq!(ran.code, 0, "{ran:?}");
+    assert_eq!(ran.json()["output"]["text"], "Invoice 1042 paid", "{ran:?}");
+
+    // Noise does not compress: a 2.4 MB PNG, over the 1 MiB JSON body limit.
+    let mut seed = 7u32;
+    let noise = image::RgbImage::from_fn(900, 900, |_, _| {
+        seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+        image::Rgb([(seed >> 24) as u8, (seed >> 16) as u8, (seed >> 8) as u8])
+    });
+    let big = dir.path("noise.png");
+    noise.save(&big).unwrap();
+    assert!(std::fs::metadata(&big).unwrap().len() > 1 << 20, "the fixture must be over the body limit");
+    let ran = kiln(&gw, &["run", "open-nsfw", "-i", &format!("image=@{}", s(&big)), "--json"]).await;
+    assert_eq!(ran.code, 0, "{ran:?}");
+    assert_eq!(ran.json()["output"]["width"], 900, "{ran:?}");
+
+    let out = dir.path("out");
+    let pattern = format!("{}/*.png", s(&scans));
+    let args = ["batch", "run", "--inputs", &pattern, "--model", "ppocr-v4", "--out", s(&out)];
+    let ran = kiln(&gw, &args).await;
+    assert_eq!(ran.code, 0, "{ran:?}");
+    for (i, lines) in pages.iter().enumerate() {
+        let saved = std::fs::read(out.join(format!("{:06}.json", i + 1))).unwrap_or_else(|e| panic!("{e}; {ran:?}"));
+        let output: Value = serde_json::from_slice(&saved).unwrap();
+        assert_eq!(output["text"], lines[0], "line {} is scan-{i}.png", i + 1);
+    }
+    let again = kiln(&gw, &args).await;
+    assert_eq!(again.code, 0, "{again:?}");
+    assert!(again.stderr.contains("0 succeeded, 0 failed, 3 skipped"), "{again:?}");
     worker.stop().await;
     gw.stop().await;
 }

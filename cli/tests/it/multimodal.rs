@@ -71,6 +71,14 @@ async fn ocr_reads_rendered_text_back_exactly_from_every_input_route(kind: Kind)
     let env = Env::new(kind);
     let gw = env.gateway().await;
     let worker = worker_of(&env, &[OCR]);
+    // GET /v1/models says which input fields are files.
+    let models = gw.get("/v1/models").await.body;
+    let ocr = models["data"].as_array().unwrap().iter().find(|m| m["name"] == OCR).expect("ppocr-v4 listed").clone();
+    assert_eq!(
+        (ocr["task"].as_str(), ocr["input_schema"]["properties"]["image"]["x-kiln-file"].as_str()),
+        (Some("ocr"), Some("image")),
+        "{ocr}"
+    );
     let lines = ["Hello ONNX Runtime 2026", "Kiln reads 42 lines"];
     let scan = png(&render_text(&lines, 40.0, TextLayout::default()));
 
