@@ -245,9 +245,14 @@ pub async fn audit(State(state): State<AppState>, req: Request, next: Next) -> R
     let method = req.method().to_string();
     let path = req.uri().path().to_owned();
     let (parts, body) = req.into_parts();
-    // Hashing needs the whole body: read no more of it than the gateway accepts at all (an
-    // upload's bound where it is larger than the JSON bodies').
-    let limit = state.config.max_body_bytes.max(state.max_file_bytes.saturating_add(crate::routes::UPLOAD_FRAMING));
+    // Hashing needs the whole body: read no more of it than the route accepts (an upload's bound
+    // on the upload route, the JSON bodies' everywhere else, so no JSON route buffers an upload's
+    // worth of bytes before refusing it).
+    let limit = if path == "/v1/files" {
+        state.config.max_body_bytes.max(state.max_file_bytes.saturating_add(crate::routes::UPLOAD_FRAMING))
+    } else {
+        state.config.max_body_bytes
+    };
     let (resp, digest) = match axum::body::to_bytes(body, limit.saturating_add(1)).await {
         Ok(bytes) => {
             let digest = (!bytes.is_empty()).then(|| kiln_common::audit::body_sha256(&bytes));
