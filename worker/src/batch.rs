@@ -80,16 +80,11 @@ pub async fn embed_one(ctx: &Ctx, delivery: Delivery) -> Settled {
 pub async fn one_by_one(ctx: &Ctx, batch: Vec<Delivery>) -> Settled {
     let started = std::time::Instant::now();
     let mut settled = Settled::Done;
-    let mut note = |s: Settled| {
-        if s == Settled::HandedBack {
-            settled = s;
-        }
-    };
     let mut jobs = Vec::with_capacity(batch.len());
     for delivery in batch {
         match admit(ctx, delivery).await {
             Admitted::Run(job) => jobs.push(*job),
-            Admitted::Settled(s) => note(s),
+            Admitted::Settled(s) => settled = settled.or(s),
         }
     }
     let count = jobs.len();
@@ -110,7 +105,7 @@ pub async fn one_by_one(ctx: &Ctx, batch: Vec<Delivery>) -> Settled {
             _ => Err(Failure::Input(format!("not a job this {} model runs", ctx.spec.task.as_str()))),
         };
         let [job] = one;
-        note(settle(ctx, job, result).instrument(span).await);
+        settled = settled.or(settle(ctx, job, result).instrument(span).await);
     }
     events::batch_done(&ctx.spec.name, count, 0, started.elapsed());
     settled
@@ -122,11 +117,6 @@ pub async fn one_by_one(ctx: &Ctx, batch: Vec<Delivery>) -> Settled {
 pub async fn together(ctx: &Ctx, batch: Vec<Delivery>) -> Settled {
     let started = std::time::Instant::now();
     let mut settled = Settled::Done;
-    let mut note = |s: Settled| {
-        if s == Settled::HandedBack {
-            settled = s;
-        }
-    };
     let mut jobs = Vec::with_capacity(batch.len());
     let mut works = Vec::with_capacity(batch.len());
     for delivery in batch {
@@ -138,10 +128,10 @@ pub async fn together(ctx: &Ctx, batch: Vec<Delivery>) -> Settled {
                 }
                 _ => {
                     let wrong = Failure::Input(format!("not a job this {} model runs", ctx.spec.task.as_str()));
-                    note(settle(ctx, *job, Err(wrong)).await);
+                    settled = settled.or(settle(ctx, *job, Err(wrong)).await);
                 }
             },
-            Admitted::Settled(s) => note(s),
+            Admitted::Settled(s) => settled = settled.or(s),
         }
     }
     if jobs.is_empty() {
@@ -153,7 +143,7 @@ pub async fn together(ctx: &Ctx, batch: Vec<Delivery>) -> Settled {
     let results = guarded(media::analyse(ctx, &items), &mut jobs, &ctx.backend, &ctx.owner, ctx.lease).await;
     for (job, result) in jobs.into_iter().zip(results) {
         let span = job.span.clone();
-        note(settle(ctx, job, result).instrument(span).await);
+        settled = settled.or(settle(ctx, job, result).instrument(span).await);
     }
     events::batch_done(&ctx.spec.name, count, 0, started.elapsed());
     settled

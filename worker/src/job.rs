@@ -49,6 +49,13 @@ pub enum Settled {
     HandedBack,
 }
 
+impl Settled {
+    /// The two together: handed back if either was.
+    pub fn or(self, other: Settled) -> Settled {
+        if other == Settled::HandedBack { other } else { self }
+    }
+}
+
 /// What [`Job::take_lease`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LeaseTaken {
