@@ -41,21 +41,33 @@ async fn the_same_bytes_are_one_blob_per_scope(kind: Kind) {
 async fn a_blobs_lifetime_is_extended_never_shortened(kind: Kind) {
     let inputs = backend(kind, Duration::from_secs(60)).inputs;
     let data = Bytes::from(format!("bytes {}", uuid::Uuid::new_v4()));
+    // Each control blob is written with the lifetime under test, just after it: once the control
+    // is gone, that lifetime has passed for the blob too.
+    let control = |ttl| {
+        let inputs = inputs.clone();
+        async move {
+            let bytes = Bytes::from(format!("control {}", uuid::Uuid::new_v4()));
+            inputs.put("-", "image/png", bytes, ttl).await.unwrap()
+        }
+    };
     let short = inputs.put("-", "image/png", data.clone(), Duration::from_millis(300)).await.unwrap();
     // Written again with a long lifetime: it outlives the first one's.
     inputs.put("-", "image/png", data.clone(), LONG).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    gone(&inputs, &control(Duration::from_millis(300)).await.sha256).await;
     assert!(inputs.head("-", &short.sha256).await.unwrap().is_some(), "the longer lifetime was not taken");
     // And a later short write does not cut it down.
     inputs.put("-", "image/png", data, Duration::from_millis(100)).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    gone(&inputs, &control(Duration::from_millis(100)).await.sha256).await;
     assert!(inputs.head("-", &short.sha256).await.unwrap().is_some(), "a shorter write shortened it");
     // A short-lived blob does go.
     let brief = inputs.put("-", "image/png", Bytes::from_static(b"brief"), Duration::from_millis(100)).await.unwrap();
-    wait_until("a blob past its lifetime is gone", Duration::from_secs(10), || {
-        let inputs = inputs.clone();
-        let sha = brief.sha256.clone();
-        async move { if inputs.head("-", &sha).await.unwrap().is_none() { Ok(()) } else { Err("still there") } }
+    gone(&inputs, &brief.sha256).await;
+}
+
+/// Waits until the blob `sha256` of the open scope has expired.
+async fn gone(inputs: &std::sync::Arc<dyn kiln_common::inputs::InputStore>, sha256: &str) {
+    wait_until("a blob past its lifetime is gone", Duration::from_secs(10), || async move {
+        if inputs.head("-", sha256).await.unwrap().is_none() { Ok(()) } else { Err("still there") }
     })
     .await;
 }
