@@ -71,7 +71,7 @@ pub async fn run(ctx: &Ctx, id: JobId, run: Run, work: ImageWork) -> Result<Prod
         let Some(update) = run.updates.recv().await else {
             return Err(Failure::Inference("inference thread stopped".into()));
         };
-        match update {
+        let image = match update {
             Update::Step { done, total } => {
                 let due = done == total || last_step_write.elapsed() >= STEP_PROGRESS_EVERY;
                 let go_on = !due || {
@@ -81,6 +81,7 @@ pub async fn run(ctx: &Ctx, id: JobId, run: Run, work: ImageWork) -> Result<Prod
                 };
                 stopped |= !go_on;
                 run.proceed(go_on);
+                continue;
             }
             Update::Withheld { index, seed, moderation, threshold } => {
                 events::image_withheld(id, index, moderation.nsfw, threshold);
@@ -90,13 +91,7 @@ pub async fn run(ctx: &Ctx, id: JobId, run: Run, work: ImageWork) -> Result<Prod
                     moderation,
                     reason: format!("nsfw score {:.3} is over the moderation threshold {threshold}", moderation.nsfw),
                 });
-                let step = (index + 1) * steps;
-                let go_on = step == written || {
-                    written = step;
-                    still_running(ctx, id, token, step, total).await
-                };
-                stopped |= !go_on;
-                run.proceed(go_on);
+                index
             }
             Update::Segments(_) => return Err(Failure::Inference("an image job got speech segments".into())),
             Update::Image { index, seed, width, height, png, moderation } => {
@@ -112,13 +107,7 @@ pub async fn run(ctx: &Ctx, id: JobId, run: Run, work: ImageWork) -> Result<Prod
                 let mut file = output_file(id, index, token, seed, (width, height), meta);
                 file.moderation = moderation;
                 files.push(file);
-                let step = (index + 1) * steps;
-                let go_on = step == written || {
-                    written = step;
-                    still_running(ctx, id, token, step, total).await
-                };
-                stopped |= !go_on;
-                run.proceed(go_on);
+                index
             }
             Update::Finished(Err(e)) => return Err(e.into()),
             Update::Finished(Ok(())) if stopped => {
@@ -126,7 +115,15 @@ pub async fn run(ctx: &Ctx, id: JobId, run: Run, work: ImageWork) -> Result<Prod
                 return Ok(Produced::Stopped);
             }
             Update::Finished(Ok(())) => return finish(seed, files, withheld),
-        }
+        };
+        // Image `image` is stored or withheld: its progress, unless its last step said the same.
+        let step = (image + 1) * steps;
+        let go_on = step == written || {
+            written = step;
+            still_running(ctx, id, token, step, total).await
+        };
+        stopped |= !go_on;
+        run.proceed(go_on);
     }
 }
 

@@ -10,7 +10,7 @@ use image::RgbImage;
 use kiln_common::store::Run;
 use kiln_proto::{
     InputLimits, JobId, MediaRef, ModerationInput, ModerationOutput, OcrInput, SpeechSegmentsInput,
-    SpeechSegmentsOutput,
+    SpeechSegmentsOutput, Task,
 };
 use tracing::Instrument;
 
@@ -108,19 +108,16 @@ pub async fn analyse(ctx: &Ctx, items: &[Item<'_>]) -> Vec<Result<Produced, Fail
         return results.into_iter().map(|r| r.expect("every item failed")).collect();
     }
     let span = tracing::info_span!("inference", model = %ctx.spec.name, images = images.len());
-    let outputs: Result<Vec<String>, Failure> = match items.iter().find_map(|i| match i.work {
-        MediaWork::Ocr(_) => Some(true),
-        MediaWork::Moderation(_) => Some(false),
-        MediaWork::Speech(_) => None,
-    }) {
-        Some(true) => ctx
+    // The model's task says which pipeline its thread holds (every job was parsed for it).
+    let outputs: Result<Vec<String>, Failure> = match ctx.spec.task {
+        Task::Ocr => ctx
             .infer
             .read(images)
             .instrument(span)
             .await
             .map_err(Failure::from)
             .map(|outs| outs.iter().map(|o| serde_json::to_string(o).expect("OCR output serialises")).collect()),
-        _ => ctx.infer.score(images).instrument(span).await.map_err(Failure::from).map(|scores| {
+        Task::ImageModeration => ctx.infer.score(images).instrument(span).await.map_err(Failure::from).map(|scores| {
             scores
                 .iter()
                 .zip(&sizes)
@@ -130,6 +127,7 @@ pub async fn analyse(ctx: &Ctx, items: &[Item<'_>]) -> Vec<Result<Produced, Fail
                 })
                 .collect()
         }),
+        other => Err(Failure::Input(format!("a {} model does not run image batches", other.as_str()))),
     };
     let mut outputs = match outputs {
         Ok(outputs) if outputs.len() == sizes.len() => outputs.into_iter().map(Ok).collect::<Vec<_>>(),
@@ -137,23 +135,13 @@ pub async fn analyse(ctx: &Ctx, items: &[Item<'_>]) -> Vec<Result<Produced, Fail
             let e = format!("the model gave {} results for {} images", outputs.len(), sizes.len());
             (0..sizes.len()).map(|_| Err(Failure::Inference(e.clone()))).collect()
         }
-        Err(e) => (0..sizes.len()).map(|_| Err(same(&e))).collect(),
+        Err(e) => (0..sizes.len()).map(|_| Err(e.clone())).collect(),
     }
     .into_iter();
     results
         .into_iter()
         .map(|r| r.unwrap_or_else(|| outputs.next().expect("one output per decoded image").map(Produced::Output)))
         .collect()
-}
-
-/// A batch's failure, for each of its jobs.
-fn same(f: &Failure) -> Failure {
-    match f {
-        Failure::Input(m) => Failure::Input(m.clone()),
-        Failure::Inference(m) => Failure::Inference(m.clone()),
-        Failure::Outputs(m) => Failure::Outputs(m.clone()),
-        Failure::Abandoned { starts } => Failure::Abandoned { starts: *starts },
-    }
 }
 
 /// Runs a speech job to the end, or until it is canceled between stretches of audio.
