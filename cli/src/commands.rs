@@ -179,9 +179,8 @@ pub async fn submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {
     let input = match &args.input {
         Some(text) => serde_json::from_str(text).context("the input is not valid JSON")?,
         None => {
-            let mut input = inputs::build(&args.pairs, std::io::stdin().lock())?;
-            inputs::upload_large(&client, &mut input).await?;
-            Value::Object(input)
+            let input = inputs::build(&args.pairs, std::io::stdin().lock())?;
+            Value::Object(input.upload(&client).await?)
         }
     };
     let body = json!({ "model": args.model, "input": input });
@@ -327,9 +326,8 @@ pub async fn events(args: EventsArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let mut input = inputs::build(&args.pairs, std::io::stdin().lock())?;
     let client = args.api.client()?;
-    inputs::upload_large(&client, &mut input).await?;
+    let input = inputs::build(&args.pairs, std::io::stdin().lock())?.upload(&client).await?;
     let body = json!({ "model": args.model, "input": input });
     let job = submit_and_wait(&client, &body, args.timeout, args.json).await?;
     if let (Some(dir), Outcome::Succeeded) = (&args.out, Outcome::of(&job)) {

@@ -6,7 +6,7 @@
 //! `data:` URL (`data:image/png;base64,…`, the type from the file's first bytes or its extension),
 //! which is how image and audio inputs travel in a JSON body. A value that starts with `@` is
 //! written as a JSON string: `handle="@kiln"`. Binary files over [`INLINE_MAX_BYTES`] are not
-//! inlined: [`upload_large`] sends them to `POST /v1/files` first and gives `file:<id>` instead,
+//! inlined: [`Built::upload`] sends them to `POST /v1/files` first and gives `file:<id>` instead,
 //! so big images and audio travel by reference, outside the JSON body and its size limit.
 
 use std::io::Read;
@@ -23,26 +23,33 @@ pub const MAX_FILE_BYTES: u64 = 64 * 1024 * 1024;
 /// uploaded to `POST /v1/files` first.
 pub const INLINE_MAX_BYTES: usize = 256 * 1024;
 
-/// Replaces every `data:` URL value of `input` whose payload is over [`INLINE_MAX_BYTES`] by
-/// `file:<id>` of the same bytes uploaded with `client`.
-pub async fn upload_large(client: &crate::client::Client, input: &mut Map<String, Value>) -> anyhow::Result<()> {
-    use anyhow::Context as _;
-    for (key, value) in input.iter_mut() {
-        let Some((mime, payload)) = value.as_str().and_then(|s| s.strip_prefix("data:")).and_then(|s| {
-            let (meta, payload) = s.split_once(',')?;
-            Some((meta.strip_suffix(";base64")?.to_owned(), payload))
-        }) else {
-            continue;
-        };
-        if payload.len() / 4 * 3 <= INLINE_MAX_BYTES {
-            continue;
+/// The input object `-i` pairs make, and the binary files too large to inline in it.
+#[derive(Debug, Default)]
+pub struct Built {
+    /// The input; each key of `uploads` holds `null` until [`Built::upload`] fills it in.
+    pub input: Map<String, Value>,
+    pub uploads: Vec<Upload>,
+}
+
+/// A binary file over [`INLINE_MAX_BYTES`], to be sent to `POST /v1/files`.
+#[derive(Debug)]
+pub struct Upload {
+    pub key: String,
+    pub bytes: Vec<u8>,
+    pub mime: &'static str,
+}
+
+impl Built {
+    /// Uploads each large file with `client` and gives its key `file:<id>`: the finished input.
+    pub async fn upload(mut self, client: &crate::client::Client) -> anyhow::Result<Map<String, Value>> {
+        use anyhow::Context as _;
+        for Upload { key, bytes, mime } in self.uploads {
+            let file = client.upload(bytes, mime).await.with_context(|| format!("uploading input {key}"))?;
+            let id = file["id"].as_str().with_context(|| format!("POST /v1/files answered without an id: {file}"))?;
+            self.input.insert(key, Value::String(format!("file:{id}")));
         }
-        let bytes = base64::engine::general_purpose::STANDARD.decode(payload).context("re-reading a data: URL")?;
-        let file = client.upload(bytes, &mime).await.with_context(|| format!("uploading input {key}"))?;
-        let id = file["id"].as_str().with_context(|| format!("POST /v1/files answered without an id: {file}"))?;
-        *value = Value::String(format!("file:{id}"));
+        Ok(self.input)
     }
-    Ok(())
 }
 
 /// One `-i` pair, parsed but not yet read.
@@ -95,15 +102,15 @@ pub fn parse_pair(s: &str) -> Result<Pair, String> {
 }
 
 /// The input object of `pairs`, in the order given; `stdin` is read for an `@-` value.
-pub fn build(pairs: &[Pair], stdin: impl Read) -> Result<Map<String, Value>, InputError> {
+pub fn build(pairs: &[Pair], stdin: impl Read) -> Result<Built, InputError> {
     let mut stdin = Some(stdin);
-    let mut input = Map::new();
+    let mut built = Built::default();
     for Pair { key, value } in pairs {
-        if input.contains_key(key) {
+        if built.input.contains_key(key) {
             return Err(InputError::Duplicate(key.clone()));
         }
-        let value = match value {
-            PairValue::Literal(text) => literal(text),
+        let content = match value {
+            PairValue::Literal(text) => Content::Inline(literal(text)),
             PairValue::File(path) => {
                 let file = std::fs::File::open(path).map_err(|source| read_error(key, path, source))?;
                 content(read_bounded(key, &path.display().to_string(), file)?, Some(path))
@@ -113,9 +120,16 @@ pub fn build(pairs: &[Pair], stdin: impl Read) -> Result<Map<String, Value>, Inp
                 content(read_bounded(key, "standard input", stdin)?, None)
             }
         };
-        input.insert(key.clone(), value);
+        let value = match content {
+            Content::Inline(value) => value,
+            Content::Upload { bytes, mime } => {
+                built.uploads.push(Upload { key: key.clone(), bytes, mime });
+                Value::Null
+            }
+        };
+        built.input.insert(key.clone(), value);
     }
-    Ok(input)
+    Ok(built)
 }
 
 /// JSON when it parses, else the text as a string.
@@ -123,14 +137,29 @@ pub fn literal(text: &str) -> Value {
     serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.to_owned()))
 }
 
-/// A file's bytes as an input value: UTF-8 text as a string, anything else as a `data:` URL.
-pub fn content(bytes: Vec<u8>, path: Option<&Path>) -> Value {
+/// What a file's bytes become in an input.
+pub enum Content {
+    Inline(Value),
+    /// Binary and over [`INLINE_MAX_BYTES`]: sent to `POST /v1/files`.
+    Upload {
+        bytes: Vec<u8>,
+        mime: &'static str,
+    },
+}
+
+/// A file's bytes as an input value: UTF-8 text as a string, anything else as a `data:` URL, or
+/// for upload when it is over [`INLINE_MAX_BYTES`].
+pub fn content(bytes: Vec<u8>, path: Option<&Path>) -> Content {
     match String::from_utf8(bytes) {
-        Ok(text) => Value::String(text),
+        Ok(text) => Content::Inline(Value::String(text)),
         Err(e) => {
             let bytes = e.into_bytes();
             let mime = media_type(&bytes, path);
-            Value::String(format!("data:{mime};base64,{}", base64::engine::general_purpose::STANDARD.encode(&bytes)))
+            if bytes.len() > INLINE_MAX_BYTES {
+                return Content::Upload { bytes, mime };
+            }
+            let url = format!("data:{mime};base64,{}", base64::engine::general_purpose::STANDARD.encode(&bytes));
+            Content::Inline(Value::String(url))
         }
     }
 }
@@ -199,7 +228,9 @@ mod tests {
     }
 
     fn built(args: &[&str]) -> Value {
-        Value::Object(build(&pairs(args), std::io::empty()).unwrap())
+        let built = build(&pairs(args), std::io::empty()).unwrap();
+        assert!(built.uploads.is_empty(), "{:?}", built.uploads);
+        Value::Object(built.input)
     }
 
     #[test]
@@ -245,13 +276,22 @@ mod tests {
         assert_eq!(input["prompt"], "héllo\n");
         assert_eq!(input["image"], "data:image/png;base64,iVBORw0KGgoAAQ==");
         assert_eq!(input["audio"], "data:audio/wav;base64,//4A");
+        // Over the inline bound: left for upload, its key held by null, the bytes as read.
+        let big = dir.join("big.png");
+        let bytes: Vec<u8> =
+            b"\x89PNG\r\n\x1a\n".iter().copied().chain(std::iter::repeat_n(0xff, INLINE_MAX_BYTES)).collect();
+        std::fs::write(&big, &bytes).unwrap();
+        let built = build(&pairs(&[&format!("image=@{}", big.display()), "n=1"]), std::io::empty()).unwrap();
+        assert_eq!(Value::Object(built.input), json!({"image": null, "n": 1}));
+        let [Upload { key, bytes: read, mime }] = &built.uploads[..] else { panic!("{:?}", built.uploads) };
+        assert_eq!((key.as_str(), *mime, read == &bytes), ("image", "image/png", true));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn stdin_is_read_once() {
         let ps = pairs(&["text=@-"]);
-        let input = build(&ps, &b"from a pipe"[..]).unwrap();
+        let input = build(&ps, &b"from a pipe"[..]).unwrap().input;
         assert_eq!(input["text"], "from a pipe");
         let twice = build(&pairs(&["a=@-", "b=@-"]), &b"x"[..]).unwrap_err();
         assert!(matches!(twice, InputError::StdinTwice(ref k) if k == "b"), "{twice}");
